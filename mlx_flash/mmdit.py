@@ -1,0 +1,366 @@
+"""The rectified-flow transformer of SD3 (MMDiT) and SD3.5 Medium / Flash (MMDiT-X), as diffusers'
+`SD3Transformer2DModel` computes it. Latents are NHWC: (B, H, W, 16)."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .weights import Fuse, Rule, WeightsError, conv_to_nhwc, load_into, read_component, remap
+
+NORM_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class MMDiTConfig:
+    """Transformer hyper-parameters (diffusers `transformer/config.json` names, hidden size = heads x head_dim)."""
+
+    num_layers: int = 24
+    num_attention_heads: int = 24
+    attention_head_dim: int = 64
+    in_channels: int = 16
+    out_channels: int = 16
+    patch_size: int = 2
+    joint_attention_dim: int = 4096
+    pooled_projection_dim: int = 2048
+    pos_embed_max_size: int = 192
+    sample_size: int = 128
+    qk_norm: bool = False
+    dual_attention_layers: tuple[int, ...] = field(default=())
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @classmethod
+    def from_diffusers(cls, config: Mapping) -> "MMDiTConfig":
+        """From a diffusers `transformer/config.json` dictionary."""
+        if config.get("caption_projection_dim", None) not in (None, config["num_attention_heads"] * config["attention_head_dim"]):
+            raise ValueError("transformer config: caption_projection_dim must equal heads x head_dim.")
+        names = {f for f in cls.__dataclass_fields__ if f != "qk_norm"}
+        kwargs = {k: v for k, v in config.items() if k in names}
+        kwargs["dual_attention_layers"] = tuple(config.get("dual_attention_layers") or ())
+        return cls(qk_norm=config.get("qk_norm") == "rms_norm", **kwargs)
+
+    def to_diffusers(self) -> dict:
+        """The diffusers `transformer/config.json` fields of this configuration."""
+        return {
+            "num_layers": self.num_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "attention_head_dim": self.attention_head_dim,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "patch_size": self.patch_size,
+            "joint_attention_dim": self.joint_attention_dim,
+            "caption_projection_dim": self.hidden_size,
+            "pooled_projection_dim": self.pooled_projection_dim,
+            "pos_embed_max_size": self.pos_embed_max_size,
+            "sample_size": self.sample_size,
+            "qk_norm": "rms_norm" if self.qk_norm else None,
+            "dual_attention_layers": list(self.dual_attention_layers),
+        }
+
+    @classmethod
+    def infer(cls, weights: Mapping[str, mx.array], sample_size: int = 128, head_dim: int = 64) -> "MMDiTConfig":
+        """Infer the configuration from a diffusers-named state dict's tensor names and shapes.
+
+        The head size shows in the qk-norm weights; without qk-norm it is `head_dim` (64 in every SD3 model)."""
+        try:
+            blocks = {int(m.group(1)) for k in weights if (m := re.match(r"transformer_blocks\.(\d+)\.", k))}
+            dual = tuple(sorted({int(m.group(1)) for k in weights if (m := re.match(r"transformer_blocks\.(\d+)\.attn2\.", k))}))
+            hidden, joint = weights["context_embedder.weight"].shape
+            proj = weights["pos_embed.proj.weight"].shape  # (D, C, p, p)
+            qk_norm = "transformer_blocks.0.attn.norm_q.weight" in weights
+            if qk_norm:
+                head_dim = weights["transformer_blocks.0.attn.norm_q.weight"].shape[0]
+            positions = weights["pos_embed.pos_embed"].shape[1]
+            pooled = weights["time_text_embed.text_embedder.linear_1.weight"].shape[1]
+            out = weights["proj_out.weight"].shape[0] // (proj[2] * proj[3])
+        except KeyError as err:
+            raise WeightsError(f"transformer: cannot infer the model configuration, tensor {err} is missing; "
+                               "is this an SD3 / SD3.5 transformer checkpoint?") from None
+        if hidden % head_dim:
+            raise WeightsError(f"transformer: hidden size {hidden} is not a multiple of the head size {head_dim}.")
+        return cls(
+            num_layers=max(blocks) + 1,
+            num_attention_heads=hidden // head_dim,
+            attention_head_dim=head_dim,
+            in_channels=proj[1],
+            out_channels=out,
+            patch_size=proj[2],
+            joint_attention_dim=joint,
+            pooled_projection_dim=pooled,
+            pos_embed_max_size=math.isqrt(positions),
+            sample_size=sample_size,
+            qk_norm=qk_norm,
+            dual_attention_layers=dual,
+        )
+
+
+def layer_norm(x: mx.array) -> mx.array:
+    return mx.fast.layer_norm(x, None, None, NORM_EPS)
+
+
+def modulate(x: mx.array, shift: mx.array, scale: mx.array) -> mx.array:
+    return layer_norm(x) * (1 + scale[:, None]) + shift[:, None]
+
+
+def timestep_sinusoid(t: mx.array, dim: int = 256, max_period: float = 10000.0) -> mx.array:
+    """[cos, sin] embedding of (B,) timesteps, as diffusers' Timesteps(flip_sin_to_cos=True, shift=0)."""
+    half = dim // 2
+    freqs = mx.exp(-math.log(max_period) * mx.arange(half, dtype=mx.float32) / half)
+    angles = t.astype(mx.float32)[:, None] * freqs[None]
+    return mx.concatenate([mx.cos(angles), mx.sin(angles)], axis=-1)
+
+
+class MLPEmbedder(nn.Module):
+    """linear -> SiLU -> linear."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.linear_2(nn.silu(self.linear_1(x)))
+
+
+class TimeTextEmbed(nn.Module):
+    def __init__(self, dim: int, pooled_dim: int):
+        super().__init__()
+        self.timestep_embedder = MLPEmbedder(256, dim)
+        self.text_embedder = MLPEmbedder(pooled_dim, dim)
+
+    def __call__(self, timesteps: mx.array, pooled: mx.array) -> mx.array:
+        t = timestep_sinusoid(timesteps).astype(pooled.dtype)
+        return self.timestep_embedder(t) + self.text_embedder(pooled)
+
+
+class PatchEmbed(nn.Module):
+    """Patchify conv plus the learned position table, centre-cropped to the latent's patch grid."""
+
+    def __init__(self, config: MMDiTConfig):
+        super().__init__()
+        p, size = config.patch_size, config.pos_embed_max_size
+        self.patch_size, self.max_size = p, size
+        self.proj = nn.Conv2d(config.in_channels, config.hidden_size, kernel_size=p, stride=p)
+        self.pos_embed = mx.zeros((1, size * size, config.hidden_size))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = self.proj(x)
+        b, h, w, d = x.shape
+        top, left = (self.max_size - h) // 2, (self.max_size - w) // 2
+        table = self.pos_embed.reshape(self.max_size, self.max_size, d)[top : top + h, left : left + w]
+        return (x + table).reshape(b, h * w, d)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with fused qkv projections. With `context_dim`, the joint attention of MMDiT:
+    context tokens get their own projections and attend together with the image tokens."""
+
+    def __init__(self, dim: int, heads: int, qk_norm: bool, joint: bool = False, context_out: bool = True):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.to_out = nn.Linear(dim, dim)
+        head_dim = dim // heads
+        if qk_norm:
+            self.norm_q = nn.RMSNorm(head_dim, eps=NORM_EPS)
+            self.norm_k = nn.RMSNorm(head_dim, eps=NORM_EPS)
+        if joint:
+            self.add_qkv = nn.Linear(dim, 3 * dim)
+            if qk_norm:
+                self.norm_added_q = nn.RMSNorm(head_dim, eps=NORM_EPS)
+                self.norm_added_k = nn.RMSNorm(head_dim, eps=NORM_EPS)
+            if context_out:
+                self.to_add_out = nn.Linear(dim, dim)
+
+    def _heads(self, proj: nn.Linear, x: mx.array, norm_q: str, norm_k: str) -> tuple[mx.array, ...]:
+        b, n, _ = x.shape
+        q, k, v = proj(x).reshape(b, n, 3, self.heads, -1).transpose(2, 0, 3, 1, 4)
+        if norm_q in self:
+            q, k = self[norm_q](q), self[norm_k](k)
+        return q, k, v
+
+    def __call__(self, x: mx.array, context: mx.array | None = None) -> tuple[mx.array, mx.array | None]:
+        b, n, d = x.shape
+        q, k, v = self._heads(self.qkv, x, "norm_q", "norm_k")
+        if context is not None:
+            cq, ck, cv = self._heads(self.add_qkv, context, "norm_added_q", "norm_added_k")
+            q, k, v = (mx.concatenate(pair, axis=2) for pair in ((q, cq), (k, ck), (v, cv)))
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5)
+        out = out.transpose(0, 2, 1, 3).reshape(b, -1, d)
+        x_out, c_out = out[:, :n], out[:, n:]
+        c_out = self.to_add_out(c_out) if "to_add_out" in self else None
+        return self.to_out(x_out), c_out
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.fc2 = nn.Linear(4 * dim, dim)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.fc2(nn.gelu_approx(self.fc1(x)))
+
+
+class AdaNorm(nn.Module):
+    """The adaLN modulation: Linear(D -> n*D) of SiLU(temb), split into n vectors (B, D)."""
+
+    def __init__(self, dim: int, n: int):
+        super().__init__()
+        self.n = n
+        self.linear = nn.Linear(dim, n * dim)
+
+    def __call__(self, cond: mx.array) -> list[mx.array]:
+        return mx.split(self.linear(cond), self.n, axis=-1)
+
+
+class JointBlock(nn.Module):
+    """One MMDiT block: joint attention of image and context streams, each with adaLN-Zero and an MLP.
+    Dual-attention blocks (MMDiT-X) add a self-attention over image tokens; the last block only feeds
+    its context into attention (context_pre_only)."""
+
+    def __init__(self, config: MMDiTConfig, dual: bool, last: bool):
+        super().__init__()
+        dim, heads = config.hidden_size, config.num_attention_heads
+        self.dual, self.last = dual, last
+        self.norm1 = AdaNorm(dim, 9 if dual else 6)
+        self.norm1_context = AdaNorm(dim, 2 if last else 6)
+        self.attn = Attention(dim, heads, config.qk_norm, joint=True, context_out=not last)
+        if dual:
+            self.attn2 = Attention(dim, heads, config.qk_norm)
+        self.ff = FeedForward(dim)
+        if not last:
+            self.ff_context = FeedForward(dim)
+
+    def __call__(self, x: mx.array, c: mx.array, cond: mx.array) -> tuple[mx.array, mx.array]:
+        dtype = cond.dtype
+        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp, *second = self.norm1(cond)
+        x_norm = layer_norm(x)
+        x_in = (x_norm * (1 + scale[:, None]) + shift[:, None]).astype(dtype)
+        if self.last:
+            c_scale, c_shift = self.norm1_context(cond)
+            c_in = modulate(c, c_shift, c_scale).astype(dtype)
+        else:
+            c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(cond)
+            c_in = modulate(c, c_shift, c_scale).astype(dtype)
+
+        x_attn, c_attn = self.attn(x_in, c_in)
+        x = x + gate[:, None] * x_attn
+        if self.dual:
+            shift2, scale2, gate2 = second
+            x2_in = (x_norm * (1 + scale2[:, None]) + shift2[:, None]).astype(dtype)
+            x = x + gate2[:, None] * self.attn2(x2_in)[0]
+        x = x + gate_mlp[:, None] * self.ff(modulate(x, shift_mlp, scale_mlp).astype(dtype))
+
+        if self.last:
+            return c, x
+        c = c + c_gate[:, None] * c_attn
+        c = c + c_gate_mlp[:, None] * self.ff_context(modulate(c, c_shift_mlp, c_scale_mlp).astype(dtype))
+        return c, x
+
+
+class MMDiT(nn.Module):
+    """SD3 / SD3.5 transformer. Call with NHWC latents (B, H, W, C), timesteps (B,) = sigma * 1000,
+    prompt embeddings (B, L, joint_attention_dim) and pooled embeddings (B, pooled_projection_dim).
+
+    `float32_residual` keeps the residual streams in float32 when the weights are half precision
+    (SD3.5 Large overflows in pure float16)."""
+
+    def __init__(self, config: MMDiTConfig, float32_residual: bool = False):
+        super().__init__()
+        self.config = config
+        self.float32_residual = float32_residual
+        dim = config.hidden_size
+        self.pos_embed = PatchEmbed(config)
+        self.time_text_embed = TimeTextEmbed(dim, config.pooled_projection_dim)
+        self.context_embedder = nn.Linear(config.joint_attention_dim, dim)
+        self.transformer_blocks = [
+            JointBlock(config, dual=i in config.dual_attention_layers, last=i == config.num_layers - 1)
+            for i in range(config.num_layers)
+        ]
+        self.norm_out = AdaNorm(dim, 2)
+        self.proj_out = nn.Linear(dim, config.patch_size**2 * config.out_channels)
+
+    @property
+    def compute_dtype(self) -> mx.Dtype:
+        """The precision of the weights (of the scales, for quantized weights)."""
+        return self.proj_out.get("scales", self.proj_out.weight).dtype
+
+    def check_latent_size(self, height: int, width: int) -> None:
+        """Raise ValueError unless a latent of this size fits the patch size and the position table."""
+        p, size = self.config.patch_size, self.config.pos_embed_max_size
+        if height % p or width % p:
+            raise ValueError(f"latent size {height}x{width} is not divisible by the patch size {p}; "
+                             f"use an image size that is a multiple of {8 * p}.")
+        if height // p > size or width // p > size:
+            raise ValueError(f"latent size {height}x{width} exceeds the position table ({size}x{size} patches); "
+                             f"this model supports images up to {size * p * 8}x{size * p * 8} pixels.")
+
+    def __call__(
+        self,
+        latents: mx.array,
+        timesteps: mx.array,
+        context: mx.array,
+        pooled: mx.array,
+        skip_layers: Iterable[int] = (),
+    ) -> mx.array:
+        b, height, width, _ = latents.shape
+        self.check_latent_size(height, width)
+        dtype = self.compute_dtype
+        stream = mx.float32 if self.float32_residual else dtype
+        latents, context, pooled = latents.astype(dtype), context.astype(dtype), pooled.astype(dtype)
+
+        x = self.pos_embed(latents).astype(stream)
+        c = self.context_embedder(context).astype(stream)
+        cond = nn.silu(self.time_text_embed(timesteps, pooled))  # shared by every adaLN: computed once
+        skip = set(skip_layers)
+        for i, block in enumerate(self.transformer_blocks):
+            if i not in skip:
+                c, x = block(x, c, cond)
+
+        scale, shift = self.norm_out(cond)
+        x = self.proj_out(modulate(x, shift, scale).astype(dtype))
+        p, out = self.config.patch_size, self.config.out_channels
+        h, w = height // p, width // p
+        x = x.reshape(b, h, w, p, p, out).transpose(0, 1, 3, 2, 4, 5)
+        return x.reshape(b, height, width, out)
+
+
+# diffusers SD3Transformer2DModel names -> ours
+DIFFUSERS_RULES = [
+    Rule(r"pos_embed\.proj\.weight", r"pos_embed.proj.weight", conv_to_nhwc),
+    Rule(r"(.*)\.to_out\.0\.(weight|bias)", r"\1.to_out.\2"),
+    Rule(r"(.*)\.net\.0\.proj\.(weight|bias)", r"\1.fc1.\2"),
+    Rule(r"(.*)\.net\.2\.(weight|bias)", r"\1.fc2.\2"),
+    Fuse(("to_q", "to_k", "to_v"), "qkv"),
+    Fuse(("add_q_proj", "add_k_proj", "add_v_proj"), "add_qkv"),
+]
+
+
+def mmdit_from_diffusers_weights(
+    weights: Mapping[str, mx.array],
+    dtype: mx.Dtype | None = None,
+    float32_residual: bool = False,
+    sample_size: int = 128,
+    head_dim: int = 64,
+) -> MMDiT:
+    """Build the transformer whose configuration the diffusers-named `weights` imply, and load them."""
+    model = MMDiT(MMDiTConfig.infer(weights, sample_size, head_dim), float32_residual=float32_residual)
+    return load_into(model, remap(weights, DIFFUSERS_RULES), "transformer", dtype=dtype)
+
+
+def load_mmdit(folder: str | Path, dtype: mx.Dtype | None = None, float32_residual: bool = False) -> MMDiT:
+    """Load a diffusers-layout `transformer/` folder (config.json plus one or many safetensors shards)."""
+    config, weights = read_component(folder)
+    return mmdit_from_diffusers_weights(
+        weights, dtype, float32_residual, config.get("sample_size", 128), config.get("attention_head_dim", 64)
+    )
