@@ -1,0 +1,142 @@
+"""One denoising step of the full-size SD3.5 Medium transformer (random weights), float32 on this machine:
+MLX against diffusers in the same run, with the step's matmul throughput and the time outside matmuls.
+
+    python benchmarks/mmdit_step.py [--size 512] [--batch 1] [--repeats 2]
+
+Each framework runs in its own process. On Linux the script re-executes itself with OpenBLAS preloaded
+(REFERENCE.md, Linux CPU note). Matmul time is measured by running the step's matrix multiplications alone
+(same shapes, same counts) in each framework; the rest of the step is softmax, activations, norms and copies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import best_time, preload_openblas, run_part  # noqa: E402
+from mlx_flash.presets import SD35_MEDIUM  # noqa: E402
+
+CONTEXT_TOKENS = 77 + 256
+
+
+def step_matmuls(size: int, batch: int) -> Counter:
+    """(batch, M, K, N) -> count for every matrix multiplication of one step (conv patchify as a matmul)."""
+    c = SD35_MEDIUM
+    d, heads, hd = c.hidden_size, c.num_attention_heads, c.attention_head_dim
+    n, l = (size // 16) ** 2, CONTEXT_TOKENS
+    rows_x, rows_c = batch * n, batch * l
+    mm: Counter = Counter()
+    mm[(1, rows_x, c.in_channels * c.patch_size**2, d)] += 1
+    mm[(1, rows_c, c.joint_attention_dim, d)] += 1
+    mm[(1, batch, 256, d)] += 1
+    mm[(1, batch, d, d)] += 2
+    mm[(1, batch, c.pooled_projection_dim, d)] += 1
+    for i in range(c.num_layers):
+        last, dual = i == c.num_layers - 1, i in c.dual_attention_layers
+        mm[(1, batch, d, (9 if dual else 6) * d)] += 1
+        mm[(1, batch, d, (2 if last else 6) * d)] += 1
+        mm[(1, rows_x, d, 3 * d)] += 1 + dual
+        mm[(1, rows_c, d, 3 * d)] += 1
+        mm[(batch * heads, n + l, hd, n + l)] += 1  # q k^T
+        mm[(batch * heads, n + l, n + l, hd)] += 1  # p v
+        if dual:
+            mm[(batch * heads, n, hd, n)] += 1
+            mm[(batch * heads, n, n, hd)] += 1
+        mm[(1, rows_x, d, d)] += 1 + dual
+        mm[(1, rows_x, d, 4 * d)] += 1
+        mm[(1, rows_x, 4 * d, d)] += 1
+        if not last:
+            mm[(1, rows_c, d, d)] += 1
+            mm[(1, rows_c, d, 4 * d)] += 1
+            mm[(1, rows_c, 4 * d, d)] += 1
+    mm[(1, batch, d, 2 * d)] += 1
+    mm[(1, rows_x, d, c.patch_size**2 * c.out_channels)] += 1
+    return mm
+
+
+def flops(mm: Counter) -> float:
+    return sum(2.0 * b * m * k * n * count for (b, m, k, n), count in mm.items())
+
+
+def mlx_part(args) -> dict:
+    import mlx.core as mx
+
+    from mlx_flash.mmdit import MMDiT
+
+    mx.random.seed(0)
+    peak = 2 * 4096**3 / best_time(lambda: mx.eval(mx.random.normal((4096, 4096)) @ mx.random.normal((4096, 4096))))
+    matmul_time = 0.0
+    for (b, m, k, n), count in step_matmuls(args.size, args.batch).items():
+        x, w = mx.random.normal((b, m, k)), mx.random.normal((b, k, n))
+        mx.eval(x, w)
+        matmul_time += count * best_time(lambda: mx.eval(x @ w), repeats=2)
+    model = MMDiT(SD35_MEDIUM)
+    mx.eval(model.parameters())
+    h = args.size // 8
+    inputs = (
+        mx.random.normal((args.batch, h, h, 16)), mx.full((args.batch,), 500.0),
+        mx.random.normal((args.batch, CONTEXT_TOKENS, 4096)), mx.random.normal((args.batch, 2048)),
+    )
+    step = best_time(lambda: mx.eval(model(*inputs)), repeats=args.repeats)
+    return {"step_s": step, "matmul_s": matmul_time, "peak_flops": peak}
+
+
+def torch_part(args) -> dict:
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
+    peak = 2 * 4096**3 / best_time(lambda: a @ b)
+    matmul_time = 0.0
+    for (bt, m, k, n), count in step_matmuls(args.size, args.batch).items():
+        x, w = torch.randn(bt, m, k), torch.randn(bt, k, n)
+        matmul_time += count * best_time(lambda: x @ w, repeats=2)
+    with torch.device("meta"):
+        model = SD3Transformer2DModel(**SD35_MEDIUM.to_diffusers())
+    model = model.to_empty(device="cpu").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    h = args.size // 8
+    inputs = dict(
+        hidden_states=torch.randn(args.batch, 16, h, h), timestep=torch.full((args.batch,), 500.0),
+        encoder_hidden_states=torch.randn(args.batch, CONTEXT_TOKENS, 4096),
+        pooled_projections=torch.randn(args.batch, 2048),
+    )
+    with torch.inference_mode():
+        step = best_time(lambda: model(**inputs), repeats=args.repeats)
+    return {"step_s": step, "matmul_s": matmul_time, "peak_flops": peak, "threads": torch.get_num_threads()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--part", choices=["mlx", "diffusers"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.part:
+        print(json.dumps((mlx_part if args.part == "mlx" else torch_part)(args)))
+        return
+    preload_openblas()
+    total = flops(step_matmuls(args.size, args.batch))
+    extra = ["--size", str(args.size), "--batch", str(args.batch), "--repeats", str(args.repeats)]
+    results = {name: run_part(__file__, name, *extra) for name in ("mlx", "diffusers")}
+    print(f"SD3.5 Medium transformer, one step, {args.size}x{args.size}, batch {args.batch}, float32, "
+          f"{total / 1e12:.2f} TFLOP of matmuls")
+    print(f"{'':10} {'step s':>8} {'matmul s':>9} {'GFLOP/s':>8} {'peak':>6} {'% peak':>7} {'other s':>8}")
+    for name, r in results.items():
+        achieved = total / r["matmul_s"]
+        print(f"{name:10} {r['step_s']:8.2f} {r['matmul_s']:9.2f} {achieved / 1e9:8.0f} {r['peak_flops'] / 1e9:6.0f} "
+              f"{100 * achieved / r['peak_flops']:6.0f}% {r['step_s'] - r['matmul_s']:8.2f}")
+    print(f"ratio: {results['mlx']['step_s'] / results['diffusers']['step_s']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,331 @@
+"""Text (and optionally an image) in, images out: text encoders -> MMDiT + flow-matching Euler -> VAE."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from . import sampler
+from .hub import resolve_model_dir
+from .image_io import load_image, numpy_to_pil, open_rgb
+from .mmdit import MMDiT, MMDiTConfig, load_mmdit
+from .presets import PRESETS, Preset, SkipLayerGuidance
+from .text_encoders import TextEncoders
+from .vae import Autoencoder, load_vae
+
+log = logging.getLogger("mlx_flash")
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+LOW_MEMORY_BELOW = 32 * 2**30  # machines with less memory load, run and free one component at a time
+
+
+@dataclass(frozen=True)
+class StageReport:
+    """Wall time and peak memory (bytes, `mx.get_peak_memory`) of one pipeline stage."""
+
+    name: str
+    seconds: float
+    peak_memory: int
+
+
+def machine_memory() -> int:
+    """Bytes of memory the default device can use (unified memory on Apple silicon)."""
+    size = mx.device_info().get("memory_size")
+    return int(size) if size else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def resolve_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype:
+    """float32 on the CPU (half-precision matmul is slow there), bfloat16 on a GPU, unless given."""
+    if dtype is None:
+        return mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}.")
+        return DTYPES[dtype]
+    return dtype
+
+
+def default_preset(config: MMDiTConfig, name: str) -> Preset | None:
+    """The published model this architecture (and, between same-architecture models, the name) is."""
+    lowered = name.lower()
+    matches = [
+        p for p in PRESETS.values()
+        if MMDiTConfig(**{**vars(config), "sample_size": p.transformer.sample_size}) == p.transformer
+    ]
+    few_step = any(word in lowered for word in ("turbo", "flash"))
+    for preset in matches:
+        if preset.few_step == few_step:
+            return preset
+    return matches[0] if matches else None
+
+
+class Pipeline:
+    """An SD3 / SD3.5 model ready to generate. Components load when first needed; with `low_memory` each is
+    loaded, run and freed in turn, so the peak is that of the largest stage rather than their sum."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        name: str,
+        dtype: mx.Dtype,
+        quantize: int | None,
+        use_t5: bool,
+        low_memory: bool,
+    ):
+        self.root, self.name, self.dtype, self.quantize = root, name, dtype, quantize
+        self.low_memory = low_memory
+        self.transformer_config = MMDiTConfig.from_diffusers(_read_json(root / "transformer" / "config.json"))
+        self.vae_factor = 2 ** (len(_read_json(root / "vae" / "config.json")["block_out_channels"]) - 1)
+        self.preset = default_preset(self.transformer_config, name)
+        scheduler_config = root / "scheduler" / "scheduler_config.json"
+        self.shift = _read_json(scheduler_config).get("shift", 3.0) if scheduler_config.exists() else 3.0
+        self.text_encoders = TextEncoders(
+            root, dtype, use_t5=use_t5, low_memory=low_memory,
+            joint_attention_dim=self.transformer_config.joint_attention_dim,
+        )
+        self._transformer: MMDiT | None = None
+        self._vae: Autoencoder | None = None
+        self.stages: list[StageReport] = []
+
+    # Components -------------------------------------------------------------------------------------------
+
+    @property
+    def transformer(self) -> MMDiT:
+        if self._transformer is None:
+            model = load_mmdit(self.root / "transformer", self.dtype, float32_residual=self.dtype == mx.float16)
+            if self.quantize:
+                nn.quantize(model, group_size=64, bits=self.quantize,
+                            class_predicate=lambda _, m: isinstance(m, nn.Linear) and m.weight.shape[1] % 64 == 0)
+            self._transformer = model
+        return self._transformer
+
+    @property
+    def vae(self) -> Autoencoder:
+        if self._vae is None:
+            self._vae = load_vae(self.root / "vae", self.dtype)
+        return self._vae
+
+    def release(self) -> None:
+        """Free every loaded component."""
+        self.text_encoders.release()
+        self._transformer = self._vae = None
+        mx.clear_cache()
+
+    @contextmanager
+    def _stage(self, name: str) -> Iterator[None]:
+        mx.reset_peak_memory()
+        start = time.perf_counter()
+        yield
+        self.stages.append(StageReport(name, time.perf_counter() - start, mx.get_peak_memory()))
+        log.info("%s: %.2f s, peak memory %.2f GB", name, self.stages[-1].seconds, self.stages[-1].peak_memory / 1e9)
+
+    # Generation -------------------------------------------------------------------------------------------
+
+    def defaults(self) -> tuple[int, float, SkipLayerGuidance | None]:
+        """(steps, guidance scale, skip-layer guidance) this model runs with unless told otherwise."""
+        if self.preset is None:
+            return 28, 5.0, None
+        return self.preset.num_steps, self.preset.guidance_scale, self.preset.skip_layer_guidance
+
+    def generate(
+        self,
+        prompt: str | Sequence[str],
+        *,
+        negative_prompt: str | Sequence[str] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int | Sequence[int] | None = None,
+        latents: mx.array | np.ndarray | None = None,
+        image: str | Path | Image.Image | None = None,
+        strength: float | None = None,
+        num_images: int = 1,
+        max_sequence_length: int = 256,
+        skip_layer_guidance: SkipLayerGuidance | bool | None = None,
+        output_type: str = "pil",
+        progress: bool = True,
+    ) -> list[Image.Image] | np.ndarray:
+        """Generate `num_images` images per prompt.
+
+        Unset sampling arguments take the model's defaults (`defaults()`). Guidance is active iff
+        `guidance_scale > 1`; `skip_layer_guidance=False` turns the model's default skip-layer guidance off.
+        `latents` (B, 16, H/8, W/8), diffusers' NCHW layout, replaces the seeded initial noise. With `image`,
+        runs img2img: the image is encoded and noised to the `strength` level (default 0.6) and only the last
+        `strength` fraction of the steps run, as in diffusers. `output_type` "pil" returns PIL images, "np"
+        a float32 array (B, H, W, 3) in [0, 1]."""
+        steps_default, guidance_default, slg_default = self.defaults()
+        steps = steps_default if num_inference_steps is None else num_inference_steps
+        guidance = guidance_default if guidance_scale is None else guidance_scale
+        slg = slg_default if skip_layer_guidance in (None, True) else (skip_layer_guidance or None)
+        if output_type not in ("pil", "np"):
+            raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}.")
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}.")
+        if num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {num_images}.")
+        if image is not None:
+            strength = 0.6 if strength is None else strength
+            image_pixels = open_rgb(image).size if height is None and width is None else None
+            if image_pixels:
+                width, height = (s // 16 * 16 for s in image_pixels)
+        elif strength is not None:
+            raise ValueError("strength only applies to img2img; pass an image too, or drop strength.")
+        default_size = self.transformer_config.sample_size * self.vae_factor
+        height, width = height or default_size, width or default_size
+        self.check_size(height, width)
+        sigmas = sampler.flow_sigmas(steps, self.shift)
+        start = sampler.img2img_start(steps, strength) if image is not None else 0
+        do_cfg = guidance > 1
+        if slg is not None and do_cfg:
+            bad = [i for i in slg.layers if not 0 <= i < self.transformer_config.num_layers]
+            if bad:
+                raise ValueError(f"skip-layer guidance layers {bad} do not exist (the model has "
+                                 f"{self.transformer_config.num_layers} layers).")
+
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        batch = len(prompts) * num_images
+        noise = self._initial_noise(batch, height, width, seed, latents)
+
+        self.stages = []
+        with self._stage("text encoders"):
+            embeds, pooled, neg_embeds, neg_pooled = self.text_encoders.encode(
+                prompts, negative_prompt, do_cfg=do_cfg, num_images_per_prompt=num_images,
+                max_sequence_length=max_sequence_length,
+            )
+            mx.eval(embeds, pooled, neg_embeds, neg_pooled)
+            if self.low_memory:
+                self.text_encoders.release()
+
+        if image is not None:
+            with self._stage("image encoder"):
+                pixels = mx.array(load_image(image, width, height)).astype(self.dtype)
+                mean, _ = self.vae.encode(pixels)  # the posterior mean: img2img is deterministic given the noise
+                init = (mean - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+                x = sampler.add_noise(mx.repeat(init, batch, axis=0), noise, float(sigmas[start]))
+                mx.eval(x)
+                if self.low_memory:
+                    self._vae = None
+                    mx.clear_cache()
+        else:
+            x = noise
+        x = x.astype(self.dtype)
+
+        with self._stage("transformer"):
+            x = self._denoise(x, sigmas, start, embeds, pooled, neg_embeds, neg_pooled, guidance,
+                              slg if do_cfg else None, progress)
+            if self.low_memory:
+                self._transformer = None
+                mx.clear_cache()
+
+        with self._stage("vae decoder"):
+            images = self.vae.latents_to_image(x)
+            images = mx.clip(images.astype(mx.float32) / 2 + 0.5, 0, 1)
+            mx.eval(images)
+            if self.low_memory:
+                self._vae = None
+                mx.clear_cache()
+        images = np.array(images)
+        return images if output_type == "np" else numpy_to_pil(images)
+
+    def check_size(self, height: int, width: int) -> None:
+        """Raise ValueError unless an image of this size can be generated."""
+        multiple = self.vae_factor * self.transformer_config.patch_size
+        if height <= 0 or width <= 0 or height % multiple or width % multiple:
+            raise ValueError(f"image size {width}x{height} is not a multiple of {multiple}; "
+                             f"use e.g. {width // multiple * multiple or multiple}x{height // multiple * multiple or multiple}.")
+        largest = self.transformer_config.pos_embed_max_size * multiple
+        if height > largest or width > largest:
+            raise ValueError(f"image size {width}x{height} exceeds this model's position table; "
+                             f"the largest side is {largest} pixels.")
+
+    def _initial_noise(self, batch: int, height: int, width: int, seed, latents) -> mx.array:
+        shape = (batch, height // self.vae_factor, width // self.vae_factor, 16)
+        if latents is not None:
+            latents = mx.array(latents).astype(mx.float32).transpose(0, 2, 3, 1)
+            if latents.shape != shape:
+                raise ValueError(f"latents must have shape {(batch, 16, shape[1], shape[2])} (B, C, H/8, W/8), "
+                                 f"got {tuple(latents.transpose(0, 3, 1, 2).shape)}.")
+            return latents
+        seeds = image_seeds(seed, batch)
+        return mx.stack([mx.random.normal(shape[1:], key=mx.random.key(s)) for s in seeds])
+
+    def _denoise(self, x, sigmas, start, embeds, pooled, neg_embeds, neg_pooled, guidance, slg, progress):
+        model, steps, timesteps = self.transformer, len(sigmas) - 1, sampler.flow_timesteps(sigmas)
+        if neg_embeds is not None:  # unconditional and conditional halves in one batch
+            context, pooled_in = mx.concatenate([neg_embeds, embeds]), mx.concatenate([neg_pooled, pooled])
+        else:
+            context, pooled_in = embeds, pooled
+        for i in tqdm(range(start, steps), desc="denoising", disable=not progress, leave=False):
+            sigma = float(sigmas[i])
+            t = mx.full((context.shape[0],), float(timesteps[i]))
+            x_in = mx.concatenate([x, x]) if neg_embeds is not None else x
+            v = model(x_in, t, context, pooled_in)
+            if neg_embeds is not None:
+                v_uncond, v_cond = mx.split(v, 2)
+                v = sampler.guidance(v_cond, v_uncond, guidance)
+                if slg is not None and sampler.slg_active(i, steps, slg.start, slg.stop):
+                    v_skip = model(x, t[: x.shape[0]], embeds, pooled, skip_layers=slg.layers)
+                    v = sampler.skip_layer_guidance(v, v_cond, v_skip, slg.scale)
+            x = sampler.euler_step(x, v, sigma, float(sigmas[i + 1]))
+            mx.eval(x)
+        return x
+
+
+def image_seeds(seed: int | Sequence[int] | None, batch: int) -> list[int]:
+    """One seed per image: a list as given, an int `s` as s, s+1, ...; None draws a random start."""
+    if seed is None:
+        seed = int(np.random.default_rng().integers(0, 2**31))
+    if isinstance(seed, int):
+        return [seed + i for i in range(batch)]
+    seeds = list(seed)
+    if len(seeds) != batch:
+        raise ValueError(f"got {len(seeds)} seeds for {batch} images; pass one seed, or one per image.")
+    return seeds
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; the model folder is incomplete (re-download or re-convert it).")
+    return json.loads(path.read_text())
+
+
+def load_pipeline(
+    model: str | Path,
+    *,
+    dtype: str | mx.Dtype | None = None,
+    quantize: int | None = None,
+    use_t5: bool = True,
+    low_memory: bool | None = None,
+    revision: str | None = None,
+) -> Pipeline:
+    """Load a model for generation.
+
+    `model`: a preset name (`sd3.5-medium`, `sd3.5-large`, `sd3.5-large-turbo`, `sd3-medium`), a Hugging Face
+    repo id, or a local diffusers-layout folder. `dtype`: "float32" | "float16" | "bfloat16" (None: the best for
+    the device). `quantize`: bits (4 or 8) to quantize the transformer on load. `use_t5=False` never loads T5.
+    `low_memory` (default: on below 32 GB of memory) loads, runs and frees one component at a time."""
+    name = str(model)
+    if name in PRESETS:
+        if PRESETS[name].repo_id is None:
+            raise ValueError(f"{name}: its weights are not published on the hub yet; pass a local folder.")
+        model = PRESETS[name].repo_id
+    root = resolve_model_dir(model, use_t5=use_t5, revision=revision)
+    if quantize is not None and quantize not in (2, 3, 4, 5, 6, 8):
+        raise ValueError(f"quantize must be one of 2, 3, 4, 5, 6, 8 bits, got {quantize}.")
+    low_memory = machine_memory() < LOW_MEMORY_BELOW if low_memory is None else low_memory
+    return Pipeline(root, name=str(model), dtype=resolve_dtype(dtype), quantize=quantize, use_t5=use_t5,
+                    low_memory=low_memory)
