@@ -15,13 +15,6 @@ from . import __version__
 DEFAULT_MODEL = "sd3.5-medium"
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlx-flash", description="Stable Diffusion 3.5 / SD3.5-Flash in MLX.")
     parser.add_argument("--version", action="version", version=f"mlx-flash {__version__}")
@@ -33,12 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--model", default=DEFAULT_MODEL,
                      help=f"preset name, Hugging Face repo id or local model folder (default {DEFAULT_MODEL})")
-    gen.add_argument("--steps", type=_positive_int, default=None, help="denoising steps (default: the model's)")
+    gen.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     gen.add_argument("--guidance", type=float, default=None, help="CFG scale; > 1 enables CFG (default: the model's)")
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--seed", type=int, default=None, help="seed of the first image; image i uses seed + i")
-    gen.add_argument("--num-images", type=_positive_int, default=1)
+    gen.add_argument("--num-images", type=int, default=1)
     gen.add_argument("--image", type=Path, default=None, help="input image for img2img")
     gen.add_argument("--strength", type=float, default=None, help="img2img strength in (0, 1] (default 0.6)")
     gen.add_argument("--quantize", type=int, choices=[2, 3, 4, 5, 6, 8], default=None, help="quantize the transformer")
@@ -64,6 +57,8 @@ def generate(args: argparse.Namespace) -> None:
         raise ValueError("two prompts given; pass the prompt once, as an argument or with --prompt.")
     if args.image is not None and not args.image.is_file():
         raise FileNotFoundError(f"{args.image}: no such image file; check the --image path.")
+    if args.num_images < 1:
+        raise ValueError(f"--num-images must be >= 1, got {args.num_images}.")
     explicit_output = args.output is not None
     output = args.output or Path("image.png")
     if explicit_output and output.suffix.lower() != ".png":
