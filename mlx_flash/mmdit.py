@@ -12,7 +12,9 @@ from typing import Iterable, Mapping
 import mlx.core as mx
 import mlx.nn as nn
 
-from .weights import Fuse, Rule, WeightsError, conv_to_nhwc, load_into, read_component, remap
+from .weights import (
+    Fuse, Rule, WeightsError, conv_to_nhwc, is_converted, load_into, quantize_like, read_component, remap, save_component,
+)
 
 NORM_EPS = 1e-6
 
@@ -359,8 +361,18 @@ def mmdit_from_diffusers_weights(
 
 
 def load_mmdit(folder: str | Path, dtype: mx.Dtype | None = None, float32_residual: bool = False) -> MMDiT:
-    """Load a diffusers-layout `transformer/` folder (config.json plus one or many safetensors shards)."""
+    """Load a `transformer/` folder: diffusers layout (config.json plus one or many safetensors shards; the
+    configuration is inferred from the tensors) or mlx-flash layout (converted, possibly quantized)."""
     config, weights = read_component(folder)
-    return mmdit_from_diffusers_weights(
-        weights, dtype, float32_residual, config.get("sample_size", 128), config.get("attention_head_dim", 64)
-    )
+    if not is_converted(config):
+        return mmdit_from_diffusers_weights(
+            weights, dtype, float32_residual, config.get("sample_size", 128), config.get("attention_head_dim", 64)
+        )
+    model = MMDiT(MMDiTConfig.from_diffusers(config), float32_residual=float32_residual)
+    quantize_like(model, weights, config.get("quantization"))
+    return load_into(model, weights, "transformer", dtype=dtype)
+
+
+def save_mmdit(folder: str | Path, model: MMDiT, quantization: Mapping | None = None) -> None:
+    """Write the transformer as an mlx-flash layout `transformer/` folder."""
+    save_component(folder, model, model.config.to_diffusers(), quantization)

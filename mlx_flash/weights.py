@@ -178,3 +178,54 @@ def read_component(folder: str | Path) -> tuple[dict, dict[str, mx.array]]:
     for shard in shards:
         weights.update(load_safetensors(shard))
     return config, weights
+
+
+# Converted (mlx-flash layout) components -----------------------------------------------------------------
+
+LAYOUT_KEY = "mlx_flash_layout"  # set in a converted component's config.json: weights need no re-mapping
+MAX_SHARD_BYTES = 5 * 10**9
+
+
+def is_converted(config: Mapping) -> bool:
+    """Whether a component's config.json marks tensors already in MLX names and layouts."""
+    return bool(config.get(LAYOUT_KEY))
+
+
+def quantize_like(model: nn.Module, weights: Mapping[str, mx.array], quantization: Mapping | None) -> nn.Module:
+    """Quantize (in place) exactly the layers whose quantized tensors (`<layer>.scales`) are in `weights`,
+    so that a quantized checkpoint loads without ever being materialised in full precision."""
+    if quantization:
+        nn.quantize(
+            model,
+            group_size=quantization["group_size"],
+            bits=quantization["bits"],
+            class_predicate=lambda path, module: f"{path}.scales" in weights,
+        )
+    return model
+
+
+def save_component(folder: str | Path, model: nn.Module, config: Mapping, quantization: Mapping | None = None) -> None:
+    """Write `model`'s parameters in MLX layout (safetensors shards of at most 5 GB, with an index when
+    there are several) and its `config.json`, marked as converted, with the quantization if any."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, mx.array]] = [{}]
+    size = 0
+    for key, value in tree_flatten(model.parameters()):
+        if size + value.nbytes > MAX_SHARD_BYTES and shards[-1]:
+            shards.append({})
+            size = 0
+        shards[-1][key] = value
+        size += value.nbytes
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
+    ]
+    for name, shard in zip(names, shards):
+        mx.save_safetensors(str(folder / name), shard, metadata={"format": "mlx"})
+    if len(shards) > 1:
+        weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}, indent=1))
+    config = {**config, LAYOUT_KEY: 1}
+    if quantization:
+        config["quantization"] = dict(quantization)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
