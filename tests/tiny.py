@@ -1,0 +1,139 @@
+"""Tiny random reference models in the real diffusers/transformers layouts, for parity tests.
+
+Real weights cannot be downloaded here: these builders save small diffusers/transformers models with random
+weights scaled up (so outputs are far from constant) with `save_pretrained`, next to real tokenizer files.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import io
+import json
+import random
+from pathlib import Path
+
+import torch
+
+CLIP_VOCAB_SIZE = 49408
+EXTRA_IDS = 100  # T5's sentinel tokens, appended to the SentencePiece vocabulary by transformers
+
+
+def _byte_symbols() -> list[str]:
+    """CLIP's byte-level alphabet: printable bytes stand for themselves, the other bytes for chr(256 + n)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    return [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]
+
+
+def clip_vocab_files(folder: Path) -> tuple[Path, Path]:
+    """Write the real CLIP BPE vocabulary (from the open_clip wheel) as vocab.json + merges.txt."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None:
+        raise RuntimeError("open_clip_torch is needed for the CLIP vocabulary: pip install --no-deps open_clip_torch")
+    source = Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    merges = gzip.decompress(source.read_bytes()).decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    symbols = _byte_symbols()
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    assert len(tokens) == CLIP_VOCAB_SIZE
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges_path = folder / "vocab.json", folder / "merges.txt"
+    vocab.write_text(json.dumps({token: i for i, token in enumerate(tokens)}, ensure_ascii=False), "utf-8")
+    merges_path.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", "utf-8")
+    return vocab, merges_path
+
+
+WORDS = ("a photo of the cat dog sitting on red blue green mat in front house tree sky beautiful landscape "
+         "painting by artist digital art highly detailed portrait woman man city night lights river mountain "
+         "snow winter summer castle dragon flying over ocean waves sunset golden hour cinematic lighting").split()
+
+
+def train_spiece(folder: Path, vocab_size: int = 100) -> Path:
+    """Train a small SentencePiece unigram model (pad 0, eos 1, unk 2, no bos) as folder/spiece.model."""
+    import sentencepiece
+
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 15))) for _ in range(2000)]
+    lines += ["Café naïve résumé über straße 123 456 7890 ÀÉÎÕÜ !?,.;:'\" (hello) [world] {x} 5% $9 a-b"] * 5
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="unigram",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, hard_vocab_limit=False, minloglevel=2)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "spiece.model"
+    path.write_bytes(model.getvalue())
+    return path
+
+
+def randomize(model: torch.nn.Module, seed: int, std: float = 0.08) -> torch.nn.Module:
+    """Normal(0, std) weights, biases ~0.05, norm scales ~1 +- 0.1: outputs far from constant, norms sane."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if param.ndim == 1:
+                param.copy_(1 + 0.1 * noise if name.endswith("weight") else 0.05 * noise)
+            else:
+                param.copy_(std * noise)
+    return model.eval()
+
+
+def clip_config(kind: str, **overrides):
+    """Tiny transformers CLIPTextConfig: "L" (quick_gelu) or "G" (gelu), with the real vocabulary size."""
+    from transformers import CLIPTextConfig
+
+    sizes = {"L": dict(hidden_size=32, intermediate_size=64, projection_dim=24, hidden_act="quick_gelu"),
+             "G": dict(hidden_size=48, intermediate_size=96, projection_dim=40, hidden_act="gelu")}[kind]
+    return CLIPTextConfig(**(dict(vocab_size=CLIP_VOCAB_SIZE, num_hidden_layers=3, num_attention_heads=4,
+                                  max_position_embeddings=77, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+                             | sizes | overrides))
+
+
+def t5_config(vocab_size: int, **overrides):
+    """Tiny transformers T5Config of a T5 v1.1 encoder (gated tanh-gelu FFN); d_model 96 >= CLIP L + G widths."""
+    from transformers import T5Config
+
+    return T5Config(**(dict(vocab_size=vocab_size, d_model=96, d_kv=16, num_heads=4, d_ff=128, num_layers=2,
+                            feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
+                            dropout_rate=0.0, tie_word_embeddings=False) | overrides))
+
+
+def make_tiny_pipeline(path: Path, *, dual_attention_layers: tuple[int, ...] = (0,), qk_norm: str | None = "rms_norm",
+                       seed: int = 0) -> Path:
+    """Save a tiny random diffusers StableDiffusion3Pipeline (all components and tokenizers) under `path`."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
+
+    path = Path(path)
+    for name in ("tokenizer", "tokenizer_2"):  # the hub layout: vocab.json + merges.txt, and spiece.model
+        clip_vocab_files(path / name)
+    train_spiece(path / "tokenizer_3")
+    tokenizer_3 = T5Tokenizer.from_pretrained(path / "tokenizer_3", extra_ids=EXTRA_IDS)
+    clip_l, clip_g = clip_config("L"), clip_config("G")
+    t5 = t5_config(len(tokenizer_3))
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=3, attention_head_dim=8,
+        num_attention_heads=3, joint_attention_dim=t5.d_model, caption_projection_dim=24,
+        pooled_projection_dim=clip_l.projection_dim + clip_g.projection_dim, pos_embed_max_size=16,
+        dual_attention_layers=tuple(dual_attention_layers), qk_norm=qk_norm)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 32, 32, 32), layers_per_block=1,
+        latent_channels=16, norm_num_groups=32, use_quant_conv=False, use_post_quant_conv=False,
+        scaling_factor=1.5305, shift_factor=0.0609, sample_size=32)
+    models = [transformer, vae, CLIPTextModelWithProjection(clip_l), CLIPTextModelWithProjection(clip_g),
+              T5EncoderModel(t5)]
+    for i, model in enumerate(models):
+        randomize(model, seed + i)
+
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=models[2], tokenizer=CLIPTokenizer.from_pretrained(path / "tokenizer", model_max_length=77),
+        text_encoder_2=models[3],
+        tokenizer_2=CLIPTokenizer.from_pretrained(path / "tokenizer_2", model_max_length=77, pad_token="!"),
+        text_encoder_3=models[4], tokenizer_3=tokenizer_3)
+    pipe.save_pretrained(path)
+    return path
