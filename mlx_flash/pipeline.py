@@ -28,7 +28,8 @@ from .vae import Autoencoder, load_vae
 log = logging.getLogger("mlx_flash")
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-LOW_MEMORY_BELOW = 32 * 2**30  # machines with less memory load, run and free one component at a time
+LOW_MEMORY_BELOW = 32 * 2**30
+PRECOMPUTE_MAX_STEPS = 8  # runs this short (without CFG) precompute every adaLN modulation up front  # machines with less memory load, run and free one component at a time
 
 
 @dataclass(frozen=True)
@@ -269,11 +270,21 @@ class Pipeline:
             context, pooled_in = mx.concatenate([neg_embeds, embeds]), mx.concatenate([neg_pooled, pooled])
         else:
             context, pooled_in = embeds, pooled
+        modulations = {}
+        if neg_embeds is None and steps - start <= PRECOMPUTE_MAX_STEPS:
+            # Few-step run: every adaLN vector depends only on (t, pooled); compute them all now, and in
+            # low-memory mode free the adaLN weights (a third of the model) before the blocks' weights load.
+            modulations = {i: model.modulation(mx.full((x.shape[0],), float(timesteps[i])), pooled)
+                           for i in range(start, steps)}
+            mx.eval(modulations)
+            if self.low_memory:
+                model.drop_modulation_weights()
+                mx.clear_cache()
         for i in tqdm(range(start, steps), desc="denoising", disable=not progress, leave=False):
             sigma = float(sigmas[i])
             t = mx.full((context.shape[0],), float(timesteps[i]))
             x_in = mx.concatenate([x, x]) if neg_embeds is not None else x
-            v = model(x_in, t, context, pooled_in)
+            v = model(x_in, t, context, pooled_in, modulation=modulations.get(i))
             if neg_embeds is not None:
                 v_uncond, v_cond = mx.split(v, 2)
                 v = sampler.guidance(v_cond, v_uncond, guidance)
