@@ -28,8 +28,8 @@ from .vae import Autoencoder, load_vae
 log = logging.getLogger("mlx_flash")
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-LOW_MEMORY_BELOW = 32 * 2**30
-PRECOMPUTE_MAX_STEPS = 8  # runs this short (without CFG) precompute every adaLN modulation up front  # machines with less memory load, run and free one component at a time
+LOW_MEMORY_BELOW = 32 * 2**30  # machines with less memory load, run and free one component at a time
+PRECOMPUTE_MAX_STEPS = 8  # runs this short (without CFG) precompute every adaLN modulation up front
 
 
 @dataclass(frozen=True)
