@@ -1,7 +1,7 @@
 """One denoising step of the full-size SD3.5 Medium transformer (random weights), float32 on this machine:
 MLX against diffusers in the same run, with the step's matmul throughput and the time outside matmuls.
 
-    python benchmarks/mmdit_step.py [--size 512] [--batch 1] [--repeats 2]
+    python benchmarks/mmdit_step.py [--size 512] [--batch 1] [--repeats 2] [--device cpu|gpu] [--dtype float32]
 
 Each framework runs in its own process. On Linux the script re-executes itself with OpenBLAS preloaded
 (REFERENCE.md, Linux CPU note). Matmul time is measured by running the step's matrix multiplications alone
@@ -68,19 +68,24 @@ def mlx_part(args) -> dict:
 
     from mlx_flash.mmdit import MMDiT
 
+    mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
+    dtype = getattr(mx, args.dtype)
     mx.random.seed(0)
-    peak = 2 * 4096**3 / best_time(lambda: mx.eval(mx.random.normal((4096, 4096)) @ mx.random.normal((4096, 4096))))
+    a, b = (mx.random.normal((4096, 4096)).astype(dtype) for _ in range(2))
+    mx.eval(a, b)
+    peak = 2 * 4096**3 / best_time(lambda: mx.eval(a @ b), repeats=5)
     matmul_time = 0.0
-    for (b, m, k, n), count in step_matmuls(args.size, args.batch).items():
-        x, w = mx.random.normal((b, m, k)), mx.random.normal((b, k, n))
+    for (bt, m, k, n), count in step_matmuls(args.size, args.batch).items():
+        x, w = mx.random.normal((bt, m, k)).astype(dtype), mx.random.normal((bt, k, n)).astype(dtype)
         mx.eval(x, w)
-        matmul_time += count * best_time(lambda: mx.eval(x @ w), repeats=2)
+        matmul_time += count * best_time(lambda: mx.eval(x @ w), repeats=3)
     model = MMDiT(SD35_MEDIUM)
+    model.set_dtype(dtype)
     mx.eval(model.parameters())
     h = args.size // 8
     inputs = (
-        mx.random.normal((args.batch, h, h, 16)), mx.full((args.batch,), 500.0),
-        mx.random.normal((args.batch, CONTEXT_TOKENS, 4096)), mx.random.normal((args.batch, 2048)),
+        mx.random.normal((args.batch, h, h, 16)).astype(dtype), mx.full((args.batch,), 500.0),
+        mx.random.normal((args.batch, CONTEXT_TOKENS, 4096)).astype(dtype), mx.random.normal((args.batch, 2048)).astype(dtype),
     )
     step = best_time(lambda: mx.eval(model(*inputs)), repeats=args.repeats)
     return {"step_s": step, "matmul_s": matmul_time, "peak_flops": peak}
@@ -90,27 +95,32 @@ def torch_part(args) -> dict:
     import torch
     from diffusers import SD3Transformer2DModel
 
+    device, dtype = ("cuda" if args.device == "gpu" else "cpu"), getattr(torch, args.dtype)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     torch.manual_seed(0)
-    a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
-    peak = 2 * 4096**3 / best_time(lambda: a @ b)
+
+    def randn(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype)
+
+    a, b = randn(4096, 4096), randn(4096, 4096)
+    peak = 2 * 4096**3 / best_time(lambda: (a @ b, sync()), repeats=5)
     matmul_time = 0.0
     for (bt, m, k, n), count in step_matmuls(args.size, args.batch).items():
-        x, w = torch.randn(bt, m, k), torch.randn(bt, k, n)
-        matmul_time += count * best_time(lambda: x @ w, repeats=2)
+        x, w = randn(bt, m, k), randn(bt, k, n)
+        matmul_time += count * best_time(lambda: (x @ w, sync()), repeats=3)
     with torch.device("meta"):
         model = SD3Transformer2DModel(**SD35_MEDIUM.to_diffusers())
-    model = model.to_empty(device="cpu").eval()
+    model = model.to_empty(device=device).to(dtype).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
     h = args.size // 8
     inputs = dict(
-        hidden_states=torch.randn(args.batch, 16, h, h), timestep=torch.full((args.batch,), 500.0),
-        encoder_hidden_states=torch.randn(args.batch, CONTEXT_TOKENS, 4096),
-        pooled_projections=torch.randn(args.batch, 2048),
+        hidden_states=randn(args.batch, 16, h, h), timestep=torch.full((args.batch,), 500.0, device=device),
+        encoder_hidden_states=randn(args.batch, CONTEXT_TOKENS, 4096), pooled_projections=randn(args.batch, 2048),
     )
     with torch.inference_mode():
-        step = best_time(lambda: model(**inputs), repeats=args.repeats)
+        step = best_time(lambda: (model(**inputs), sync()), repeats=args.repeats)
     return {"step_s": step, "matmul_s": matmul_time, "peak_flops": peak, "threads": torch.get_num_threads()}
 
 
@@ -119,22 +129,26 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="gpu: Metal/CUDA MLX and CUDA torch")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     parser.add_argument("--part", choices=["mlx", "diffusers"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.part:
         print(json.dumps((mlx_part if args.part == "mlx" else torch_part)(args)))
         return
-    preload_openblas()
+    if args.device == "cpu":
+        preload_openblas()
     total = flops(step_matmuls(args.size, args.batch))
-    extra = ["--size", str(args.size), "--batch", str(args.batch), "--repeats", str(args.repeats)]
+    extra = ["--size", str(args.size), "--batch", str(args.batch), "--repeats", str(args.repeats),
+             "--device", args.device, "--dtype", args.dtype]
     results = {name: run_part(__file__, name, *extra) for name in ("mlx", "diffusers")}
-    print(f"SD3.5 Medium transformer, one step, {args.size}x{args.size}, batch {args.batch}, float32, "
+    print(f"SD3.5 Medium transformer, one step, {args.size}x{args.size}, batch {args.batch}, {args.dtype}, {args.device}, "
           f"{total / 1e12:.2f} TFLOP of matmuls")
     print(f"{'':10} {'step s':>8} {'matmul s':>9} {'GFLOP/s':>8} {'peak':>6} {'% peak':>7} {'other s':>8}")
     for name, r in results.items():
         achieved = total / r["matmul_s"]
-        print(f"{name:10} {r['step_s']:8.2f} {r['matmul_s']:9.2f} {achieved / 1e9:8.0f} {r['peak_flops'] / 1e9:6.0f} "
-              f"{100 * achieved / r['peak_flops']:6.0f}% {r['step_s'] - r['matmul_s']:8.2f}")
+        print(f"{name:10} {r['step_s']:8.3f} {r['matmul_s']:9.3f} {achieved / 1e9:8.0f} {r['peak_flops'] / 1e9:6.0f} "
+              f"{100 * achieved / r['peak_flops']:6.0f}% {r['step_s'] - r['matmul_s']:8.3f}")
     print(f"ratio: {results['mlx']['step_s'] / results['diffusers']['step_s']:.2f}")
 
 
