@@ -17,17 +17,22 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from convert.quantization import Quantization, is_quantized, quantize_model
+
 from . import sampler
 from .hub import resolve_model_dir
 from .image_io import load_image, numpy_to_pil, open_rgb
 from .mmdit import MMDiT, MMDiTConfig, load_mmdit
 from .presets import PRESETS, Preset, SkipLayerGuidance
+from .t5 import load_t5
 from .text_encoders import TextEncoders
 from .vae import Autoencoder, load_vae
 
 log = logging.getLogger("mlx_flash")
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+MANIFEST = "mlx_flash.json"  # a model folder's own description; its "defaults" override the preset's
+PACKAGED_MODELS = Path(__file__).parent / "models"  # small models shipped with the package, loaded by name
 LOW_MEMORY_BELOW = 32 * 2**30  # machines with less memory load, run and free one component at a time
 PRECOMPUTE_MAX_STEPS = 8  # runs this short (without CFG) precompute every adaLN modulation up front
 
@@ -91,11 +96,14 @@ class Pipeline:
         self.transformer_config = MMDiTConfig.from_diffusers(_read_json(root / "transformer" / "config.json"))
         self.vae_factor = 2 ** (len(_read_json(root / "vae" / "config.json")["block_out_channels"]) - 1)
         self.preset = default_preset(self.transformer_config, name)
+        manifest = root / MANIFEST
+        self.model_defaults = _read_json(manifest).get("defaults", {}) if manifest.exists() else {}
         scheduler_config = root / "scheduler" / "scheduler_config.json"
         self.shift = _read_json(scheduler_config).get("shift", 3.0) if scheduler_config.exists() else 3.0
         self.text_encoders = TextEncoders(
             root, dtype, use_t5=use_t5, low_memory=low_memory,
             joint_attention_dim=self.transformer_config.joint_attention_dim,
+            loaders={"text_encoder_3": lambda folder, dtype: self._quantized(load_t5(folder, dtype))},
         )
         self._transformer: MMDiT | None = None
         self._vae: Autoencoder | None = None
@@ -107,11 +115,14 @@ class Pipeline:
     def transformer(self) -> MMDiT:
         if self._transformer is None:
             model = load_mmdit(self.root / "transformer", self.dtype, float32_residual=self.dtype == mx.float16)
-            if self.quantize:
-                nn.quantize(model, group_size=64, bits=self.quantize,
-                            class_predicate=lambda _, m: isinstance(m, nn.Linear) and m.weight.shape[1] % 64 == 0)
-            self._transformer = model
+            self._transformer = self._quantized(model)
         return self._transformer
+
+    def _quantized(self, model: nn.Module) -> nn.Module:
+        """`model` quantized to `self.quantize` bits (the converter's policy), unless stored quantized."""
+        if self.quantize and not is_quantized(model):
+            quantize_model(model, Quantization(self.quantize))
+        return model
 
     @property
     def vae(self) -> Autoencoder:
@@ -136,10 +147,14 @@ class Pipeline:
     # Generation -------------------------------------------------------------------------------------------
 
     def defaults(self) -> tuple[int, float, SkipLayerGuidance | None]:
-        """(steps, guidance scale, skip-layer guidance) this model runs with unless told otherwise."""
-        if self.preset is None:
-            return 28, 5.0, None
-        return self.preset.num_steps, self.preset.guidance_scale, self.preset.skip_layer_guidance
+        """(steps, guidance scale, skip-layer guidance) this model runs with unless told otherwise: the model
+        folder's manifest, else its preset's published settings."""
+        p = self.preset
+        steps, guidance, slg = (28, 5.0, None) if p is None else (p.num_steps, p.guidance_scale, p.skip_layer_guidance)
+        own = self.model_defaults
+        if "skip_layer_guidance" in own:
+            slg = SkipLayerGuidance(**own["skip_layer_guidance"]) if own["skip_layer_guidance"] else None
+        return own.get("num_inference_steps", steps), own.get("guidance_scale", guidance), slg
 
     def generate(
         self,
@@ -155,7 +170,7 @@ class Pipeline:
         image: str | Path | Image.Image | None = None,
         strength: float | None = None,
         num_images: int = 1,
-        max_sequence_length: int = 256,
+        max_sequence_length: int | None = None,
         skip_layer_guidance: SkipLayerGuidance | bool | None = None,
         output_type: str = "pil",
         progress: bool = True,
@@ -167,8 +182,9 @@ class Pipeline:
         `latents` (B, 16, H/8, W/8), diffusers' NCHW layout, replaces the seeded initial noise. With `image`,
         runs img2img: the image is encoded and noised to the `strength` level (default 0.6) and only the last
         `strength` fraction of the steps run, as in diffusers. `output_type` "pil" returns PIL images, "np"
-        a float32 array (B, H, W, 3) in [0, 1]."""
+        a float32 array (B, H, W, 3) in [0, 1]. `max_sequence_length` (T5 tokens) defaults to the model's (256)."""
         steps_default, guidance_default, slg_default = self.defaults()
+        max_sequence_length = max_sequence_length or self.model_defaults.get("max_sequence_length", 256)
         steps = steps_default if num_inference_steps is None else num_inference_steps
         guidance = guidance_default if guidance_scale is None else guidance_scale
         slg = slg_default if skip_layer_guidance in (None, True) else (skip_layer_guidance or None)
@@ -325,18 +341,22 @@ def load_pipeline(
 ) -> Pipeline:
     """Load a model for generation.
 
-    `model`: a preset name (`sd3.5-medium`, `sd3.5-large`, `sd3.5-large-turbo`, `sd3-medium`), a Hugging Face
-    repo id, or a local diffusers-layout folder. `dtype`: "float32" | "float16" | "bfloat16" (None: the best for
-    the device). `quantize`: bits (4 or 8) to quantize the transformer on load. `use_t5=False` never loads T5.
+    `model`: a preset name (`sd3.5-medium`, `sd3.5-large`, `sd3.5-large-turbo`, `sd3-medium`), a model shipped
+    with the package (`digits`, `digits-flash`), a Hugging Face repo id, or a local model folder. `dtype`: "float32" | "float16" | "bfloat16" (None: the best for
+    the device). `quantize`: bits (2 to 8) to quantize the transformer and T5 on load, as `mlx-flash convert
+    -q --bits N` does (mixed policy, group size 64); components stored quantized load as they are.
+    `use_t5=False` never loads T5.
     `low_memory` (default: on below 32 GB of memory) loads, runs and frees one component at a time."""
     name = str(model)
-    if name in PRESETS:
+    if (PACKAGED_MODELS / name).is_dir() and not Path(name).exists():
+        model = PACKAGED_MODELS / name
+    elif name in PRESETS:
         if PRESETS[name].repo_id is None:
             raise ValueError(f"{name}: its weights are not published on the hub yet; pass a local folder.")
         model = PRESETS[name].repo_id
     root = resolve_model_dir(model, use_t5=use_t5, revision=revision)
-    if quantize is not None and quantize not in (2, 3, 4, 5, 6, 8):
-        raise ValueError(f"quantize must be one of 2, 3, 4, 5, 6, 8 bits, got {quantize}.")
+    if quantize is not None:
+        Quantization(quantize)  # raises for unsupported bits
     low_memory = machine_memory() < LOW_MEMORY_BELOW if low_memory is None else low_memory
     return Pipeline(root, name=str(model), dtype=resolve_dtype(dtype), quantize=quantize, use_t5=use_t5,
                     low_memory=low_memory)

@@ -137,3 +137,20 @@ def test_bad_arguments(pipelines, kwargs, message):
     _, ours = pipelines
     with pytest.raises(ValueError, match=message):
         ours.generate("x", **{"height": HEIGHT, "width": WIDTH, **kwargs})
+
+
+def test_model_folder_defaults_override_the_preset(tiny_pipeline_dir, tmp_path):
+    import json
+    import shutil
+
+    folder = shutil.copytree(tiny_pipeline_dir, tmp_path / "model")
+    defaults = {"num_inference_steps": 3, "guidance_scale": 1.0, "max_sequence_length": 16,
+                "skip_layer_guidance": {"layers": [1], "scale": 2.0, "start": 0.0, "stop": 0.5}}
+    (folder / "mlx_flash.json").write_text(json.dumps({"defaults": defaults}))
+    pipe = mlx_flash.load_pipeline(folder, dtype="float32", low_memory=False)
+    assert pipe.defaults() == (3, 1.0, SkipLayerGuidance(layers=[1], scale=2.0, start=0.0, stop=0.5))
+    encode = pipe.text_encoders.encode
+    calls = []
+    pipe.text_encoders.encode = lambda *args, **kwargs: calls.append(kwargs) or encode(*args, **kwargs)
+    pipe.generate("x", height=HEIGHT, width=WIDTH, progress=False)
+    assert calls[0]["max_sequence_length"] == 16 and calls[0]["do_cfg"] is False
