@@ -5,6 +5,7 @@ Ids equal transformers' `CLIPTokenizer` / `T5Tokenizer` with padding="max_length
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 from pathlib import Path
@@ -19,6 +20,30 @@ logger = logging.getLogger("mlx_flash")
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # CLIP's word split: special tokens, English contractions, letter runs, single digits, symbol runs.
 CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+def byte_symbols() -> list[str]:
+    """CLIP's byte-level alphabet: printable bytes stand for themselves, the other bytes for chr(256 + n)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    return [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]
+
+
+def read_clip_merges(path: str | Path) -> list[str]:
+    """The merges of OpenAI's CLIP BPE file (bpe_simple_vocab_16e6.txt.gz, shipped e.g. in open_clip)."""
+    return gzip.decompress(Path(path).read_bytes()).decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+
+
+def write_clip_vocab(folder: str | Path, merges: list[str], pad_token: str = EOS) -> None:
+    """Write a CLIP tokenizer folder (vocab.json, merges.txt, tokenizer_config.json naming the pad token) as
+    OpenAI's CLIP builds its vocabulary: byte symbols, the same with "</w>", one token per merge, BOS, EOS."""
+    symbols = byte_symbols()
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges] + [BOS, EOS]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {token: i for i, token in enumerate(tokens)}
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, separators=(",", ":")), "utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges), "utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"pad_token": pad_token, "model_max_length": 77}))
 
 
 def _require(folder: Path, *names: str) -> None:

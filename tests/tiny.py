@@ -6,7 +6,6 @@ weights scaled up (so outputs are far from constant) with `save_pretrained`, nex
 
 from __future__ import annotations
 
-import gzip
 import importlib.util
 import io
 import json
@@ -15,14 +14,10 @@ from pathlib import Path
 
 import torch
 
+from mlx_flash.tokenizer import read_clip_merges, write_clip_vocab
+
 CLIP_VOCAB_SIZE = 49408
 EXTRA_IDS = 100  # T5's sentinel tokens, appended to the SentencePiece vocabulary by transformers
-
-
-def _byte_symbols() -> list[str]:
-    """CLIP's byte-level alphabet: printable bytes stand for themselves, the other bytes for chr(256 + n)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    return [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]
 
 
 def clip_vocab_files(folder: Path) -> tuple[Path, Path]:
@@ -30,17 +25,9 @@ def clip_vocab_files(folder: Path) -> tuple[Path, Path]:
     spec = importlib.util.find_spec("open_clip")
     if spec is None:
         raise RuntimeError("open_clip_torch is needed for the CLIP vocabulary: pip install --no-deps open_clip_torch")
-    source = Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
-    merges = gzip.decompress(source.read_bytes()).decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-    symbols = _byte_symbols()
-    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    assert len(tokens) == CLIP_VOCAB_SIZE
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab, merges_path = folder / "vocab.json", folder / "merges.txt"
-    vocab.write_text(json.dumps({token: i for i, token in enumerate(tokens)}, ensure_ascii=False), "utf-8")
-    merges_path.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", "utf-8")
-    return vocab, merges_path
+    write_clip_vocab(folder, read_clip_merges(Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"))
+    assert len(json.loads((folder / "vocab.json").read_text("utf-8"))) == CLIP_VOCAB_SIZE
+    return folder / "vocab.json", folder / "merges.txt"
 
 
 WORDS = ("a photo of the cat dog sitting on red blue green mat in front house tree sky beautiful landscape "
