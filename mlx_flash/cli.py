@@ -1,4 +1,4 @@
-"""The `mlx-flash` command: `generate` images, print an image's generation `info`."""
+"""The `mlx-flash` command: `generate` images, print an image's generation `info`, `convert` a checkpoint."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+import convert.cli
 
 from . import __version__
 
@@ -43,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="print the generation settings stored in a PNG")
     info.add_argument("image", type=Path)
+
+    convert.cli.add_arguments(commands.add_parser(
+        "convert", help="convert a checkpoint (hub repo, diffusers folder or single file) to an mlx-flash folder, "
+                        "optionally quantized"))
     return parser
 
 
@@ -106,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(message)s")
     try:
-        {"generate": generate, "info": info}[args.command](args)
-    except (ValueError, OSError, KeyError) as err:
+        {"generate": generate, "info": info, "convert": convert.cli.run}[args.command](args)
+    except (ValueError, OSError, KeyError, MemoryError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"mlx-flash: error: {message}", file=sys.stderr)
         return 1

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .weights import Rule, load_into, read_component, remap
+from .weights import Rule, is_converted, load_into, quantize_like, read_component, remap, save_component
 
 ACTIVATIONS = {"quick_gelu": nn.gelu_fast_approx, "gelu": nn.gelu}  # gelu_fast_approx is x * sigmoid(1.702 x)
 
@@ -57,6 +58,21 @@ class CLIPConfig:
             layer_norm_eps=config.get("layer_norm_eps", 1e-5),
             eos_token_id=config.get("eos_token_id", 49407),
         )
+
+    def to_dict(self) -> dict:
+        """The transformers `CLIPTextConfig` config.json fields `from_dict` reads."""
+        return {
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "intermediate_size": self.intermediate_size,
+            "projection_dim": self.projection_dim,
+            "hidden_act": self.hidden_act,
+            "vocab_size": self.vocab_size,
+            "max_position_embeddings": self.max_positions,
+            "layer_norm_eps": self.layer_norm_eps,
+            "eos_token_id": self.eos_token_id,
+        }
 
 
 CLIP_L = CLIPConfig(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072, projection_dim=768,
@@ -145,15 +161,32 @@ class CLIPTextModel(nn.Module):
         return states[-(skip + 2)], self.text_projection(pooled)
 
 
-def load_clip(folder: str | Path, dtype: mx.Dtype | None = None) -> CLIPTextModel:
-    """Load a diffusers text_encoder/ or text_encoder_2/ folder (transformers CLIPTextModelWithProjection).
+def clip_from_weights(
+    config: Mapping, weights: Mapping[str, mx.array], dtype: mx.Dtype | None = None, name: str = "CLIP text encoder"
+) -> CLIPTextModel:
+    """Build a CLIP text encoder from a config.json dictionary and its tensors: transformers names, or the
+    mlx-flash layout (converted, possibly quantized) when the config says so.
 
     A missing text_projection (checkpoints of the bare text model) is set to the identity.
     """
-    config, weights = read_component(folder)
     model = CLIPTextModel(CLIPConfig.from_dict(config))
+    if is_converted(config):
+        quantize_like(model, weights, config.get("quantization"))
+        return load_into(model, weights, name, dtype=dtype)
     weights = remap({k: v for k, v in weights.items() if not k.endswith("position_ids")}, RULES)
     if "text_projection.weight" not in weights:
         stored_dtype = next(iter(weights.values())).dtype
         weights["text_projection.weight"] = mx.eye(model.config.hidden_size, dtype=stored_dtype)
-    return load_into(model, weights, f"CLIP text encoder ({folder})", dtype=dtype)
+    return load_into(model, weights, name, dtype=dtype)
+
+
+def load_clip(folder: str | Path, dtype: mx.Dtype | None = None) -> CLIPTextModel:
+    """Load a text_encoder/ or text_encoder_2/ folder: diffusers layout (transformers
+    CLIPTextModelWithProjection) or mlx-flash layout."""
+    config, weights = read_component(folder)
+    return clip_from_weights(config, weights, dtype, f"CLIP text encoder ({folder})")
+
+
+def save_clip(folder: str | Path, model: CLIPTextModel, quantization: Mapping | None = None) -> None:
+    """Write the encoder as an mlx-flash layout folder."""
+    save_component(folder, model, model.config.to_dict(), quantization)

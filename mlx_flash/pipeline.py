@@ -9,7 +9,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -17,16 +17,17 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from convert.quantization import Quantization, is_quantized, quantize_model
-
-from . import sampler
+from . import memory, sampler
 from .hub import resolve_model_dir
+from .weights import quantize_like, read_component
 from .image_io import load_image, numpy_to_pil, open_rgb
 from .mmdit import MMDiT, MMDiTConfig, load_mmdit
 from .presets import PRESETS, Preset, SkipLayerGuidance
-from .t5 import load_t5
+from .quantization import Quantization, is_quantized, quantize_model
+from .clip import CLIPConfig
+from .t5 import T5_XXL, T5Config, load_t5
 from .text_encoders import TextEncoders
-from .vae import Autoencoder, load_vae
+from .vae import Autoencoder, VAEConfig, load_vae
 
 log = logging.getLogger("mlx_flash")
 
@@ -46,10 +47,13 @@ class StageReport:
     peak_memory: int
 
 
-def machine_memory() -> int:
-    """Bytes of memory the default device can use (unified memory on Apple silicon)."""
-    size = mx.device_info().get("memory_size")
-    return int(size) if size else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+def memory_budget() -> int:
+    """Bytes a run may use: Metal's recommended working set, a CUDA GPU's memory, else the machine's RAM."""
+    info = mx.device_info()
+    for key in ("max_recommended_working_set_size", "total_memory", "memory_size"):
+        if info.get(key):
+            return int(info[key])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def resolve_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype:
@@ -94,7 +98,8 @@ class Pipeline:
         self.root, self.name, self.dtype, self.quantize = root, name, dtype, quantize
         self.low_memory = low_memory
         self.transformer_config = MMDiTConfig.from_diffusers(_read_json(root / "transformer" / "config.json"))
-        self.vae_factor = 2 ** (len(_read_json(root / "vae" / "config.json")["block_out_channels"]) - 1)
+        self.vae_config = VAEConfig.from_dict(_read_json(root / "vae" / "config.json"))
+        self.vae_factor = self.vae_config.factor
         self.preset = default_preset(self.transformer_config, name)
         manifest = root / MANIFEST
         self.model_defaults = _read_json(manifest).get("defaults", {}) if manifest.exists() else {}
@@ -107,6 +112,7 @@ class Pipeline:
         )
         self._transformer: MMDiT | None = None
         self._vae: Autoencoder | None = None
+        self._tile_decode = False  # set when only a tiled VAE decode fits the memory budget
         self.stages: list[StageReport] = []
 
     # Components -------------------------------------------------------------------------------------------
@@ -215,6 +221,7 @@ class Pipeline:
 
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         batch = len(prompts) * num_images
+        self.check_memory(height, width, batch, do_cfg, max_sequence_length, steps - start)
         noise = self._initial_noise(batch, height, width, seed, latents)
 
         self.stages = []
@@ -249,7 +256,7 @@ class Pipeline:
                 mx.clear_cache()
 
         with self._stage("vae decoder"):
-            images = self.vae.latents_to_image(x)
+            images = self.vae.latents_to_image(x, tiled=True if self._tile_decode else None)
             images = mx.clip(images.astype(mx.float32) / 2 + 0.5, 0, 1)
             mx.eval(images)
             if self.low_memory:
@@ -268,6 +275,66 @@ class Pipeline:
         if height > largest or width > largest:
             raise ValueError(f"image size {width}x{height} exceeds this model's position table; "
                              f"the largest side is {largest} pixels.")
+
+    def estimate_memory(self, height: int, width: int, images: int = 1, cfg: bool = False,
+                        max_sequence_length: int = 256, steps: int | None = None, *, quantize: int | None = None,
+                        use_t5: bool | None = None, vae_tiled: bool | None = None) -> list[memory.StageEstimate]:
+        """Predicted peak bytes of each stage of a `generate` call of `steps` steps (default: the model's);
+        `quantize`, `use_t5` and `vae_tiled` default to this pipeline's settings."""
+        clips = tuple(CLIPConfig.from_dict(_read_json(self.root / name / "config.json"))
+                      for name in ("text_encoder", "text_encoder_2"))
+        t5_config = self.root / "text_encoder_3" / "config.json"
+        t5 = T5Config.from_dict(_read_json(t5_config)) if t5_config.exists() else T5_XXL
+        use_t5 = self.text_encoders.use_t5 if use_t5 is None else use_t5
+        bits = self.quantize if quantize is None else quantize
+        return memory.estimate(
+            self.transformer_config, self.vae_config, dtype=self.dtype, height=height, width=width, images=images,
+            cfg=cfg, clips=clips, t5=t5 if use_t5 else None, max_sequence_length=max_sequence_length,
+            quantize=self._quantizer("transformer", bits),
+            quantize_t5=self._quantizer("text_encoder_3", bits) if use_t5 else None,
+            vae_tiled=self.vae_config.tiles(height // self.vae_factor, width // self.vae_factor, vae_tiled),
+            drop_modulation=self.low_memory and not cfg and (steps or self.defaults()[0]) <= PRECOMPUTE_MAX_STEPS,
+        )
+
+    def check_memory(self, height: int, width: int, images: int, cfg: bool, max_sequence_length: int,
+                     steps: int) -> None:
+        """Before anything loads: tile the VAE decode if only that makes the run fit the memory budget, else
+        raise MemoryError naming a setting that would fit."""
+        budget = memory_budget()
+
+        def need(low_memory: bool = self.low_memory, h: int = height, w: int = width, **changes) -> int:
+            stages = self.estimate_memory(h, w, images, cfg, max_sequence_length, steps, **changes)
+            if low_memory:
+                return max(s.peak for s in stages)
+            return sum(s.weights for s in stages) + max(s.activations for s in stages)
+
+        required = need()
+        self._tile_decode = required > budget and need(vae_tiled=True) <= budget
+        if required <= budget:
+            return
+        if self._tile_decode:
+            log.info("decoding in tiles to fit in %.1f GB", budget / 1e9)
+            return
+        options = [("low_memory=True", {"low_memory": True}), ("--quantize 4", {"quantize": 4}),
+                   ("--no-t5", {"use_t5": False}), ("--quantize 4 --no-t5", {"quantize": 4, "use_t5": False})]
+        multiple = 4 * self.vae_factor * self.transformer_config.patch_size
+        for side in range(max(height, width) - multiple, multiple - 1, -multiple):
+            h, w = (max(multiple, round(x * side / max(height, width) / multiple) * multiple) for x in (height, width))
+            options.append((f"--width {w} --height {h}", {"h": h, "w": w, "vae_tiled": True}))
+        fits = next((name for name, changes in options
+                     if (not self.low_memory or name != "low_memory=True") and need(**changes) <= budget), None)
+        advice = f"it would fit with {fits}" if fits else "use a machine with more memory"
+        raise MemoryError(f"this run needs about {required / 1e9:.1f} GB at its peak but {budget / 1e9:.1f} GB "
+                          f"are available; {advice}.")
+
+    def _quantizer(self, component: str, bits: int | None) -> Callable[[nn.Module], object] | None:
+        """How a component's weights will be quantized when loaded (as stored, or `bits` on the fly), for
+        the estimator; reading a component's tensors only reads the safetensors headers."""
+        config = _read_json(self.root / component / "config.json")
+        if config.get("quantization"):
+            _, stored = read_component(self.root / component)
+            return lambda model: quantize_like(model, stored, config["quantization"])
+        return (lambda model: quantize_model(model, Quantization(bits))) if bits else None
 
     def _initial_noise(self, batch: int, height: int, width: int, seed, latents) -> mx.array:
         shape = (batch, height // self.vae_factor, width // self.vae_factor, 16)
@@ -357,6 +424,6 @@ def load_pipeline(
     root = resolve_model_dir(model, use_t5=use_t5, revision=revision)
     if quantize is not None:
         Quantization(quantize)  # raises for unsupported bits
-    low_memory = machine_memory() < LOW_MEMORY_BELOW if low_memory is None else low_memory
+    low_memory = memory_budget() < LOW_MEMORY_BELOW if low_memory is None else low_memory
     return Pipeline(root, name=str(model), dtype=resolve_dtype(dtype), quantize=quantize, use_t5=use_t5,
                     low_memory=low_memory)

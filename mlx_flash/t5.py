@@ -10,12 +10,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .weights import Rule, load_into, read_component, remap
+from .weights import Rule, is_converted, load_into, quantize_like, read_component, remap, save_component
 
 # feed_forward_proj values meaning T5 v1.1's gated tanh-gelu FFN ("gated-gelu" is gelu_new in transformers).
 GATED_TANH_GELU = ("gated-gelu", "gated-gelu_new", "gated-gelu_pytorch_tanh")
@@ -64,6 +65,21 @@ class T5Config:
             layer_norm_eps=config.get("layer_norm_epsilon", 1e-6),
         )
 
+    def to_dict(self) -> dict:
+        """The transformers `T5Config` config.json fields `from_dict` reads."""
+        return {
+            "vocab_size": self.vocab_size,
+            "d_model": self.d_model,
+            "d_kv": self.d_kv,
+            "num_heads": self.num_heads,
+            "d_ff": self.d_ff,
+            "num_layers": self.num_layers,
+            "feed_forward_proj": "gated-gelu",
+            "relative_attention_num_buckets": self.num_buckets,
+            "relative_attention_max_distance": self.max_distance,
+            "layer_norm_epsilon": self.layer_norm_eps,
+        }
+
 
 T5_XXL = T5Config(vocab_size=32128, d_model=4096, d_kv=64, num_heads=64, d_ff=10240, num_layers=24)
 
@@ -111,7 +127,8 @@ class FeedForward(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         gated = nn.gelu_approx(self.wi_0(x).astype(mx.float32)) * self.wi_1(x).astype(mx.float32)
-        return self.wo(gated.astype(self.wo.weight.dtype))
+        dtype = self.wo["scales"].dtype if "scales" in self.wo else self.wo.weight.dtype  # quantized or not
+        return self.wo(gated.astype(dtype))
 
 
 class Block(nn.Module):
@@ -150,18 +167,38 @@ class T5Encoder(nn.Module):
         return self.final_layer_norm(x).astype(dtype)
 
 
-def load_t5(folder: str | Path, dtype: mx.Dtype | None = None) -> T5Encoder:
-    """Load a diffusers text_encoder_3/ folder (transformers T5EncoderModel, one or many shards).
+def keeps_float32(key: str, dtype: mx.Dtype | None) -> bool:
+    """Tensors T5 keeps in float32 to stay finite: its norms, and in float16 the FFN output projection."""
+    return key.endswith("norm.weight") or (dtype == mx.float16 and ".ffn.wo." in key)
 
-    `dtype` None keeps the stored precision. Norm weights stay float32; in float16 so does `wo`.
+
+def t5_from_weights(
+    config: Mapping, weights: Mapping[str, mx.array], dtype: mx.Dtype | None = None, name: str = "T5 encoder"
+) -> T5Encoder:
+    """Build a T5 encoder from a config.json dictionary and its tensors: transformers names, or the
+    mlx-flash layout (converted, possibly quantized) when the config says so.
+
+    `dtype` None keeps the stored precision. Norm weights stay float32; in float16 so does `wo` (its
+    scales and biases when quantized).
     """
-    config, weights = read_component(folder)
     model = T5Encoder(T5Config.from_dict(config))
-    weights = remap(weights, RULES)
+    if is_converted(config):
+        quantize_like(model, weights, config.get("quantization"))
+    else:
+        weights = remap(weights, RULES)
     if dtype is None and "embed_tokens.weight" in weights:
         dtype = weights["embed_tokens.weight"].dtype
 
-    def keep_float32(key: str) -> bool:
-        return key.endswith("norm.weight") or (dtype == mx.float16 and key.endswith("ffn.wo.weight"))
+    return load_into(model, weights, name, dtype=dtype, keep_float32=lambda key: keeps_float32(key, dtype))
 
-    return load_into(model, weights, f"T5 encoder ({folder})", dtype=dtype, keep_float32=keep_float32)
+
+def load_t5(folder: str | Path, dtype: mx.Dtype | None = None) -> T5Encoder:
+    """Load a text_encoder_3/ folder: diffusers layout (transformers T5EncoderModel, one or many shards) or
+    mlx-flash layout. See `t5_from_weights` for `dtype`."""
+    config, weights = read_component(folder)
+    return t5_from_weights(config, weights, dtype, f"T5 encoder ({folder})")
+
+
+def save_t5(folder: str | Path, model: T5Encoder, quantization: Mapping | None = None) -> None:
+    """Write the encoder as an mlx-flash layout folder."""
+    save_component(folder, model, model.config.to_dict(), quantization)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -39,15 +39,18 @@ class TextEncoders:
     `low_memory` loads, runs and frees each encoder in turn on every `encode` call, so no two encoders (and
     no encoder and the denoiser) are in memory together. Otherwise the encoders stay loaded until `release`.
     Without T5 (`use_t5=False`) it is never loaded and zeros of width `joint_attention_dim` (the
-    transformer's) stand in for its output.
+    transformer's) stand in for its output. `loaders` replaces the loader (folder, dtype) -> model of some
+    encoders (e.g. to quantize them once loaded).
     """
 
     def __init__(self, root: str | Path, dtype: mx.Dtype | None = None, use_t5: bool = True,
-                 low_memory: bool = False, joint_attention_dim: int = 4096):
+                 low_memory: bool = False, joint_attention_dim: int = 4096,
+                 loaders: Mapping[str, Callable[[Path, mx.Dtype | None], nn.Module]] | None = None):
         self.root = Path(root)
         self.dtype = dtype
         self.use_t5 = use_t5
         self.low_memory = low_memory
+        self.loaders = {**LOADERS, **(loaders or {})}
         self.joint_attention_dim = joint_attention_dim
         self.clip_tokenizers = [CLIPTokenizer(self.root / "tokenizer"), CLIPTokenizer(self.root / "tokenizer_2")]
         self.t5_tokenizer = T5Tokenizer(self.root / "tokenizer_3") if use_t5 else None
@@ -60,7 +63,7 @@ class TextEncoders:
 
     def _run(self, name: str, fn: Callable[[nn.Module], list]) -> list:
         """`fn(encoder)` with the encoder in folder `name`, loading it if needed (and freeing it in low_memory)."""
-        model = self._models[name] if name in self._models else LOADERS[name](self.root / name, self.dtype)
+        model = self._models[name] if name in self._models else self.loaders[name](self.root / name, self.dtype)
         outputs = fn(model)
         if self.low_memory:
             mx.eval(outputs)

@@ -193,13 +193,14 @@ def is_converted(config: Mapping) -> bool:
 
 def quantize_like(model: nn.Module, weights: Mapping[str, mx.array], quantization: Mapping | None) -> nn.Module:
     """Quantize (in place) exactly the layers whose quantized tensors (`<layer>.scales`) are in `weights`,
-    so that a quantized checkpoint loads without ever being materialised in full precision."""
+    so that a quantized checkpoint loads without ever being materialised in full precision. Layers named
+    in `quantization` ({path: {"group_size", "bits"}}, MLX's convention) get their own settings."""
     if quantization:
         nn.quantize(
             model,
             group_size=quantization["group_size"],
             bits=quantization["bits"],
-            class_predicate=lambda path, module: f"{path}.scales" in weights,
+            class_predicate=lambda path, module: f"{path}.scales" in weights and quantization.get(path, True),
         )
     return model
 

@@ -1,0 +1,135 @@
+"""Time and peak memory of decoding one image with the full-size SD3 VAE (random weights, float32), MLX
+against diffusers, tiled and untiled, as a markdown table.
+
+    python benchmarks/vae_decode.py [--size 1024] [--tile-size 64] [--tile-overlap 16]
+
+Each row runs in a fresh process. Memory columns:
+- "peak RSS": peak resident memory of the process during the decode (Linux VmHWM, reset just before)
+  minus the resident memory before it (model and latent already built): every allocation of either
+  framework, comparable.
+- "MLX peak": mx.get_peak_memory() after mx.reset_peak_memory(): MLX's own buffers (on the CPU backend
+  this includes the unfolded inputs of convolutions, 9x the input of a 3x3 conv).
+Diffusers' tiling uses our tile size and overlap (SD3's config would tile only above 1024x1024).
+On Linux the script re-executes itself with OpenBLAS preloaded (MLX's bundled BLAS is ~30x slower).
+MLX untiled is skipped on the CPU when its measured memory scaling (8.4 GiB at 512x512, growing with the
+pixel count) exceeds the memory available.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT)]
+
+from benchmarks.common import preload_openblas, run_part  # noqa: E402
+
+GiB = 2**30
+CPU_UNTILED_BYTES_PER_PIXEL = 8.4 * GiB / 512**2  # measured: 0.52, 2.10, 8.38 GiB at 128, 256, 512 px
+
+
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def start_rss() -> int:
+    """Reset the process's peak resident memory (Linux: /proc/self/clear_refs) and return the current one."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status("VmRSS")
+
+
+def peak_rss() -> int:
+    return _status("VmHWM")
+
+
+def available_memory() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 2**62
+
+
+def run_mlx(size: int, tiled: bool, tile_size: int, tile_overlap: int) -> dict:
+    import mlx.core as mx
+
+    from mlx_flash.vae import Autoencoder, VAEConfig
+
+    mx.random.seed(0)
+    vae = Autoencoder(VAEConfig(tile_size=tile_size, tile_overlap=tile_overlap))
+    z = mx.random.normal((1, size // 8, size // 8, 16))
+    mx.eval(vae.parameters(), z)
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    rss, base = start_rss(), mx.get_active_memory()
+    start = time.perf_counter()
+    mx.eval(vae.decode(z, tiled=tiled))
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "rss": peak_rss() - rss, "mlx_peak": mx.get_peak_memory() - base}
+
+
+def run_diffusers(size: int, tiled: bool, tile_size: int, tile_overlap: int) -> dict:
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16, sample_size=1024,
+        scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
+    ).eval()
+    if tiled:
+        vae.enable_tiling()
+        vae.tile_latent_min_size, vae.tile_sample_min_size = tile_size, tile_size * 8
+        vae.tile_overlap_factor = tile_overlap / tile_size
+    z = torch.randn(1, 16, size // 8, size // 8)
+    rss = start_rss()
+    start = time.perf_counter()
+    with torch.no_grad():
+        vae.decode(z)
+    return {"seconds": time.perf_counter() - start, "rss": peak_rss() - rss, "mlx_peak": None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=1024, help="image height and width in pixels (multiple of 8)")
+    parser.add_argument("--tile-size", type=int, default=64, help="tile size in latent pixels")
+    parser.add_argument("--tile-overlap", type=int, default=16, help="tile overlap in latent pixels")
+    parser.add_argument("--part", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    tiling = (str(args.tile_size), str(args.tile_overlap))
+
+    if args.part:
+        framework, mode = args.part.split(":")
+        run = run_mlx if framework == "mlx" else run_diffusers
+        print(json.dumps(run(args.size, mode == "tiled", args.tile_size, args.tile_overlap)))
+        return
+
+    preload_openblas()
+    import mlx.core as mx
+
+    print(f"SD3 VAE decode, {args.size}x{args.size} image ({args.size // 8}x{args.size // 8}x16 latent), float32, "
+          f"random weights, MLX on {mx.default_device()}; tiles {args.tile_size * 8} px, "
+          f"overlap {args.tile_overlap * 8} px\n")
+    print("| framework | mode | time (s) | peak RSS (GiB) | MLX peak (GiB) |")
+    print("|---|---|---|---|---|")
+    for framework in ("mlx", "diffusers"):
+        for mode in ("untiled", "tiled"):
+            need, free = CPU_UNTILED_BYTES_PER_PIXEL * args.size**2, available_memory()
+            if (framework, mode) == ("mlx", "untiled") and mx.default_device() == mx.cpu and need > 0.8 * free:
+                print(f"| {framework} | {mode} | skipped: needs ~{need / GiB:.0f} GiB, {free / GiB:.0f} free | | |")
+                continue
+            r = run_part(__file__, f"{framework}:{mode}", "--size", str(args.size), "--tile-size", tiling[0],
+                         "--tile-overlap", tiling[1])
+            mlx_peak = f"{r['mlx_peak'] / GiB:.2f}" if r["mlx_peak"] is not None else "-"
+            print(f"| {framework} | {mode} | {r['seconds']:.1f} | {r['rss'] / GiB:.2f} | {mlx_peak} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Peak memory of each pipeline stage, predicted from the configs alone (nothing is loaded or computed).
+
+Weights are counted exactly: the full-size MLX modules are built lazily (with the quantization applied) and
+their parameter sizes summed without evaluating anything. Activations follow the tensors alive at each stage's
+peak, with constants measured on MLX (benchmarks/memory.py checks the whole estimate against measured peaks):
+
+- transformer: the residual streams, qkv, the MLP hidden state (about 10 hidden-size vectors per token, float32),
+  plus, where attention is not fused (MLX's CPU backend), the float32 scores and their softmax;
+- VAE decoder: on the CPU, convolutions unfold their input (about 34 KB per output pixel in float32); on a GPU,
+  about 2 KB per pixel plus the mid-block attention's scores; tiled decoding bounds this by the tile size;
+- text encoders: each in turn (low-memory mode), T5's float32 FFN and attention for its tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .clip import CLIP_G, CLIP_L, CLIPConfig, CLIPTextModel
+from .mmdit import MMDiT, MMDiTConfig
+from .t5 import T5_XXL, T5Config, T5Encoder, keeps_float32
+from .vae import Autoencoder, VAEConfig
+
+GB = 1e9
+CPU_VAE_BYTES_PER_PIXEL = 34_300  # measured: float32 decode on MLX's CPU backend, 256 to 512 pixels square
+GPU_VAE_BYTES_PER_PIXEL = 2_048
+TRANSFORMER_VECTORS_PER_TOKEN = 10  # measured: float32 activations per token and hidden unit at the block peak
+
+
+@dataclass(frozen=True)
+class StageEstimate:
+    """Predicted bytes of one stage: its weights and its activations at their peak."""
+
+    name: str
+    weights: int
+    activations: int
+
+    @property
+    def peak(self) -> int:
+        return self.weights + self.activations
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of a module's parameters; lazy (never evaluated) modules cost nothing to measure."""
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def _weights(build: Callable[[], nn.Module], dtype: mx.Dtype, quantize: Callable[[nn.Module], object] | None,
+             keep_float32: Callable[[str, mx.Dtype], bool] = lambda key, dtype: False) -> int:
+    """Bytes of a component's weights as the loaders store them in memory (lazy: nothing is computed)."""
+    model = build()
+    model.set_dtype(dtype)
+    model.update(tree_unflatten([(k, v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())
+                                 if keep_float32(k, dtype)]))
+    if quantize is not None:
+        quantize(model)
+    return model_bytes(model)
+
+
+def _encoder_activations(prompts: int, tokens: int, width: int, ffn: int, heads: int) -> int:
+    """float32 residual stream, FFN and attention scores of a text encoder layer."""
+    return prompts * tokens * (6 * width + 3 * ffn) * 4 + prompts * heads * tokens**2 * 4 * 2
+
+
+def estimate(
+    transformer: MMDiTConfig,
+    vae: VAEConfig,
+    *,
+    dtype: mx.Dtype,
+    height: int,
+    width: int,
+    images: int = 1,
+    cfg: bool = False,
+    clips: tuple[CLIPConfig, ...] = (CLIP_L, CLIP_G),
+    t5: T5Config | None = T5_XXL,
+    max_sequence_length: int = 256,
+    quantize: Callable[[nn.Module], object] | None = None,
+    quantize_t5: Callable[[nn.Module], object] | None = None,
+    vae_tiled: bool = False,
+    drop_modulation: bool = False,
+    device: mx.Device | None = None,
+) -> list[StageEstimate]:
+    """Peak bytes of the text-encoder, transformer and VAE-decoder stages of one `generate` call.
+
+    `quantize(model)` and `quantize_t5(model)` quantize the transformer and T5 in place as they will be loaded
+    (`t5=None`: run without T5). `vae_tiled` with the VAE config's tile size. `drop_modulation`: the adaLN
+    weights are freed before the transformer blocks load (few-step runs in low-memory mode)."""
+    gpu = (device or mx.default_device()) == mx.gpu
+    prompts = images * (2 if cfg else 1)
+    act = 4  # activations are float32 on the CPU; half precision elsewhere is covered by the float32 streams
+
+    text = []
+    for config in clips:
+        text.append(StageEstimate("text encoders", _weights(lambda: CLIPTextModel(config), dtype, None),
+                                  _encoder_activations(prompts, 77, config.hidden_size, config.intermediate_size,
+                                                       config.num_heads)))
+    if t5 is not None:
+        text.append(StageEstimate("text encoders", _weights(lambda: T5Encoder(t5), dtype, quantize_t5, keeps_float32),
+                                  _encoder_activations(prompts, max_sequence_length, t5.d_model, t5.d_ff, t5.num_heads)))
+
+    d, heads = transformer.hidden_size, transformer.num_attention_heads
+    patch = transformer.patch_size * vae.factor
+    tokens = (height // patch) * (width // patch)
+    seq = tokens + 77 + max_sequence_length
+    batch = images * (2 if cfg else 1)
+    scores = 0 if gpu else batch * heads * seq**2 * 4 * 2
+    denoise_act = batch * TRANSFORMER_VECTORS_PER_TOKEN * seq * d * act + scores
+    model = MMDiT(transformer)
+    if drop_modulation:
+        model.drop_modulation_weights()
+    denoise_weights = _weights(lambda: model, dtype, quantize)
+
+    vae_weights = _weights(lambda: Autoencoder(vae), dtype, None)
+    side = vae.tile_size * vae.factor
+    pixels = min(height, side) * min(width, side) if vae_tiled else height * width
+    per_pixel = GPU_VAE_BYTES_PER_PIXEL if gpu else CPU_VAE_BYTES_PER_PIXEL
+    latent_pixels = pixels // vae.factor**2
+    attention = latent_pixels**2 * 4 * 2 if gpu else 0  # unfused single-head attention (CPU: in per_pixel)
+    output = images * height * width * 3 * 4 * 2  # the float32 image and its [0, 1] copy
+    decode_act = images * (per_pixel * pixels + attention) + output
+
+    return [
+        max(text, key=lambda stage: stage.peak),
+        StageEstimate("transformer", denoise_weights, denoise_act),
+        StageEstimate("vae decoder", vae_weights, decode_act),
+    ]
+
+
+def describe(stages: list[StageEstimate]) -> str:
+    return ", ".join(f"{s.name} {s.peak / GB:.1f} GB" for s in stages)

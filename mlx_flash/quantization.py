@@ -1,0 +1,71 @@
+"""Which layers to quantize, and at how many bits: the one policy used by the converter and by
+`load_pipeline(..., quantize=bits)`.
+
+Only `nn.Linear` layers whose input size is a multiple of the group size are quantized (embeddings, norms
+and convolutions keep their precision). The "mixed" policy keeps the transformer's conditioning path at 8
+bits: the adaLN modulations (`norm1*.linear`, `norm_out.linear`), the embedders (`pos_embed`,
+`context_embedder`, `time_text_embed`) and the final `proj_out`. Their errors scale or shift every token;
+at 3 to 6 bits this roughly halves the transformer's output error (benchmarks/quantization.py).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import mlx.nn as nn
+
+BITS = (2, 3, 4, 5, 6, 8)
+GROUP_SIZES = (32, 64, 128)
+POLICIES = ("plain", "mixed")
+SENSITIVE_BITS = 8
+SENSITIVE = re.compile(
+    r"(pos_embed|context_embedder|time_text_embed|norm_out|proj_out)(\..+)?"
+    r"|transformer_blocks\.\d+\.norm1(_context)?\.linear"
+)
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """Affine quantization settings: `bits` per weight, one scale and bias per `group_size` weights."""
+
+    bits: int
+    group_size: int = 64
+    policy: str = "mixed"
+
+    def __post_init__(self):
+        if self.bits not in BITS:
+            raise ValueError(f"cannot quantize to {self.bits} bits; use one of {', '.join(map(str, BITS))}.")
+        if self.group_size not in GROUP_SIZES:
+            raise ValueError(f"group size {self.group_size} is not supported; use one of "
+                             f"{', '.join(map(str, GROUP_SIZES))}.")
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown quantization policy {self.policy!r}; use one of {', '.join(POLICIES)}.")
+
+    def layer(self, path: str, module: nn.Module) -> bool | dict:
+        """False to keep a layer, True to quantize it with these settings, or its own settings (a dict)."""
+        if not isinstance(module, nn.Linear) or module.weight.shape[-1] % self.group_size:
+            return False
+        if self.policy == "mixed" and self.bits < SENSITIVE_BITS and SENSITIVE.fullmatch(path):
+            return {"group_size": self.group_size, "bits": SENSITIVE_BITS}
+        return True
+
+
+def quantize_model(model: nn.Module, quantization: Quantization) -> dict:
+    """Quantize `model` in place (lazily) and return its config.json "quantization" entry: MLX's convention,
+    {"group_size", "bits"} plus {layer path: {"group_size", "bits"}} for layers with other settings."""
+    overrides = {}
+
+    def predicate(path: str, module: nn.Module) -> bool | dict:
+        settings = quantization.layer(path, module)
+        if isinstance(settings, dict):
+            overrides[path] = settings
+        return settings
+
+    nn.quantize(model, quantization.group_size, quantization.bits, class_predicate=predicate)
+    return {"group_size": quantization.group_size, "bits": quantization.bits, **overrides}
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether any layer of `model` is quantized."""
+    return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for m in model.modules())

@@ -1,0 +1,411 @@
+"""The SD3 / SD3.5 autoencoder (diffusers `AutoencoderKL`, 16 latent channels) in MLX, NHWC.
+
+`Autoencoder.decode` / `encode` work on whole images or, above a size threshold, on overlapping tiles
+blended with linear ramps, so that memory stays bounded for large images.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Callable, Mapping
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .weights import (
+    Rule, conv_to_nhwc, is_converted, load_into, quantize_like, read_component, remap, save_component,
+)
+
+
+@dataclass
+class VAEConfig:
+    """Architecture (diffusers config.json names) and tiling settings, all in latent pixels."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 16
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    scaling_factor: float = 1.5305
+    shift_factor: float = 0.0609
+    use_quant_conv: bool = False
+    use_post_quant_conv: bool = False
+    tile_size: int = 64  # 512x512 image pixels
+    tile_overlap: int = 16
+    # Tile automatically when latent height * width exceeds this. None: 128 * 128 (1024x1024 images
+    # untiled) on a GPU, 64 * 64 on the CPU, whose convolutions unfold their input (9x its size).
+    tile_above: int | None = None
+
+    def __post_init__(self):
+        if not 0 <= self.tile_overlap < self.tile_size:
+            raise ValueError(
+                f"VAE tiling: need 0 <= tile_overlap < tile_size, got {self.tile_overlap} and {self.tile_size}."
+            )
+
+    @classmethod
+    def from_dict(cls, config: dict) -> VAEConfig:
+        """The config of a diffusers `vae/config.json`; settings this model does not implement raise."""
+        unsupported = {
+            "act_fn": "silu",
+            "mid_block_add_attention": True,
+            "latents_mean": None,
+            "latents_std": None,
+        }
+        for key, value in unsupported.items():
+            if config.get(key, value) != value:
+                raise ValueError(f"VAE config: {key}={config[key]!r} is not supported (only {value!r}).")
+        kinds = set(config.get("down_block_types", ["DownEncoderBlock2D"])) | set(
+            config.get("up_block_types", ["UpDecoderBlock2D"])
+        )
+        if not kinds <= {"DownEncoderBlock2D", "UpDecoderBlock2D"}:
+            raise ValueError(f"VAE config: block types {sorted(kinds)} are not supported (only Down/UpEncoderBlock2D).")
+        names = {f.name for f in fields(cls)}
+        args = {k: v for k, v in config.items() if k in names and v is not None}
+        if "block_out_channels" in args:
+            args["block_out_channels"] = tuple(args["block_out_channels"])
+        return cls(**args)
+
+    def to_dict(self) -> dict:
+        """The diffusers config.json fields of the architecture (not the tiling settings)."""
+        tiling = {"tile_size", "tile_overlap", "tile_above"}
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+                for f in fields(self) if f.name not in tiling}
+
+    def tiles(self, h: int, w: int, tiled: bool | None = None) -> bool:
+        """Whether a latent of h x w pixels is processed in tiles: `tiled` if given, else above `tile_above`."""
+        if tiled is not None:
+            return tiled
+        limit = self.tile_above
+        if limit is None:
+            limit = 128 * 128 if mx.default_device() == mx.gpu else 64 * 64
+        return h * w > limit
+
+    @property
+    def factor(self) -> int:
+        """Image pixels per latent pixel along each axis."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm over (H, W, channels of a group) in PyTorch's channel grouping; statistics in float32."""
+
+    def __init__(self, dims: int, groups: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.bias = mx.zeros((dims,))
+        self.groups = groups
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        B, H, W, C = x.shape
+        g = x.astype(mx.float32).reshape(B, H * W, self.groups, C // self.groups)
+        mean = g.mean(axis=(1, 3), keepdims=True)
+        var = g.var(axis=(1, 3), keepdims=True)
+        g = ((g - mean) * mx.rsqrt(var + self.eps)).reshape(B, H, W, C)
+        return (g * self.weight + self.bias).astype(x.dtype)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_dims: int, out_dims: int, groups: int):
+        super().__init__()
+        self.norm1 = GroupNorm(in_dims, groups)
+        self.conv1 = nn.Conv2d(in_dims, out_dims, 3, padding=1)
+        self.norm2 = GroupNorm(out_dims, groups)
+        self.conv2 = nn.Conv2d(out_dims, out_dims, 3, padding=1)
+        if in_dims != out_dims:
+            self.conv_shortcut = nn.Conv2d(in_dims, out_dims, 1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        h = self.conv1(nn.silu(self.norm1(x)))
+        h = self.conv2(nn.silu(self.norm2(h)))
+        if "conv_shortcut" in self:
+            x = self.conv_shortcut(x)
+        return x + h
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over all pixels, with a residual connection."""
+
+    def __init__(self, dims: int, groups: int):
+        super().__init__()
+        self.group_norm = GroupNorm(dims, groups)
+        self.to_q = nn.Linear(dims, dims)
+        self.to_k = nn.Linear(dims, dims)
+        self.to_v = nn.Linear(dims, dims)
+        self.to_out = [nn.Linear(dims, dims)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        B, H, W, C = x.shape
+        h = self.group_norm(x).reshape(B, 1, H * W, C)
+        h = mx.fast.scaled_dot_product_attention(self.to_q(h), self.to_k(h), self.to_v(h), scale=C**-0.5)
+        return x + self.to_out[0](h).reshape(B, H, W, C)
+
+
+class MidBlock(nn.Module):
+    def __init__(self, dims: int, groups: int):
+        super().__init__()
+        self.resnets = [ResnetBlock(dims, dims, groups), ResnetBlock(dims, dims, groups)]
+        self.attentions = [Attention(dims, groups)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv, the input padded by one pixel at the bottom and right only."""
+
+    def __init__(self, dims: int):
+        super().__init__()
+        self.conv = nn.Conv2d(dims, dims, 3, stride=2)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.conv(mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)]))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x upsampling, then a 3x3 conv."""
+
+    def __init__(self, dims: int):
+        super().__init__()
+        self.conv = nn.Conv2d(dims, dims, 3, padding=1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        B, H, W, C = x.shape
+        x = mx.broadcast_to(x[:, :, None, :, None, :], (B, H, 2, W, 2, C)).reshape(B, 2 * H, 2 * W, C)
+        return self.conv(x)
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, in_dims: int, out_dims: int, layers: int, groups: int, downsample: bool):
+        super().__init__()
+        self.resnets = [ResnetBlock(in_dims if i == 0 else out_dims, out_dims, groups) for i in range(layers)]
+        if downsample:
+            self.downsamplers = [Downsample(out_dims)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        for resnet in self.resnets:
+            x = resnet(x)
+        return self.downsamplers[0](x) if "downsamplers" in self else x
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, in_dims: int, out_dims: int, layers: int, groups: int, upsample: bool):
+        super().__init__()
+        self.resnets = [ResnetBlock(in_dims if i == 0 else out_dims, out_dims, groups) for i in range(layers)]
+        if upsample:
+            self.upsamplers = [Upsample(out_dims)]
+
+    def __call__(self, x: mx.array) -> mx.array:
+        for resnet in self.resnets:
+            x = resnet(x)
+        return self.upsamplers[0](x) if "upsamplers" in self else x
+
+
+class Encoder(nn.Module):
+    """Image (B, H, W, 3) -> posterior moments (B, H/f, W/f, 2 * latent_channels)."""
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        dims, groups, levels = config.block_out_channels, config.norm_num_groups, len(config.block_out_channels)
+        self.conv_in = nn.Conv2d(config.in_channels, dims[0], 3, padding=1)
+        self.down_blocks = [
+            EncoderBlock(dims[max(i - 1, 0)], dims[i], config.layers_per_block, groups, i < levels - 1)
+            for i in range(levels)
+        ]
+        self.mid_block = MidBlock(dims[-1], groups)
+        self.conv_norm_out = GroupNorm(dims[-1], groups)
+        self.conv_out = nn.Conv2d(dims[-1], 2 * config.latent_channels, 3, padding=1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        x = self.mid_block(x)
+        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+
+
+class Decoder(nn.Module):
+    """Latents (B, h, w, latent_channels) -> image (B, h*f, w*f, 3)."""
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        dims, groups, levels = config.block_out_channels[::-1], config.norm_num_groups, len(config.block_out_channels)
+        self.conv_in = nn.Conv2d(config.latent_channels, dims[0], 3, padding=1)
+        self.mid_block = MidBlock(dims[0], groups)
+        self.up_blocks = [
+            DecoderBlock(dims[max(i - 1, 0)], dims[i], config.layers_per_block + 1, groups, i < levels - 1)
+            for i in range(levels)
+        ]
+        self.conv_norm_out = GroupNorm(dims[-1], groups)
+        self.conv_out = nn.Conv2d(dims[-1], config.out_channels, 3, padding=1)
+
+    def __call__(self, z: mx.array) -> mx.array:
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+
+
+def _spans(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:
+    """(start, end) of evenly spaced tiles of size `tile` covering [0, length), neighbours overlapping
+    by at least `overlap`."""
+    if length <= tile:
+        return [(0, length)]
+    n = math.ceil((length - overlap) / (tile - overlap))
+    return [(s, s + tile) for s in (round(i * (length - tile) / (n - 1)) for i in range(n))]
+
+
+def _blend_weights(spans: list[tuple[int, int]], scale: int) -> list[mx.array]:
+    """Per-tile weights along one axis (`scale` output pixels per span unit), normalised to sum to 1.
+
+    Across an overlap of length L with a neighbour a tile's weight is 0 for the L/4 pixels next to its
+    own edge (where its zero padding distorts it), then rises linearly to 1 over the middle L/2."""
+    ramps = []
+    for i, (start, end) in enumerate(spans):
+        pos = mx.arange((end - start) * scale, dtype=mx.float32) + 0.5
+        w = mx.ones(pos.shape)
+        if i > 0:
+            overlap = (spans[i - 1][1] - start) * scale
+            w = mx.minimum(w, (pos - overlap / 4) / (overlap / 2))
+        if i < len(spans) - 1:
+            overlap = (end - spans[i + 1][0]) * scale
+            w = mx.minimum(w, (pos.size - pos - overlap / 4) / (overlap / 2))
+        ramps.append(mx.maximum(w, 0.0))
+    total = mx.zeros((spans[-1][1] * scale,))
+    for (start, end), w in zip(spans, ramps):
+        total[start * scale : end * scale] += w
+    return [w / total[start * scale : end * scale] for (start, end), w in zip(spans, ramps)]
+
+
+def _tiled(fn: Callable[[mx.array], mx.array], x: mx.array, unit_in: int, unit_out: int, tile: int, overlap: int):
+    """`fn(x)` computed on overlapping tiles of `x` and blended, for a `fn` that maps each `unit_in` input
+    pixels to `unit_out` output pixels (tile sizes are in units). Each tile is evaluated on its own, so
+    that only the float32 output stays in memory."""
+    rows = _spans(x.shape[1] // unit_in, tile, overlap)
+    cols = _spans(x.shape[2] // unit_in, tile, overlap)
+    out = None
+    for (y0, y1), wy in zip(rows, _blend_weights(rows, unit_out)):
+        for (x0, x1), wx in zip(cols, _blend_weights(cols, unit_out)):
+            y = fn(x[:, y0 * unit_in : y1 * unit_in, x0 * unit_in : x1 * unit_in])
+            if out is None:
+                out = mx.zeros((x.shape[0], rows[-1][1] * unit_out, cols[-1][1] * unit_out, y.shape[-1]))
+            out[:, y0 * unit_out : y1 * unit_out, x0 * unit_out : x1 * unit_out] += y * wy[:, None, None] * wx[:, None]
+            mx.eval(out)
+    return out
+
+
+class Autoencoder(nn.Module):
+    """The VAE. Images are NHWC in [-1, 1]; latents are NHWC, unscaled unless the method says otherwise."""
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        moments = 2 * config.latent_channels
+        if config.use_quant_conv:
+            self.quant_conv = nn.Conv2d(moments, moments, 1)
+        if config.use_post_quant_conv:
+            self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.decoder.conv_in.weight.dtype
+
+    def _decode_tile(self, z: mx.array) -> mx.array:
+        if "post_quant_conv" in self:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+    def _encode_tile(self, x: mx.array) -> mx.array:
+        moments = self.encoder(x)
+        return self.quant_conv(moments) if "quant_conv" in self else moments
+
+    def decode(self, latents: mx.array, tiled: bool | None = None) -> mx.array:
+        """Unscaled latents (B, h, w, latent_channels) -> float32 images (B, h*f, w*f, 3), about [-1, 1].
+
+        `tiled`: None tiles when h * w exceeds config.tile_above (see VAEConfig); True / False force it."""
+        c = self.config
+        if latents.ndim != 4 or latents.shape[-1] != c.latent_channels:
+            raise ValueError(
+                f"VAE decode: expected latents of shape (batch, height, width, {c.latent_channels}) (NHWC), "
+                f"got {tuple(latents.shape)}; transpose NCHW latents with .transpose(0, 2, 3, 1)."
+            )
+        _, h, w, _ = latents.shape
+        latents = latents.astype(self.dtype)
+        if self.config.tiles(h, w, tiled):
+            return _tiled(self._decode_tile, latents, 1, c.factor, c.tile_size, c.tile_overlap)
+        return self._decode_tile(latents).astype(mx.float32)
+
+    def encode(self, images: mx.array, tiled: bool | None = None) -> tuple[mx.array, mx.array]:
+        """Images (B, H, W, 3) in [-1, 1] -> float32 posterior (mean, logvar), each (B, H/f, W/f,
+        latent_channels); logvar clipped to [-30, 20]. `tiled` as in `decode`."""
+        c, f = self.config, self.config.factor
+        if images.ndim != 4 or images.shape[-1] != c.in_channels or images.shape[1] % f or images.shape[2] % f:
+            raise ValueError(
+                f"VAE encode: expected images of shape (batch, height, width, {c.in_channels}) (NHWC) with "
+                f"height and width multiples of {f}, got {tuple(images.shape)}; transpose NCHW images with "
+                f".transpose(0, 2, 3, 1) and crop or resize to a multiple of {f}."
+            )
+        h, w = images.shape[1] // f, images.shape[2] // f
+        images = images.astype(self.dtype)
+        if self.config.tiles(h, w, tiled):
+            moments = _tiled(self._encode_tile, images, f, 1, c.tile_size, c.tile_overlap)
+        else:
+            moments = self._encode_tile(images).astype(mx.float32)
+        mean, logvar = mx.split(moments, 2, axis=-1)
+        return mean, mx.clip(logvar, -30.0, 20.0)
+
+    def latents_to_image(self, latents: mx.array, tiled: bool | None = None) -> mx.array:
+        """Diffusion-space latents -> images in [-1, 1]: decode(latents / scaling_factor + shift_factor)."""
+        c = self.config
+        return self.decode(latents / c.scaling_factor + c.shift_factor, tiled)
+
+    def image_to_latents(
+        self,
+        images: mx.array,
+        noise: mx.array | None = None,
+        key: mx.array | None = None,
+        tiled: bool | None = None,
+    ) -> mx.array:
+        """Images in [-1, 1] -> diffusion-space latents (sample - shift_factor) * scaling_factor, where
+        sample = mean + std * noise; noise is drawn with `key` (or MLX's global seed) unless given."""
+        mean, logvar = self.encode(images, tiled)
+        if noise is None:
+            noise = mx.random.normal(mean.shape, key=key)
+        elif noise.shape != mean.shape:
+            raise ValueError(f"VAE image_to_latents: noise shape {tuple(noise.shape)} != latent shape {mean.shape}.")
+        sample = mean + mx.exp(0.5 * logvar) * noise
+        return (sample - self.config.shift_factor) * self.config.scaling_factor
+
+
+# The module names are the diffusers names; only conv weights (the 4-D ones) change layout.
+WEIGHT_RULES = [Rule(r".*\.weight", r"\g<0>", conv_to_nhwc)]
+
+
+def vae_from_weights(
+    config: Mapping, weights: Mapping[str, mx.array], dtype: mx.Dtype | None = None, name: str = "vae", **tiling
+) -> Autoencoder:
+    """Build the VAE from a config.json dictionary and its tensors: diffusers names, or the mlx-flash layout
+    when the config says so. `dtype` casts the weights (GroupNorm affine parameters stay float32); `tiling`
+    overrides `tile_size`, `tile_overlap`, `tile_above`."""
+    model = Autoencoder(replace(VAEConfig.from_dict(config), **tiling))
+    if is_converted(config):
+        quantize_like(model, weights, config.get("quantization"))
+    else:
+        weights = remap(weights, WEIGHT_RULES)
+    return load_into(model, weights, name, dtype=dtype, keep_float32=lambda key: "norm" in key)
+
+
+def load_vae(folder: str | Path, dtype: mx.Dtype | None = None, **tiling) -> Autoencoder:
+    """Load a `vae/` folder, diffusers or mlx-flash layout; see `vae_from_weights`."""
+    config, weights = read_component(folder)
+    return vae_from_weights(config, weights, dtype, "vae", **tiling)
+
+
+def save_vae(folder: str | Path, model: Autoencoder, quantization: Mapping | None = None) -> None:
+    """Write the VAE as an mlx-flash layout folder."""
+    save_component(folder, model, model.config.to_dict(), quantization)
