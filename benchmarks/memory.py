@@ -4,6 +4,7 @@ storage and 4-bit (mixed policy: transformer and T5), with and without T5, in lo
 CFG (the few-step defaults).
 
     python benchmarks/memory.py --device gpu [--size 1024] [--work /tmp/mlx-flash-memory] [--out benchmarks/results]
+    python benchmarks/memory.py --report benchmarks/results/memory_gpu.json   # the table again, current estimator
 
 Each (architecture, storage) pair is written once as a converted model folder (the text encoders are shared by
 symlinks), then generated from in its own process; `Pipeline.stages` holds each stage's `mx.get_peak_memory`.
@@ -82,7 +83,7 @@ def build(work: Path, arch: str, storage: str) -> Path:
     return root
 
 
-def measure(folder: str, size: int, device: str) -> dict:
+def measure(folder: str, size: int, device: str, tiled: bool) -> dict:
     """Generate once with and once without T5; per-stage measured and predicted peaks in bytes."""
     import mlx.core as mx
 
@@ -93,16 +94,58 @@ def measure(folder: str, size: int, device: str) -> dict:
     for use_t5 in (True, False):
         pipe = mlx_flash.load_pipeline(folder, dtype="float16" if device == "gpu" else "float32", use_t5=use_t5,
                                        low_memory=True)
+        pipe.vae_tiling = tiled or None
         pipe.generate("a photograph of an astronaut riding a horse", height=size, width=size, num_inference_steps=4,
                       guidance_scale=1.0, seed=0, progress=False)
-        predicted = pipe.estimate_memory(size, size, steps=4)
-        rows["t5" if use_t5 else "no-t5"] = {
-            "measured": {s.name: s.peak_memory for s in pipe.stages},
-            "predicted": {s.name: s.peak for s in predicted},
-        }
+        rows["t5" if use_t5 else "no-t5"] = {"measured": {s.name: s.peak_memory for s in pipe.stages}}
         del pipe
         mx.clear_cache()
     return rows
+
+
+def predict(row: dict, size: int, device: str) -> dict:
+    """The estimator's per-stage peaks for a row, as the pipeline predicts them for its model folder."""
+    import mlx.core as mx
+
+    from mlx_flash import memory
+    from mlx_flash.presets import PRESETS
+    from mlx_flash.quantization import Quantization, quantize_model
+    from mlx_flash.t5 import T5_XXL
+    from mlx_flash.vae import VAEConfig
+
+    quantize = (lambda model: quantize_model(model, Quantization(4))) if row["storage"] == "4-bit" else None
+    target = mx.gpu if device == "gpu" else mx.cpu
+    stages = memory.estimate(
+        PRESETS[row["arch"]].transformer, VAEConfig(), dtype=mx.float16 if device == "gpu" else mx.float32,
+        height=size, width=size, t5=T5_XXL if row["t5"] else None, quantize=quantize, quantize_t5=quantize,
+        vae_tiled=VAEConfig().tiles(size // 8, size // 8, row["tiled"] or None, target), drop_modulation=True,
+        device=target,
+    )
+    return {s.name: s.peak for s in stages}
+
+
+def render(results: list[dict], size: int, device: str, out: Path) -> None:
+    """Print and write the table (measured, and the current estimator's prediction) and the chart."""
+    for row in results:
+        row["predicted"] = predict(row, size, device)
+    lines = [f"Peak memory at {size}x{size}, {device}, GB: measured (estimated)", "",
+             "| model | storage | T5 | VAE | text encoders | transformer | VAE decoder | peak | estimate error | target |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        m, p = r["measured"], r["predicted"]
+        cells = " | ".join(f"{m[s] / 1e9:.2f} ({p[s] / 1e9:.2f})" for s in ("text encoders", "transformer", "vae decoder"))
+        peak, guess = max(m.values()), max(p.values())
+        target = TARGETS_GB.get((r["arch"], r["storage"], r["t5"]))
+        lines.append(f"| {ARCHS[r['arch']]} | {r['storage']} | {'yes' if r['t5'] else 'no'} | "
+                     f"{'tiled' if r['tiled'] else 'auto'} | {cells} | "
+                     f"{peak / 1e9:.2f} | {100 * (guess - peak) / peak:+.1f}% | {f'<= {target}' if target else ''} |")
+    table = "\n".join(lines)
+    print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"memory_{device}.md").write_text(table + "\n")
+    (out / f"memory_{device}.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "predicted"}
+                                                          for r in results], indent=1))
+    chart(results, out / f"memory_{device}.png")
 
 
 def chart(results: list[dict], path: Path) -> None:
@@ -145,37 +188,33 @@ def main() -> None:
     parser.add_argument("--storage", nargs="+", choices=STORAGE, default=list(STORAGE))
     parser.add_argument("--work", type=Path, default=Path("/tmp/mlx-flash-memory"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--tiled-vae", choices=["auto", "4-bit", "all"], default="4-bit",
+                        help="rows that decode in tiles (default: the 4-bit rows, as on a small Mac)")
+    parser.add_argument("--report", nargs="+", type=Path, help="re-render saved measurements (JSON) with the "
+                        "current estimator instead of measuring")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.measure, args.size, args.device)))
+        print(json.dumps(measure(args.measure, args.size, args.device, args.tiled_vae == "all")))
+        return
+    if args.report:
+        render([row for path in args.report for row in json.loads(path.read_text())], args.size, args.device, args.out)
         return
 
-    args.out.mkdir(parents=True, exist_ok=True)
     results = []
     for arch in args.archs:
         for storage in args.storage:
             folder = build(args.work, arch, storage)
+            tiled = args.tiled_vae == "all" or (args.tiled_vae == "4-bit" and storage == "4-bit")
             out = subprocess.run([sys.executable, __file__, "--measure", str(folder), "--size", str(args.size),
-                                  "--device", args.device], check=True, stdout=subprocess.PIPE, text=True).stdout
+                                  "--device", args.device, "--tiled-vae", "all" if tiled else "auto"],
+                                 check=True, stdout=subprocess.PIPE, text=True).stdout
             for t5, row in json.loads(out.strip().splitlines()[-1]).items():
                 label = f"{ARCHS[arch].split(' /')[0]}\n{storage}, {'with' if t5 == 't5' else 'no'} T5"
-                results.append({"arch": arch, "storage": storage, "t5": t5 == "t5", "label": label, **row})
+                results.append({"arch": arch, "storage": storage, "t5": t5 == "t5", "tiled": tiled, "label": label,
+                                **row})
             shutil.rmtree(folder)
-    lines = [f"Peak memory at {args.size}x{args.size}, {args.device}, GB: measured (estimated)", "",
-             "| model | storage | T5 | text encoders | transformer | VAE decoder | peak | estimate error | target |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        m, p = r["measured"], r["predicted"]
-        cells = " | ".join(f"{m[s] / 1e9:.2f} ({p[s] / 1e9:.2f})" for s in ("text encoders", "transformer", "vae decoder"))
-        peak, guess = max(m.values()), max(p.values())
-        target = TARGETS_GB.get((r["arch"], r["storage"], r["t5"]))
-        lines.append(f"| {ARCHS[r['arch']]} | {r['storage']} | {'yes' if r['t5'] else 'no'} | {cells} | "
-                     f"{peak / 1e9:.2f} | {100 * (guess - peak) / peak:+.1f}% | {f'<= {target}' if target else ''} |")
-    table = "\n".join(lines)
-    print(table)
-    (args.out / f"memory_{args.device}.md").write_text(table + "\n")
-    chart(results, args.out / f"memory_{args.device}.png")
+    render(results, args.size, args.device, args.out)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,14 @@ their parameter sizes summed without evaluating anything. Activations follow the
 peak, with constants measured on MLX (benchmarks/memory.py checks the whole estimate against measured peaks):
 
 - transformer: the residual streams, qkv, the MLP hidden state (about 10 hidden-size vectors per token, float32),
-  plus, where attention is not fused (MLX's CPU backend), the float32 scores and their softmax;
+  plus, where attention is not fused (MLX's CPU backend), the float32 scores and their softmax; on a GPU, buffers
+  that wait for their command batch to finish add about 0.75 GB;
 - VAE decoder: on the CPU, convolutions unfold their input (about 34 KB per output pixel in float32); on a GPU,
-  about 2 KB per pixel plus the mid-block attention's scores; tiled decoding bounds this by the tile size;
+  about 4.3 KB per pixel plus 0.55 GB; tiled decoding bounds this by the tile size;
 - text encoders: each in turn (low-memory mode), T5's float32 FFN and attention for its tokens.
+
+The CPU constants were measured on small models (tests/test_memory.py checks them); the GPU ones were fitted to
+full-size SD3.5 runs at 1024x1024 on MLX's CUDA backend with Metal-like command batches (README, Memory).
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ from .t5 import T5_XXL, T5Config, T5Encoder, keeps_float32
 from .vae import Autoencoder, VAEConfig
 
 GB = 1e9
-CPU_VAE_BYTES_PER_PIXEL = 34_300  # measured: float32 decode on MLX's CPU backend, 256 to 512 pixels square
-GPU_VAE_BYTES_PER_PIXEL = 2_048
+CPU_VAE_BYTES_PER_PIXEL = 34_300  # measured: float32 decode on MLX's CPU backend, 128 to 512 pixels square
+GPU_VAE_BYTES_PER_PIXEL, GPU_VAE_FIXED = 4_270, 0.55e9  # fitted: float16, 512 (tiles) and 1024 pixels square
 TRANSFORMER_VECTORS_PER_TOKEN = 10  # measured: float32 activations per token and hidden unit at the block peak
+GPU_PENDING_BUFFERS = 0.75e9  # fitted: freed buffers whose command batch has not completed yet
 
 
 @dataclass(frozen=True)
@@ -107,8 +112,8 @@ def estimate(
     tokens = (height // patch) * (width // patch)
     seq = tokens + 77 + max_sequence_length
     batch = images * (2 if cfg else 1)
-    scores = 0 if gpu else batch * heads * seq**2 * 4 * 2
-    denoise_act = batch * TRANSFORMER_VECTORS_PER_TOKEN * seq * d * act + scores
+    overhead = GPU_PENDING_BUFFERS if gpu else batch * heads * seq**2 * 4 * 2  # CPU: unfused attention scores
+    denoise_act = batch * TRANSFORMER_VECTORS_PER_TOKEN * seq * d * act + int(overhead)
     model = MMDiT(transformer)
     if drop_modulation:
         model.drop_modulation_weights()
@@ -117,11 +122,9 @@ def estimate(
     vae_weights = _weights(lambda: Autoencoder(vae), dtype, None)
     side = vae.tile_size * vae.factor
     pixels = min(height, side) * min(width, side) if vae_tiled else height * width
-    per_pixel = GPU_VAE_BYTES_PER_PIXEL if gpu else CPU_VAE_BYTES_PER_PIXEL
-    latent_pixels = pixels // vae.factor**2
-    attention = latent_pixels**2 * 4 * 2 if gpu else 0  # unfused single-head attention (CPU: in per_pixel)
+    per_pixel, fixed = (GPU_VAE_BYTES_PER_PIXEL, GPU_VAE_FIXED) if gpu else (CPU_VAE_BYTES_PER_PIXEL, 0)
     output = images * height * width * 3 * 4 * 2  # the float32 image and its [0, 1] copy
-    decode_act = images * (per_pixel * pixels + attention) + output
+    decode_act = images * per_pixel * pixels + int(fixed) + output
 
     return [
         max(text, key=lambda stage: stage.peak),

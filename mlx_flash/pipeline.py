@@ -112,6 +112,7 @@ class Pipeline:
         )
         self._transformer: MMDiT | None = None
         self._vae: Autoencoder | None = None
+        self.vae_tiling: bool | None = None  # None: tiled above the VAE's size threshold or to fit the budget
         self._tile_decode = False  # set when only a tiled VAE decode fits the memory budget
         self.stages: list[StageReport] = []
 
@@ -256,7 +257,7 @@ class Pipeline:
                 mx.clear_cache()
 
         with self._stage("vae decoder"):
-            images = self.vae.latents_to_image(x, tiled=True if self._tile_decode else None)
+            images = self.vae.latents_to_image(x, tiled=True if self._tile_decode else self.vae_tiling)
             images = mx.clip(images.astype(mx.float32) / 2 + 0.5, 0, 1)
             mx.eval(images)
             if self.low_memory:
@@ -292,7 +293,8 @@ class Pipeline:
             cfg=cfg, clips=clips, t5=t5 if use_t5 else None, max_sequence_length=max_sequence_length,
             quantize=self._quantizer("transformer", bits),
             quantize_t5=self._quantizer("text_encoder_3", bits) if use_t5 else None,
-            vae_tiled=self.vae_config.tiles(height // self.vae_factor, width // self.vae_factor, vae_tiled),
+            vae_tiled=self.vae_config.tiles(height // self.vae_factor, width // self.vae_factor,
+                                            self.vae_tiling if vae_tiled is None else vae_tiled),
             drop_modulation=self.low_memory and not cfg and (steps or self.defaults()[0]) <= PRECOMPUTE_MAX_STEPS,
         )
 

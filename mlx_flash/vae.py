@@ -74,13 +74,14 @@ class VAEConfig:
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
                 for f in fields(self) if f.name not in tiling}
 
-    def tiles(self, h: int, w: int, tiled: bool | None = None) -> bool:
-        """Whether a latent of h x w pixels is processed in tiles: `tiled` if given, else above `tile_above`."""
+    def tiles(self, h: int, w: int, tiled: bool | None = None, device: mx.Device | None = None) -> bool:
+        """Whether a latent of h x w pixels is processed in tiles on `device` (default: MLX's): `tiled` if
+        given, else above `tile_above`."""
         if tiled is not None:
             return tiled
         limit = self.tile_above
         if limit is None:
-            limit = 128 * 128 if mx.default_device() == mx.gpu else 64 * 64
+            limit = 128 * 128 if (device or mx.default_device()) == mx.gpu else 64 * 64
         return h * w > limit
 
     @property
