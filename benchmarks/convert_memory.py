@@ -53,7 +53,7 @@ def write_random(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
     generated and written on its own."""
     import mlx.core as mx
 
-    from convert.writer import write_safetensors
+    from mlx_flash.weights import write_safetensors
 
     block = (0.02 * mx.random.normal((1 << 20,), key=mx.random.key(0))).astype(mx.float16)
     tensors = {}

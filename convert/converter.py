@@ -1,7 +1,7 @@
 """Convert an SD3 / SD3.5 model to an mlx-flash folder: MLX names and layouts, one dtype, optionally
 quantized, plus tokenizers, scheduler, a manifest and a model card.
 
-Components are converted one after another and their tensors written one at a time (see writer.py). All
+Components are converted one after another and their tensors written one at a time (see mlx_flash.weights.write_component). All
 output goes to a temporary folder beside the destination, renamed into place at the end: a failed or
 interrupted run leaves nothing behind.
 """
@@ -16,21 +16,20 @@ from typing import Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
-from huggingface_hub.utils import HFValidationError, validate_repo_id
 from mlx.utils import tree_flatten
 
 from mlx_flash import __version__
 from mlx_flash.clip import clip_from_weights
-from mlx_flash.hub import TransportError
+from mlx_flash.hub import TransportError, is_repo_id
 from mlx_flash.mmdit import MMDiT, mmdit_from_diffusers_weights
+from mlx_flash.quantization import Quantization, quantize_model
 from mlx_flash.t5 import t5_from_weights
 from mlx_flash.vae import vae_from_weights
 from mlx_flash.weights import WeightsError
 
 from .card import model_card
-from mlx_flash.quantization import Quantization, quantize_model
 from .sources import COMPONENTS, Source, open_source
-from .writer import write_component
+from mlx_flash.weights import write_component
 
 FORMAT_VERSION = 1
 MANIFEST = "mlx_flash.json"
@@ -110,12 +109,7 @@ def _replace(tmp: Path, output: Path) -> None:
 
 def check_repo_id(repo_id: str) -> None:
     """Raise ValueError unless `repo_id` reads ORG/NAME."""
-    try:
-        validate_repo_id(repo_id)
-        valid = repo_id.count("/") == 1
-    except HFValidationError:
-        valid = False
-    if not valid:
+    if not is_repo_id(repo_id):
         raise ValueError(f"{repo_id!r} is not a Hugging Face repo id; use ORG/NAME.")
 
 

@@ -107,6 +107,15 @@ def _download(repo: str, use_t5: bool, revision: str | None, token: str | None) 
     return folder
 
 
+def is_repo_id(name: str) -> bool:
+    """Whether `name` reads as a Hugging Face repo id, ORG/NAME."""
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return name.count("/") == 1
+
+
 def resolve_model_dir(
     model: str | Path, *, use_t5: bool = True, revision: str | None = None, token: str | None = None
 ) -> Path:
@@ -121,12 +130,7 @@ def resolve_model_dir(
     if isinstance(model, Path):
         raise ModelNotFoundError(f"{path}: no such folder; pass an existing model folder or a Hugging Face repo id.")
     name = str(model)
-    try:
-        validate_repo_id(name)
-        is_repo_id = name.count("/") == 1
-    except HFValidationError:
-        is_repo_id = False
-    if not is_repo_id:
+    if not is_repo_id(name):
         raise ModelNotFoundError(
             f"{name!r} is neither an existing folder nor a Hugging Face repo id; pass a diffusers-layout "
             f"model folder or a repo id such as {EXAMPLE_REPO}."

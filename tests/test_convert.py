@@ -18,7 +18,7 @@ from safetensors.numpy import load_file, save_file
 import convert.converter
 import mlx_flash
 from convert import Quantization, convert as run_convert, quantize_model
-from convert.writer import write_component, write_safetensors
+from mlx_flash.weights import write_component, write_safetensors
 from mlx_flash import cli, hub
 from mlx_flash.clip import load_clip, save_clip
 from mlx_flash.mmdit import load_mmdit
