@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--model", default=DEFAULT_MODEL,
                      help=f"preset name, Hugging Face repo id or local model folder (default {DEFAULT_MODEL})")
+    gen.add_argument("--base", default=None,
+                     help="for a single-file --model: folder or repo id with its tokenizers (default: its preset's)")
     gen.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     gen.add_argument("--guidance", type=float, default=None, help="CFG scale; > 1 enables CFG (default: the model's)")
     gen.add_argument("--width", type=int, default=None)
@@ -77,7 +79,7 @@ def generate(args: argparse.Namespace) -> None:
             raise FileExistsError(f"{taken[0]} already exists; pass --force to overwrite it or choose another --output.")
     seed = args.seed if args.seed is not None else int(np.random.default_rng().integers(0, 2**31 - args.num_images))
 
-    pipe = load_pipeline(args.model, dtype=args.dtype, quantize=args.quantize, use_t5=not args.no_t5)
+    pipe = load_pipeline(args.model, dtype=args.dtype, quantize=args.quantize, use_t5=not args.no_t5, base=args.base)
     steps, guidance, _ = pipe.defaults()
     images = pipe.generate(
         prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,

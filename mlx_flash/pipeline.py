@@ -407,12 +407,16 @@ def load_pipeline(
     use_t5: bool = True,
     low_memory: bool | None = None,
     revision: str | None = None,
+    base: str | Path | None = None,
 ) -> Pipeline:
     """Load a model for generation.
 
     `model`: a preset name (`sd3.5-medium`, `sd3.5-large`, `sd3.5-large-turbo`, `sd3-medium`), a model shipped
-    with the package (`digits`, `digits-flash`), a Hugging Face repo id, or a local model folder. `dtype`: "float32" | "float16" | "bfloat16" (None: the best for
-    the device). `quantize`: bits (2 to 8) to quantize the transformer and T5 on load, as `mlx-flash convert
+    with the package (`digits`, `digits-flash`), a Hugging Face repo id, a local model folder (diffusers or
+    mlx-flash layout), or a Stability single-file checkpoint (.safetensors): that is converted once into
+    MLX_FLASH_CACHE (default ~/.cache/mlx-flash), taking the tokenizers, scheduler and any text encoder it lacks
+    from `base` (a folder or repo id; default: the preset repo of its architecture). `dtype`: "float32" |
+    "float16" | "bfloat16" (None: the best for the device). `quantize`: bits (2 to 8) to quantize the transformer and T5 on load, as `mlx-flash convert
     -q --bits N` does (mixed policy, group size 64); components stored quantized load as they are.
     `use_t5=False` never loads T5.
     `low_memory` (default: on below 32 GB of memory) loads, runs and frees one component at a time."""
@@ -423,9 +427,35 @@ def load_pipeline(
         if PRESETS[name].repo_id is None:
             raise ValueError(f"{name}: its weights are not published on the hub yet; pass a local folder.")
         model = PRESETS[name].repo_id
-    root = resolve_model_dir(model, use_t5=use_t5, revision=revision)
+    dtype = resolve_dtype(dtype)
+    if Path(name).suffix == ".safetensors" and Path(name).is_file():
+        root = _converted_single_file(Path(name), base, use_t5, dtype)
+    else:
+        root = resolve_model_dir(model, use_t5=use_t5, revision=revision)
     if quantize is not None:
         Quantization(quantize)  # raises for unsupported bits
     low_memory = memory_budget() < LOW_MEMORY_BELOW if low_memory is None else low_memory
-    return Pipeline(root, name=str(model), dtype=resolve_dtype(dtype), quantize=quantize, use_t5=use_t5,
-                    low_memory=low_memory)
+    return Pipeline(root, name=str(model), dtype=dtype, quantize=quantize, use_t5=use_t5, low_memory=low_memory)
+
+
+def _converted_single_file(path: Path, base: str | Path | None, use_t5: bool, dtype: mx.Dtype) -> Path:
+    """The mlx-flash folder a single-file checkpoint converts to, converting it on first use."""
+    from convert import convert
+
+    from .single_file import read_single_file
+
+    stat = path.stat()
+    precision = "float32" if dtype == mx.float32 else "bfloat16"
+    cache = Path(os.environ.get("MLX_FLASH_CACHE", Path.home() / ".cache" / "mlx-flash"))
+    folder = cache / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}-{precision}{'' if use_t5 else '-no-t5'}"
+    if not folder.exists():
+        if base is None:
+            config, _ = read_single_file(path)["transformer"]
+            preset = default_preset(MMDiTConfig.from_diffusers(config), path.name)
+            if preset is None or preset.repo_id is None:
+                raise ValueError(f"{path}: no published model has this architecture; pass base= (a diffusers "
+                                 "folder or repo id with its tokenizers).")
+            base = preset.repo_id
+        log.warning("converting %s once into %s", path, folder)
+        convert(path, folder, dtype=precision, base=base, use_t5=use_t5)
+    return folder

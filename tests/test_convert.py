@@ -326,3 +326,21 @@ def test_quantization_settings():
                          (dict(bits=4, policy="fancy"), "policy 'fancy'")]:
         with pytest.raises(ValueError, match=message):
             Quantization(**bad)
+
+
+def test_load_pipeline_takes_a_single_file(source, converted, tmp_path, monkeypatch):
+    from safetensors.torch import save_file as save_torch
+
+    from single_file_maker import diffusers_to_single_file
+
+    single = tmp_path / "sd3_tiny_all.safetensors"
+    parts = ("transformer", "vae", "text_encoder_3")  # the CLIPs come from `base`
+    save_torch({k: v.contiguous() for k, v in diffusers_to_single_file(source, parts).items()}, single)
+    monkeypatch.setenv("MLX_FLASH_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="pass base="):
+        mlx_flash.load_pipeline(single, dtype="float32")
+    first = mlx_flash.load_pipeline(single, dtype="float32", low_memory=False, base=source).generate(**GENERATE)
+    np.testing.assert_array_equal(first, images(converted))
+    (cached,) = (tmp_path / "cache").iterdir()  # converted once, then reused
+    again = mlx_flash.load_pipeline(single, dtype="float32", low_memory=False, base=source)
+    assert again.root == cached
