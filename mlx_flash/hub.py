@@ -35,7 +35,7 @@ def allow_patterns(use_t5: bool = True) -> list[str]:
     """The repo files a run needs: configs, safetensors weights (and shard indexes), tokenizer files."""
     weights = WEIGHT_FOLDERS + (("text_encoder_3",) if use_t5 else ())
     tokenizers = TOKENIZER_FOLDERS + (("tokenizer_3",) if use_t5 else ())
-    patterns = ["model_index.json", "scheduler/*.json"]
+    patterns = ["model_index.json", "mlx_flash.json", "scheduler/*.json"]  # mlx_flash.json: converted models
     for folder in weights:
         patterns += [f"{folder}/*.json", f"{folder}/*.safetensors"]
     for folder in tokenizers:
