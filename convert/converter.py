@@ -25,11 +25,10 @@ from mlx_flash.mmdit import MMDiT, mmdit_from_diffusers_weights
 from mlx_flash.quantization import Quantization, quantize_model
 from mlx_flash.t5 import t5_from_weights
 from mlx_flash.vae import vae_from_weights
-from mlx_flash.weights import WeightsError
+from mlx_flash.weights import WeightsError, write_component
 
 from .card import model_card
 from .sources import COMPONENTS, Source, open_source
-from mlx_flash.weights import write_component
 
 FORMAT_VERSION = 1
 MANIFEST = "mlx_flash.json"
