@@ -74,8 +74,8 @@ def error_tables(folder: Path, steps: int) -> str:
     from mlx.utils import tree_flatten
 
     import mlx_flash
-    from mlx_flash.quantization import Quantization, quantize_model
     from mlx_flash.mmdit import load_mmdit
+    from mlx_flash.quantization import Quantization, quantize_model
 
     pipe = mlx_flash.load_pipeline(folder, dtype="float32", low_memory=False)
     weights = tree_flatten(pipe.transformer.parameters())
@@ -141,8 +141,8 @@ def stored_bytes(preset: str, dtype, bits: int | None, policy: str) -> dict[str,
     T5's `wo` in float16, stay float32), the transformer and T5 quantized to `bits` if given."""
     from mlx.utils import tree_flatten
 
-    from mlx_flash.quantization import Quantization, quantize_model
     from mlx_flash.clip import clip_from_weights
+    from mlx_flash.quantization import Quantization, quantize_model
     from mlx_flash.t5 import t5_from_weights
     from mlx_flash.vae import vae_from_weights
     from mlx_flash.weights import LAYOUT_KEY, load_into

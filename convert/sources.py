@@ -17,7 +17,13 @@ import mlx.core as mx
 
 from mlx_flash.hub import resolve_model_dir
 from mlx_flash.single_file import ENCODER_KINDS
-from mlx_flash.weights import PICKLE_SUFFIXES, WeightsError, is_converted, read_component, refuse_pickle
+from mlx_flash.weights import (
+    PICKLE_SUFFIXES,
+    WeightsError,
+    is_converted,
+    read_component,
+    refuse_pickle,
+)
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 

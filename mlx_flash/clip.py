@@ -9,7 +9,15 @@ from typing import Mapping
 import mlx.core as mx
 import mlx.nn as nn
 
-from .weights import Rule, is_converted, load_into, quantize_like, read_component, remap, save_component
+from .weights import (
+    Rule,
+    is_converted,
+    load_into,
+    quantize_like,
+    read_component,
+    remap,
+    save_component,
+)
 
 ACTIVATIONS = {"quick_gelu": nn.gelu_fast_approx, "gelu": nn.gelu}  # gelu_fast_approx is x * sigmoid(1.702 x)
 

@@ -13,7 +13,16 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .weights import (
-    Fuse, Rule, WeightsError, conv_to_nhwc, is_converted, load_into, quantize_like, read_component, remap, save_component,
+    Fuse,
+    Rule,
+    WeightsError,
+    conv_to_nhwc,
+    is_converted,
+    load_into,
+    quantize_like,
+    read_component,
+    remap,
+    save_component,
 )
 
 NORM_EPS = 1e-6

@@ -18,16 +18,16 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import memory, sampler
+from .clip import CLIPConfig
 from .hub import resolve_model_dir
-from .weights import quantize_like, read_component
 from .image_io import load_image, numpy_to_pil, open_rgb
 from .mmdit import MMDiT, MMDiTConfig, load_mmdit
 from .presets import PRESETS, Preset, SkipLayerGuidance
 from .quantization import Quantization, is_quantized, quantize_model
-from .clip import CLIPConfig
 from .t5 import T5_XXL, T5Config, load_t5
 from .text_encoders import TextEncoders
 from .vae import Autoencoder, VAEConfig, load_vae
+from .weights import quantize_like, read_component
 
 log = logging.getLogger("mlx_flash")
 

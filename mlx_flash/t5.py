@@ -16,7 +16,15 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .weights import Rule, is_converted, load_into, quantize_like, read_component, remap, save_component
+from .weights import (
+    Rule,
+    is_converted,
+    load_into,
+    quantize_like,
+    read_component,
+    remap,
+    save_component,
+)
 
 # feed_forward_proj values meaning T5 v1.1's gated tanh-gelu FFN ("gated-gelu" is gelu_new in transformers).
 GATED_TANH_GELU = ("gated-gelu", "gated-gelu_new", "gated-gelu_pytorch_tanh")

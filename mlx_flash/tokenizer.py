@@ -12,7 +12,14 @@ from pathlib import Path
 
 import mlx.core as mx
 import sentencepiece
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    normalizers,
+    pre_tokenizers,
+)
 from tokenizers.models import BPE
 
 logger = logging.getLogger("mlx_flash")

@@ -15,7 +15,14 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .weights import (
-    Rule, conv_to_nhwc, is_converted, load_into, quantize_like, read_component, remap, save_component,
+    Rule,
+    conv_to_nhwc,
+    is_converted,
+    load_into,
+    quantize_like,
+    read_component,
+    remap,
+    save_component,
 )
 
 

@@ -6,11 +6,12 @@ import pytest
 import torch
 from mlx.utils import tree_flatten
 from safetensors.torch import load_file, save_file
+from tiny import clip_config, randomize
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from mlx_flash.clip import CLIP_G, CLIP_L, RULES, CLIPConfig, CLIPTextModel as MLXCLIP, load_clip
+from mlx_flash.clip import CLIP_G, CLIP_L, RULES, CLIPConfig, load_clip
+from mlx_flash.clip import CLIPTextModel as MLXCLIP
 from mlx_flash.weights import WeightsError, check_weights, remap
-from tiny import clip_config, randomize
 
 BOS, EOS = 49406, 49407
 

@@ -14,18 +14,23 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 from safetensors.numpy import load_file, save_file
+from tiny import randomize
 
 import convert.converter
 import mlx_flash
-from convert import Quantization, convert as run_convert, quantize_model
-from mlx_flash.weights import write_component, write_safetensors
+from convert import Quantization, quantize_model
+from convert import convert as run_convert
 from mlx_flash import cli, hub
 from mlx_flash.clip import load_clip, save_clip
 from mlx_flash.mmdit import load_mmdit
 from mlx_flash.t5 import load_t5, save_t5
 from mlx_flash.vae import load_vae, save_vae
-from mlx_flash.weights import WeightsError, read_component
-from tiny import randomize
+from mlx_flash.weights import (
+    WeightsError,
+    read_component,
+    write_component,
+    write_safetensors,
+)
 
 GENERATE = dict(prompt="a red fox in the snow", negative_prompt="blurry", num_inference_steps=2, guidance_scale=3.0,
                 height=64, width=64, seed=3, output_type="np", progress=False, skip_layer_guidance=False)
@@ -252,7 +257,6 @@ def test_failure_mid_conversion_loses_nothing(source, converted, tmp_path, monke
 
 def test_single_file_converts_like_the_folder(source, converted, tmp_path, capsys):
     from safetensors.torch import save_file as save_torch
-
     from single_file_maker import diffusers_to_single_file, read_folder_state_dicts
 
     single = tmp_path / "sd3_tiny.safetensors"
@@ -330,7 +334,6 @@ def test_quantization_settings():
 
 def test_load_pipeline_takes_a_single_file(source, converted, tmp_path, monkeypatch):
     from safetensors.torch import save_file as save_torch
-
     from single_file_maker import diffusers_to_single_file
 
     single = tmp_path / "sd3_tiny_all.safetensors"

@@ -5,7 +5,13 @@ import pytest
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
-from mlx_flash.image_io import load_image, next_free_path, numpy_to_pil, read_metadata, save_png
+from mlx_flash.image_io import (
+    load_image,
+    next_free_path,
+    numpy_to_pil,
+    read_metadata,
+    save_png,
+)
 
 METADATA = {
     "prompt": "a café at dusk, 35mm — ünïcode",

@@ -3,9 +3,9 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
 import torch
 from diffusers import SD3Transformer2DModel
+from mlx.utils import tree_flatten
 
 from mlx_flash.mmdit import DIFFUSERS_RULES, MMDiT, MMDiTConfig, load_mmdit
 from mlx_flash.presets import PRESETS

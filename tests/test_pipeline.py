@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
-from diffusers.pipelines.stable_diffusion_3 import pipeline_stable_diffusion_3_img2img as img2img_module
+from diffusers.pipelines.stable_diffusion_3 import (
+    pipeline_stable_diffusion_3_img2img as img2img_module,
+)
 from PIL import Image
 
 import mlx_flash

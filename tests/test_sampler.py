@@ -13,7 +13,9 @@ from diffusers import (
     StableDiffusion3Img2ImgPipeline,
     StableDiffusion3Pipeline,
 )
-from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import retrieve_timesteps
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
+    retrieve_timesteps,
+)
 
 from mlx_flash.sampler import (
     add_noise,

@@ -8,19 +8,33 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel
-from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_sd3_t5_checkpoint_to_diffusers
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_clip_checkpoint,
+    convert_sd3_t5_checkpoint_to_diffusers,
+)
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config as HFT5Config, T5EncoderModel
+from single_file_maker import (
+    PREFIXES,
+    diffusers_to_single_file,
+    read_folder_state_dicts,
+    to_single_file,
+)
+from tiny import make_tiny_pipeline
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5EncoderModel
+from transformers import T5Config as HFT5Config
 
 from mlx_flash.clip import CLIP_G, CLIP_L, CLIPConfig, load_clip
 from mlx_flash.mmdit import load_mmdit
 from mlx_flash.presets import PRESETS
-from mlx_flash.single_file import map_single_file, read_encoder_file, read_header, read_single_file
+from mlx_flash.single_file import (
+    map_single_file,
+    read_encoder_file,
+    read_header,
+    read_single_file,
+)
 from mlx_flash.t5 import T5_XXL, T5Config, load_t5
 from mlx_flash.vae import load_vae
 from mlx_flash.weights import WeightsError, read_component
-from single_file_maker import PREFIXES, diffusers_to_single_file, read_folder_state_dicts, to_single_file
-from tiny import make_tiny_pipeline
 
 ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 # What shapes cannot tell about the tiny models: CLIP heads (4 of 8 and 12 channels), sample sizes.

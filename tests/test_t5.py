@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 from mlx.utils import tree_flatten
+from tiny import randomize, t5_config
 from transformers import T5Config, T5EncoderModel
 
-from mlx_flash.t5 import RULES, T5_XXL, T5Config as MLXT5Config, T5Encoder, load_t5, relative_position_buckets
+from mlx_flash.t5 import RULES, T5_XXL, T5Encoder, load_t5, relative_position_buckets
+from mlx_flash.t5 import T5Config as MLXT5Config
 from mlx_flash.weights import WeightsError, check_weights, remap
-from tiny import randomize, t5_config
 
 VOCAB = 200
 

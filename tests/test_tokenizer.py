@@ -3,10 +3,11 @@
 import logging
 
 import pytest
-from transformers import CLIPTokenizer as HFCLIPTokenizer, T5Tokenizer as HFT5Tokenizer
+from tiny import EXTRA_IDS, clip_vocab_files, train_spiece
+from transformers import CLIPTokenizer as HFCLIPTokenizer
+from transformers import T5Tokenizer as HFT5Tokenizer
 
 from mlx_flash.tokenizer import CLIPTokenizer, T5Tokenizer
-from tiny import EXTRA_IDS, clip_vocab_files, train_spiece
 
 BASE = [
     "", " ", "a", "A photo of a cat", "a photo of an astronaut riding a horse on mars",

@@ -88,9 +88,18 @@ def t5_config(vocab_size: int, **overrides):
 def make_tiny_pipeline(path: Path, *, dual_attention_layers: tuple[int, ...] = (0,), qk_norm: str | None = "rms_norm",
                        seed: int = 0) -> Path:
     """Save a tiny random diffusers StableDiffusion3Pipeline (all components and tokenizers) under `path`."""
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline)
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import (
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        T5EncoderModel,
+        T5Tokenizer,
+    )
 
     path = Path(path)
     for name in ("tokenizer", "tokenizer_2"):  # the hub layout: vocab.json + merges.txt, and spiece.model
