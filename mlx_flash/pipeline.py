@@ -412,7 +412,7 @@ def load_pipeline(
     """Load a model for generation.
 
     `model`: a preset name (`sd3.5-medium`, `sd3.5-large`, `sd3.5-large-turbo`, `sd3-medium`), a model shipped
-    with the package (`digits`, `digits-flash`), a Hugging Face repo id, a local model folder (diffusers or
+    with the package (a folder of mlx_flash/models, by its name), a Hugging Face repo id, a local model folder (diffusers or
     mlx-flash layout), or a Stability single-file checkpoint (.safetensors): that is converted once into
     MLX_FLASH_CACHE (default ~/.cache/mlx-flash), taking the tokenizers, scheduler and any text encoder it lacks
     from `base` (a folder or repo id; default: the preset repo of its architecture). `dtype`: "float32" |
