@@ -1,14 +1,17 @@
-"""Time and peak memory of decoding one image with the full-size SD3 VAE (random weights, float32), MLX
+"""Time and peak memory of decoding one image with the full-size SD3 VAE (random weights, float32 unless told), MLX
 against diffusers, tiled and untiled, as a markdown table.
 
-    python benchmarks/vae_decode.py [--size 1024] [--tile-size 64] [--tile-overlap 16]
+    python benchmarks/vae_decode.py [--size 1024] [--tile-size 64] [--tile-overlap 16] [--device cpu|gpu]
+                                    [--dtype float32]
 
 Each row runs in a fresh process. Memory columns:
 - "peak RSS": peak resident memory of the process during the decode (Linux VmHWM, reset just before)
   minus the resident memory before it (model and latent already built): every allocation of either
   framework, comparable.
-- "MLX peak": mx.get_peak_memory() after mx.reset_peak_memory(): MLX's own buffers (on the CPU backend
-  this includes the unfolded inputs of convolutions, 9x the input of a 3x3 conv).
+- "framework peak": mx.get_peak_memory() after mx.reset_peak_memory(): MLX's own buffers (on the CPU backend
+  this includes the unfolded inputs of convolutions, 9x the input of a 3x3 conv); on a GPU, also PyTorch's
+  torch.cuda.max_memory_allocated() (on the CPU PyTorch has no such counter).
+Times: the second of two decodes (the first compiles GPU kernels); peaks: over both.
 Diffusers' tiling uses our tile size and overlap (SD3's config would tile only above 1024x1024).
 On Linux the script re-executes itself with OpenBLAS preloaded (MLX's bundled BLAS is ~30x slower).
 MLX untiled is skipped on the CPU when its measured memory scaling (8.4 GiB at 512x512, growing with the
@@ -56,44 +59,57 @@ def available_memory() -> int:
     return 2**62
 
 
-def run_mlx(size: int, tiled: bool, tile_size: int, tile_overlap: int) -> dict:
+def run_mlx(size: int, tiled: bool, tile_size: int, tile_overlap: int, device: str, dtype: str) -> dict:
     import mlx.core as mx
 
     from mlx_flash.vae import Autoencoder, VAEConfig
 
+    mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
     mx.random.seed(0)
     vae = Autoencoder(VAEConfig(tile_size=tile_size, tile_overlap=tile_overlap))
-    z = mx.random.normal((1, size // 8, size // 8, 16))
+    vae.set_dtype(getattr(mx, dtype))
+    z = mx.random.normal((1, size // 8, size // 8, 16)).astype(getattr(mx, dtype))
     mx.eval(vae.parameters(), z)
     mx.clear_cache()
     mx.reset_peak_memory()
     rss, base = start_rss(), mx.get_active_memory()
-    start = time.perf_counter()
-    mx.eval(vae.decode(z, tiled=tiled))
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "rss": peak_rss() - rss, "mlx_peak": mx.get_peak_memory() - base}
+    for _ in range(2 if device == "gpu" else 1):
+        start = time.perf_counter()
+        mx.eval(vae.decode(z, tiled=tiled))
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "rss": peak_rss() - rss, "peak": mx.get_peak_memory() - base}
 
 
-def run_diffusers(size: int, tiled: bool, tile_size: int, tile_overlap: int) -> dict:
+def run_diffusers(size: int, tiled: bool, tile_size: int, tile_overlap: int, device: str, dtype: str) -> dict:
     import torch
     from diffusers import AutoencoderKL
 
+    device = "cuda" if device == "gpu" else "cpu"
     torch.manual_seed(0)
     vae = AutoencoderKL(
         down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
         block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16, sample_size=1024,
         scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
-    ).eval()
+    ).eval().to(device, getattr(torch, dtype))
     if tiled:
         vae.enable_tiling()
         vae.tile_latent_min_size, vae.tile_sample_min_size = tile_size, tile_size * 8
         vae.tile_overlap_factor = tile_overlap / tile_size
-    z = torch.randn(1, 16, size // 8, size // 8)
+    z = torch.randn(1, 16, size // 8, size // 8).to(device, getattr(torch, dtype))
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if device == "cuda" else 0
     rss = start_rss()
-    start = time.perf_counter()
-    with torch.no_grad():
-        vae.decode(z)
-    return {"seconds": time.perf_counter() - start, "rss": peak_rss() - rss, "mlx_peak": None}
+    for _ in range(2 if device == "cuda" else 1):
+        start = time.perf_counter()
+        with torch.no_grad():
+            vae.decode(z)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() - base if device == "cuda" else None
+    return {"seconds": seconds, "rss": peak_rss() - rss, "peak": peak}
 
 
 def main() -> None:
@@ -101,6 +117,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024, help="image height and width in pixels (multiple of 8)")
     parser.add_argument("--tile-size", type=int, default=64, help="tile size in latent pixels")
     parser.add_argument("--tile-overlap", type=int, default=16, help="tile overlap in latent pixels")
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="gpu: Metal/CUDA MLX and CUDA torch")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     parser.add_argument("--part", help=argparse.SUPPRESS)
     args = parser.parse_args()
     tiling = (str(args.tile_size), str(args.tile_overlap))
@@ -108,16 +126,18 @@ def main() -> None:
     if args.part:
         framework, mode = args.part.split(":")
         run = run_mlx if framework == "mlx" else run_diffusers
-        print(json.dumps(run(args.size, mode == "tiled", args.tile_size, args.tile_overlap)))
+        print(json.dumps(run(args.size, mode == "tiled", args.tile_size, args.tile_overlap, args.device, args.dtype)))
         return
 
-    preload_openblas()
+    if args.device == "cpu":
+        preload_openblas()
     import mlx.core as mx
 
-    print(f"SD3 VAE decode, {args.size}x{args.size} image ({args.size // 8}x{args.size // 8}x16 latent), float32, "
+    mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
+    print(f"SD3 VAE decode, {args.size}x{args.size} image ({args.size // 8}x{args.size // 8}x16 latent), {args.dtype}, "
           f"random weights, MLX on {mx.default_device()}; tiles {args.tile_size * 8} px, "
           f"overlap {args.tile_overlap * 8} px\n")
-    print("| framework | mode | time (s) | peak RSS (GiB) | MLX peak (GiB) |")
+    print("| framework | mode | time (s) | peak RSS (GiB) | framework peak (GiB) |")
     print("|---|---|---|---|---|")
     for framework in ("mlx", "diffusers"):
         for mode in ("untiled", "tiled"):
@@ -126,9 +146,9 @@ def main() -> None:
                 print(f"| {framework} | {mode} | skipped: needs ~{need / GiB:.0f} GiB, {free / GiB:.0f} free | | |")
                 continue
             r = run_part(__file__, f"{framework}:{mode}", "--size", str(args.size), "--tile-size", tiling[0],
-                         "--tile-overlap", tiling[1])
-            mlx_peak = f"{r['mlx_peak'] / GiB:.2f}" if r["mlx_peak"] is not None else "-"
-            print(f"| {framework} | {mode} | {r['seconds']:.1f} | {r['rss'] / GiB:.2f} | {mlx_peak} |", flush=True)
+                         "--tile-overlap", tiling[1], "--device", args.device, "--dtype", args.dtype)
+            peak = f"{r['peak'] / GiB:.2f}" if r["peak"] is not None else "-"
+            print(f"| {framework} | {mode} | {r['seconds']:.2f} | {r['rss'] / GiB:.2f} | {peak} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ peak, with constants measured on MLX (benchmarks/memory.py checks the whole esti
 - transformer: the residual streams, qkv, the MLP hidden state (about 10 hidden-size vectors per token, float32),
   plus, where attention is not fused (MLX's CPU backend), the float32 scores and their softmax; on a GPU, buffers
   that wait for their command batch to finish add about 0.75 GB;
-- VAE decoder: on the CPU, convolutions unfold their input (about 34 KB per output pixel in float32); on a GPU,
-  about 4.3 KB per pixel plus 0.55 GB; tiled decoding bounds this by the tile size;
+- VAE decoder: on the CPU, convolutions unfold their input (about 31 KB per output pixel in float32); on a GPU,
+  about 5.4 KB per pixel plus 0.55 GB; tiled decoding bounds this by the tile size;
 - text encoders: each in turn (low-memory mode), T5's float32 FFN and attention for its tokens.
 
 The CPU constants were measured on small models (tests/test_memory.py checks them); the GPU ones were fitted to
@@ -30,8 +30,10 @@ from .t5 import T5_XXL, T5Config, T5Encoder, keeps_float32
 from .vae import Autoencoder, VAEConfig
 
 GB = 1e9
-CPU_VAE_BYTES_PER_PIXEL = 34_300  # measured: float32 decode on MLX's CPU backend, 128 to 512 pixels square
-GPU_VAE_BYTES_PER_PIXEL, GPU_VAE_FIXED = 4_270, 0.55e9  # fitted: float16, 512 (tiles) and 1024 pixels square
+CPU_VAE_BYTES_PER_PIXEL = 30_800  # measured: float32 decode on MLX's CPU backend, 128 to 384 pixels square
+# fitted: float16, 512 (tiles) and 1024 pixels square; the per-pixel cost then raised by the 1024x1024 decode's
+# growth (+1.0 GiB) when GroupNorm started to gather each group contiguously (a float32 copy per norm)
+GPU_VAE_BYTES_PER_PIXEL, GPU_VAE_FIXED = 5_360, 0.55e9
 TRANSFORMER_VECTORS_PER_TOKEN = 10  # measured: float32 activations per token and hidden unit at the block peak
 GPU_PENDING_BUFFERS = 0.75e9  # fitted: freed buffers whose command batch has not completed yet
 

@@ -1,7 +1,10 @@
 """The SD3 / SD3.5 autoencoder (diffusers `AutoencoderKL`, 16 latent channels) in MLX, NHWC.
 
 `Autoencoder.decode` / `encode` work on whole images or, above a size threshold, on overlapping tiles
-blended with linear ramps, so that memory stays bounded for large images.
+blended with linear ramps, so that memory stays bounded for large images. Tiling covers the full-resolution
+part of the network; its latent-resolution part (with the mid-block's attention) always sees the whole latent,
+and the tiles' GroupNorms use the whole image's statistics, gathered over the tiles beforehand, so a tiled
+result matches the untiled one.
 """
 
 from __future__ import annotations
@@ -45,6 +48,10 @@ class VAEConfig:
     # Tile automatically when latent height * width exceeds this. None: 128 * 128 (1024x1024 images
     # untiled) on a GPU, 64 * 64 on the CPU, whose convolutions unfold their input (9x its size).
     tile_above: int | None = None
+    # Passes over the tiles that gather the whole image's GroupNorm statistics before the one that decodes
+    # (or encodes); each pass makes them more exact, at the cost of one more decode (encode) of the tiled part.
+    # 0 normalises each tile with its own statistics, as diffusers' tiling does, which changes its tone.
+    statistics_passes: int = 3
 
     def __post_init__(self):
         if not 0 <= self.tile_overlap < self.tile_size:
@@ -77,7 +84,7 @@ class VAEConfig:
 
     def to_dict(self) -> dict:
         """The diffusers config.json fields of the architecture (not the tiling settings)."""
-        tiling = {"tile_size", "tile_overlap", "tile_above"}
+        tiling = {"tile_size", "tile_overlap", "tile_above", "statistics_passes"}
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
                 for f in fields(self) if f.name not in tiling}
 
@@ -97,8 +104,22 @@ class VAEConfig:
         return 2 ** (len(self.block_out_channels) - 1)
 
 
+ATTENTION_SCORES = 2**26  # attention scores computed at once in the mid-blocks (256 MB in float32)
+
+
+def group_moments(g: mx.array) -> tuple[mx.array, mx.array]:
+    """Mean and variance per group of g (B, H, W, groups, channels per group), each (B, 1, 1, groups, 1).
+    Each group's values are made contiguous first: GPU reductions over strided axes are slow."""
+    B, H, W, G, C = g.shape
+    flat = g.transpose(0, 3, 1, 2, 4).reshape(B, G, H * W * C)
+    return flat.mean(axis=-1).reshape(B, 1, 1, G, 1), flat.var(axis=-1).reshape(B, 1, 1, G, 1)
+
+
 class GroupNorm(nn.Module):
-    """GroupNorm over (H, W, channels of a group) in PyTorch's channel grouping; statistics in float32."""
+    """GroupNorm over (H, W, channels of a group) in PyTorch's channel grouping; statistics in float32.
+
+    While `shared` is set (tiled decoding and encoding), the statistics come from it instead: those of the
+    whole image, gathered from its tiles (see `TileStatistics`)."""
 
     def __init__(self, dims: int, groups: int, eps: float = 1e-6):
         super().__init__()
@@ -106,12 +127,12 @@ class GroupNorm(nn.Module):
         self.bias = mx.zeros((dims,))
         self.groups = groups
         self.eps = eps
+        self.shared: TileStatistics | None = None
 
     def __call__(self, x: mx.array) -> mx.array:
         B, H, W, C = x.shape
-        g = x.astype(mx.float32).reshape(B, H * W, self.groups, C // self.groups)
-        mean = g.mean(axis=(1, 3), keepdims=True)
-        var = g.var(axis=(1, 3), keepdims=True)
+        g = x.astype(mx.float32).reshape(B, H, W, self.groups, C // self.groups)
+        mean, var = group_moments(g) if self.shared is None else self.shared(g)
         g = ((g - mean) * mx.rsqrt(var + self.eps)).reshape(B, H, W, C)
         return (g * self.weight + self.bias).astype(x.dtype)
 
@@ -148,7 +169,16 @@ class Attention(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         B, H, W, C = x.shape
         h = self.group_norm(x).reshape(B, 1, H * W, C)
-        h = mx.fast.scaled_dot_product_attention(self.to_q(h), self.to_k(h), self.to_v(h), scale=C**-0.5)
+        q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)
+        if (H * W) ** 2 <= ATTENTION_SCORES:
+            h = mx.fast.scaled_dot_product_attention(q, k, v, scale=C**-0.5)
+        else:  # large images: queries in chunks, each evaluated before the next so that one set of scores exists
+            chunk = ATTENTION_SCORES // (H * W)
+            h = [mx.fast.scaled_dot_product_attention(q[:, :, i : i + chunk], k, v, scale=C**-0.5)
+                 for i in range(0, H * W, chunk)]
+            for part in h:
+                mx.eval(part)
+            h = mx.concatenate(h, axis=2)
         return x + self.to_out[0](h).reshape(B, H, W, C)
 
 
@@ -227,12 +257,20 @@ class Encoder(nn.Module):
         self.conv_norm_out = GroupNorm(dims[-1], groups)
         self.conv_out = nn.Conv2d(dims[-1], 2 * config.latent_channels, 3, padding=1)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def downsample(self, x: mx.array) -> mx.array:
+        """The full-resolution part: image -> features at latent resolution."""
         x = self.conv_in(x)
         for block in self.down_blocks:
             x = block(x)
+        return x
+
+    def middle(self, x: mx.array) -> mx.array:
+        """The latent-resolution part (global attention): features -> posterior moments."""
         x = self.mid_block(x)
         return self.conv_out(nn.silu(self.conv_norm_out(x)))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.middle(self.downsample(x))
 
 
 class Decoder(nn.Module):
@@ -250,11 +288,18 @@ class Decoder(nn.Module):
         self.conv_norm_out = GroupNorm(dims[-1], groups)
         self.conv_out = nn.Conv2d(dims[-1], config.out_channels, 3, padding=1)
 
-    def __call__(self, z: mx.array) -> mx.array:
-        x = self.mid_block(self.conv_in(z))
+    def middle(self, z: mx.array) -> mx.array:
+        """The latent-resolution part (global attention): latents -> features."""
+        return self.mid_block(self.conv_in(z))
+
+    def upsample(self, x: mx.array) -> mx.array:
+        """The upsampling part: features -> image."""
         for block in self.up_blocks:
             x = block(x)
         return self.conv_out(nn.silu(self.conv_norm_out(x)))
+
+    def __call__(self, z: mx.array) -> mx.array:
+        return self.upsample(self.middle(z))
 
 
 def _spans(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:
@@ -288,20 +333,105 @@ def _blend_weights(spans: list[tuple[int, int]], scale: int) -> list[mx.array]:
     return [w / total[start * scale : end * scale] for (start, end), w in zip(spans, ramps)]
 
 
-def _tiled(fn: Callable[[mx.array], mx.array], x: mx.array, unit_in: int, unit_out: int, tile: int, overlap: int):
+class TileStatistics:
+    """The GroupNorm statistics of a whole image, gathered from its tiles, for tiled decoding and encoding.
+
+    The GroupNorms of the tiled part read their statistics from here, in call order. While `collecting`, each
+    tile adds the values of the region it owns (the owned regions partition the image) to a running count,
+    mean and sum of squared deviations per group (Chan's parallel update). Until `freeze`, tiles normalise with
+    their own statistics; after it, all of them with the whole image's as last collected."""
+
+    def __init__(self):
+        self.collecting = True
+        self.running: list[tuple[int, mx.array, mx.array]] = []
+        self.frozen: list[tuple[mx.array, mx.array]] | None = None
+        self.region = (0, 1, 0, 1, 1, 1)
+        self.calls = 0
+
+    def start_tile(self, region: tuple[int, int, int, int, int, int]) -> None:
+        """Next calls come from a tile of (rows, cols) units that owns rows [top, bottom) and columns [left,
+        right) of it: region = (top, bottom, left, right, rows, cols)."""
+        self.region, self.calls = region, 0
+
+    def __call__(self, g: mx.array) -> tuple[mx.array, mx.array]:
+        """(mean, variance) for grouped values g (B, H, W, groups, channels per group), float32."""
+        k, self.calls = self.calls, self.calls + 1
+        if self.collecting:
+            top, bottom, left, right, rows, cols = self.region
+            sy, sx = g.shape[1] // rows, g.shape[2] // cols
+            own = g[:, top * sy : bottom * sy, left * sx : right * sx]
+            n = own.size // (own.shape[0] * own.shape[3])
+            mean, var = group_moments(own)
+            m2 = var * n
+            if k == len(self.running):
+                self.running.append((n, mean, m2))
+            else:
+                n0, mean0, m20 = self.running[k]
+                delta = mean - mean0
+                self.running[k] = (n0 + n, mean0 + delta * n / (n0 + n), m20 + m2 + delta**2 * n0 * n / (n0 + n))
+        return group_moments(g) if self.frozen is None else self.frozen[k]
+
+    def freeze(self) -> None:
+        """From now on every tile normalises with the statistics collected so far; collect afresh."""
+        self.frozen = [(mean, m2 / n) for n, mean, m2 in self.running]
+        self.running = []
+
+
+def _tiles(length_y: int, length_x: int, tile: int, overlap: int):
+    """(rows, cols, region) of each tile: its spans in units and the part it owns, as `TileStatistics` takes."""
+    rows, cols = _spans(length_y, tile, overlap), _spans(length_x, tile, overlap)
+
+    def owned(spans):
+        cuts = [0] + [(e + s) // 2 for (_, e), (s, _) in zip(spans, spans[1:])] + [spans[-1][1]]
+        return [(cuts[i] - s, cuts[i + 1] - s, e - s) for i, (s, e) in enumerate(spans)]
+
+    for (y0, y1), (top, bottom, h) in zip(rows, owned(rows)):
+        for (x0, x1), (left, right, w) in zip(cols, owned(cols)):
+            yield (y0, y1), (x0, x1), (top, bottom, left, right, h, w)
+
+
+def _tiled(fn: Callable[[mx.array], mx.array], x: mx.array, unit_in: int, unit_out: int, tile: int, overlap: int,
+           statistics_passes: int = 0) -> mx.array:
     """`fn(x)` computed on overlapping tiles of `x` and blended, for a `fn` that maps each `unit_in` input
     pixels to `unit_out` output pixels (tile sizes are in units). Each tile is evaluated on its own, so
-    that only the float32 output stays in memory."""
+    that only the float32 output stays in memory.
+
+    `statistics_passes` > 0: `fn`'s GroupNorms normalise every tile with the whole image's statistics,
+    gathered by that many passes over the tiles before the one that computes the output (see
+    `TileStatistics`; `fn` must be a bound method of the module holding them)."""
     rows = _spans(x.shape[1] // unit_in, tile, overlap)
     cols = _spans(x.shape[2] // unit_in, tile, overlap)
-    out = None
-    for (y0, y1), wy in zip(rows, _blend_weights(rows, unit_out)):
-        for (x0, x1), wx in zip(cols, _blend_weights(cols, unit_out)):
-            y = fn(x[:, y0 * unit_in : y1 * unit_in, x0 * unit_in : x1 * unit_in])
+    tiles = list(_tiles(x.shape[1] // unit_in, x.shape[2] // unit_in, tile, overlap))
+
+    def crop(y: tuple[int, int], c: tuple[int, int]) -> mx.array:
+        return x[:, y[0] * unit_in : y[1] * unit_in, c[0] * unit_in : c[1] * unit_in]
+
+    statistics = TileStatistics()
+    norms = [m for _, m in fn.__self__.named_modules() if isinstance(m, GroupNorm)] if statistics_passes else []
+    for norm in norms:
+        norm.shared = statistics
+    try:
+        for _ in range(statistics_passes):
+            for y, c, region in tiles:
+                statistics.start_tile(region)
+                fn(crop(y, c))
+                mx.eval(statistics.running)
+            statistics.freeze()
+        statistics.collecting = False
+        out = None
+        row_weights = dict(zip(rows, _blend_weights(rows, unit_out)))
+        col_weights = dict(zip(cols, _blend_weights(cols, unit_out)))
+        for y, c, region in tiles:
+            statistics.start_tile(region)
+            out_tile = fn(crop(y, c))
             if out is None:
-                out = mx.zeros((x.shape[0], rows[-1][1] * unit_out, cols[-1][1] * unit_out, y.shape[-1]))
-            out[:, y0 * unit_out : y1 * unit_out, x0 * unit_out : x1 * unit_out] += y * wy[:, None, None] * wx[:, None]
+                out = mx.zeros((x.shape[0], rows[-1][1] * unit_out, cols[-1][1] * unit_out, out_tile.shape[-1]))
+            out[:, y[0] * unit_out : y[1] * unit_out, c[0] * unit_out : c[1] * unit_out] += (
+                out_tile * row_weights[y][:, None, None] * col_weights[c][:, None])
             mx.eval(out)
+    finally:
+        for norm in norms:
+            norm.shared = None
     return out
 
 
@@ -323,15 +453,6 @@ class Autoencoder(nn.Module):
     def dtype(self) -> mx.Dtype:
         return self.decoder.conv_in.weight.dtype
 
-    def _decode_tile(self, z: mx.array) -> mx.array:
-        if "post_quant_conv" in self:
-            z = self.post_quant_conv(z)
-        return self.decoder(z)
-
-    def _encode_tile(self, x: mx.array) -> mx.array:
-        moments = self.encoder(x)
-        return self.quant_conv(moments) if "quant_conv" in self else moments
-
     def decode(self, latents: mx.array, tiled: bool | None = None) -> mx.array:
         """Unscaled latents (B, h, w, latent_channels) -> float32 images (B, h*f, w*f, 3), about [-1, 1].
 
@@ -344,9 +465,14 @@ class Autoencoder(nn.Module):
             )
         _, h, w, _ = latents.shape
         latents = latents.astype(self.dtype)
+        if "post_quant_conv" in self:
+            latents = self.post_quant_conv(latents)
+        features = self.decoder.middle(latents)
         if self.config.tiles(h, w, tiled):
-            return _tiled(self._decode_tile, latents, 1, c.factor, c.tile_size, c.tile_overlap)
-        return self._decode_tile(latents).astype(mx.float32)
+            mx.eval(features)  # before the tiles: its peak and theirs do not add up
+            return _tiled(self.decoder.upsample, features, 1, c.factor, c.tile_size, c.tile_overlap,
+                          c.statistics_passes)
+        return self.decoder.upsample(features).astype(mx.float32)
 
     def encode(self, images: mx.array, tiled: bool | None = None) -> tuple[mx.array, mx.array]:
         """Images (B, H, W, 3) in [-1, 1] -> float32 posterior (mean, logvar), each (B, H/f, W/f,
@@ -361,9 +487,14 @@ class Autoencoder(nn.Module):
         h, w = images.shape[1] // f, images.shape[2] // f
         images = images.astype(self.dtype)
         if self.config.tiles(h, w, tiled):
-            moments = _tiled(self._encode_tile, images, f, 1, c.tile_size, c.tile_overlap)
+            features = _tiled(self.encoder.downsample, images, f, 1, c.tile_size, c.tile_overlap,
+                              c.statistics_passes).astype(self.dtype)
         else:
-            moments = self._encode_tile(images).astype(mx.float32)
+            features = self.encoder.downsample(images)
+        moments = self.encoder.middle(features)
+        if "quant_conv" in self:
+            moments = self.quant_conv(moments)
+        moments = moments.astype(mx.float32)
         mean, logvar = mx.split(moments, 2, axis=-1)
         return mean, mx.clip(logvar, -30.0, 20.0)
 

@@ -18,6 +18,7 @@ from mlx_flash.vae import (
     WEIGHT_RULES,
     Autoencoder,
     Downsample,
+    GroupNorm,
     Upsample,
     VAEConfig,
     _spans,
@@ -224,13 +225,41 @@ def diffusers_tiled(model: AutoencoderKL, tile: int, overlap: int, call):
         model.disable_tiling()
 
 
+class NormThenPointwise(nn.Module):
+    """A GroupNorm between pointwise layers: tiled with shared statistics it must equal the untiled result."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(3, 16)
+        self.norm = GroupNorm(16, 4)
+        self.outer = nn.Linear(16, 3)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.outer(nn.silu(self.norm(self.inner(x))))
+
+
+def test_shared_statistics_are_the_whole_images():
+    """One pass gathers a GroupNorm's statistics over the tiles' owned regions exactly (a partition of the
+    image, combined per group): tiles then normalise as the whole image does. Own-tile statistics do not."""
+    mx.random.seed(3)
+    model = NormThenPointwise()
+    x = 3 * mx.random.normal((2, 37, 50, 3)) + mx.linspace(-4, 4, 50)[:, None]  # tone varies across the image
+    ref = model(x)
+    shared = _tiled(model.__call__, x, 1, 1, tile=16, overlap=6, statistics_passes=1)
+    own = _tiled(model.__call__, x, 1, 1, tile=16, overlap=6, statistics_passes=0)
+    err = (mx.abs(shared - ref).max() / mx.abs(ref).max()).item()
+    print(f"shared statistics: max error / max |reference| = {err:.1e}")
+    assert err < 1e-5 and (mx.abs(own - ref).max() / mx.abs(ref).max()).item() > 0.05
+    assert model.norm.shared is None  # the hook is removed afterwards
+
+
 def test_tiled_decode(local_tiny):
-    """Tiled against untiled decoding of a smooth latent, on [0, 1] images. Each tile normalises with its own
-    GroupNorm statistics, as diffusers' tiling does, so a tiny random VAE decodes tiles with visibly
-    different tones; checked: ours is as close to untiled as diffusers' tiled decoding with the same tile
-    size and overlap, and no step shows at tile borders (it does with plain averaging or hard cuts)."""
+    """Tiled against untiled decoding of a smooth latent, on [0, 1] images: within 2/255 everywhere, and no
+    step at tile borders. Every tile normalises with the whole image's GroupNorm statistics (diffusers'
+    tiling, with each tile's own statistics, is shown for comparison) and the mid-block attention sees the
+    whole latent."""
     model, folder = local_tiny
-    tile, overlap, (h, w) = 16, 8, (32, 40)
+    tile, overlap, (h, w) = 24, 12, (48, 56)
     vae = load_vae(folder, tile_size=tile, tile_overlap=overlap)
     z = mx.array(smooth_noise((1, h, w, 16), spacing=3))
     untiled = np.clip(np.array(vae.decode(z, tiled=False)) * 0.5 + 0.5, 0, 1)
@@ -239,10 +268,10 @@ def test_tiled_decode(local_tiny):
     theirs = np.clip(theirs * 0.5 + 0.5, 0, 1)
     ours, theirs = np.abs(tiled - untiled) * 255, np.abs(theirs - untiled) * 255
     print(
-        f"tiled vs untiled decode, [0,1] images: max {ours.max():.1f}/255, mean {ours.mean():.2f}/255 "
+        f"tiled vs untiled decode, [0,1] images: max {ours.max():.2f}/255, mean {ours.mean():.3f}/255 "
         f"(diffusers tiled: max {theirs.max():.1f}/255, mean {theirs.mean():.2f}/255)"
     )
-    assert ours.mean() <= 1.05 * theirs.mean()
+    assert ours.max() <= 2.0
 
     ratios = [seam_ratio(tiled - untiled, n, tile, overlap, 2, axis) for axis, n in ((1, h), (2, w))]
     print(f"seam ratio (step at tile borders / median step), rows, columns: {ratios[0]:.2f}, {ratios[1]:.2f}")
@@ -251,17 +280,18 @@ def test_tiled_decode(local_tiny):
 
 def test_tiled_encode(local_tiny):
     model, folder = local_tiny
-    tile, overlap = 16, 8
+    tile, overlap = 24, 12
     vae = load_vae(folder, tile_size=tile, tile_overlap=overlap)
-    images = mx.array(np.clip(smooth_noise((1, 64, 80, 3), spacing=6, seed=1), -1, 1))
+    images = mx.array(np.clip(smooth_noise((1, 96, 112, 3), spacing=6, seed=1), -1, 1))
     mean, logvar = vae.encode(images, tiled=False)
     tiled_mean, tiled_logvar = vae.encode(images, tiled=True)
     theirs = diffusers_tiled(model, tile, overlap, lambda m: to_nhwc(m.encode(to_torch(images)).latent_dist.mean))
     scale = mx.abs(mean).max().item()
-    ours, theirs = (mx.abs(tiled_mean - mean).mean().item() / scale, np.abs(theirs - np.array(mean)).mean() / scale)
-    print(f"tiled vs untiled encode: mean |error| / max |mean| = {ours:.4f} (diffusers tiled: {theirs:.4f})")
+    ours = mx.abs(tiled_mean - mean).max().item() / scale
+    theirs = np.abs(theirs - np.array(mean)).max() / scale
+    print(f"tiled vs untiled encode: max |error| / max |mean| = {ours:.4f} (diffusers tiled: {theirs:.4f})")
     assert tiled_mean.shape == mean.shape and tiled_logvar.shape == logvar.shape
-    assert ours <= 1.05 * theirs
+    assert ours <= 0.02
 
 
 def test_automatic_tiling(sd3_tiny):
