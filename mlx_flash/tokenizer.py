@@ -6,6 +6,7 @@ Ids equal transformers' `CLIPTokenizer` / `T5Tokenizer` with padding="max_length
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -35,8 +36,14 @@ def byte_symbols() -> list[str]:
     return [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]
 
 
-def read_clip_merges(path: str | Path) -> list[str]:
-    """The merges of OpenAI's CLIP BPE file (bpe_simple_vocab_16e6.txt.gz, shipped e.g. in open_clip)."""
+def read_clip_merges(path: str | Path | None = None) -> list[str]:
+    """The merges of OpenAI's CLIP BPE file (bpe_simple_vocab_16e6.txt.gz); by default the copy that the
+    open_clip_torch package ships."""
+    if path is None:
+        spec = importlib.util.find_spec("open_clip")
+        if spec is None:
+            raise RuntimeError("the CLIP BPE file comes from open_clip_torch: pip install --no-deps open_clip_torch")
+        path = Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
     return gzip.decompress(Path(path).read_bytes()).decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
 
 
