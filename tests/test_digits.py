@@ -1,0 +1,80 @@
+"""The demo models shipped with the package (mlx_flash/models): they load by name with their own defaults,
+draw the digit the prompt asks for, as an independent classifier of real digits sees it, and the README's
+first command runs offline."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mlx_flash import load_pipeline
+from mlx_flash.image_io import read_metadata
+from mlx_flash.pipeline import PACKAGED_MODELS
+from training.digits_data import WORDS, held_out_classifier, to_digits
+
+
+@pytest.fixture(scope="module")
+def digit_classifier():
+    return held_out_classifier()
+
+
+@pytest.mark.parametrize("name, steps, guidance", [("digits", 28, 1.5), ("digits-flash", 4, 1.0)])
+@pytest.mark.parametrize("quantize", [None, 4])
+def test_shipped_model_draws_the_digits_asked_for(name, steps, guidance, quantize, digit_classifier):
+    pipe = load_pipeline(name, dtype="float32", quantize=quantize)
+    assert pipe.defaults()[:2] == (steps, guidance)
+    config = pipe.transformer_config
+    assert config.qk_norm and config.dual_attention_layers and config.hidden_size % 64 == 0  # an MMDiT-X
+
+    images = pipe.generate([f"a handwritten digit {word}" for word in WORDS], seed=0, output_type="np", progress=False)
+    assert images.shape == (10, 64, 64, 3)
+    predicted = digit_classifier.predict(to_digits(images).reshape(10, -1))
+    assert (predicted == np.arange(10)).sum() >= 9, predicted
+
+
+def test_shipped_models_fit_in_20_mb():
+    files = [f for name in ("digits", "digits-flash") for f in (PACKAGED_MODELS / name).rglob("*") if f.is_file()]
+    size = sum(f.stat().st_size for f in files)
+    print(f"shipped digit models: {size / 1e6:.1f} MB")
+    assert size <= 20e6
+
+
+def test_readme_first_command(tmp_path, digit_classifier):
+    """`mlx-flash generate --model digits "a handwritten digit seven"` (seeded here), offline, from any directory."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    first = next(line for line in readme.splitlines() if "mlx-flash " in line)
+    assert 'mlx-flash generate --model digits "a handwritten digit seven"' in first
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(["mlx-flash", "generate", "--model", "digits", "a handwritten digit seven", "--seed", "0"],
+                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    image = Image.open(tmp_path / "image.png")
+    assert read_metadata(tmp_path / "image.png")["prompt"] == "a handwritten digit seven"
+    pixels = np.asarray(image.convert("RGB"), np.float32)[None] / 255
+    assert digit_classifier.predict(to_digits(pixels).reshape(1, -1))[0] == 7
+
+
+def test_training_scripts_run_end_to_end(tmp_path):
+    """The three training stages, a few steps each, write complete model folders that the pipeline loads (the
+    shipped weights come from the same scripts at their default lengths; see training/README.md)."""
+    root = Path(__file__).resolve().parents[1]
+    teacher, student = tmp_path / "digits", tmp_path / "digits-flash"
+    stages = [
+        ["training/train_vae.py", "--out", teacher, "--steps", "2", "--preview", tmp_path / "vae.png"],
+        ["training/train_digits.py", "--model", teacher, "--steps", "2", "--preview", tmp_path / "teacher.png"],
+        ["training/distill_digits.py", "--teacher", teacher, "--out", student, "--pairs", "20", "--steps", "2",
+         "--batch", "4", "--preview", tmp_path / "student.png"],
+    ]
+    for stage in stages:
+        result = subprocess.run([sys.executable, *map(str, stage)], cwd=root, capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+    for folder, steps in ((teacher, 28), (student, 4)):
+        pipe = load_pipeline(folder, dtype="float32")
+        assert pipe.defaults()[0] == steps
+        image = pipe.generate("the number 3", seed=0, output_type="np", progress=False)
+        assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
