@@ -24,8 +24,9 @@ from mlx_flash.presets import SD35_MEDIUM  # noqa: E402
 CONTEXT_TOKENS = 77 + 256
 
 
-def step_matmuls(size: int, batch: int) -> Counter:
-    """(batch, M, K, N) -> count for every matrix multiplication of one step (conv patchify as a matmul)."""
+def step_matmuls(size: int, batch: int, per_head: bool) -> Counter:
+    """(batch, M, K, N) -> count for every matrix multiplication of one step (conv patchify as a matmul);
+    `per_head`: attention's products one head at a time, as mlx_flash.mmdit.attention computes them on the CPU."""
     c = SD35_MEDIUM
     d, heads, hd = c.hidden_size, c.num_attention_heads, c.attention_head_dim
     n, l = (size // 16) ** 2, CONTEXT_TOKENS
@@ -42,11 +43,12 @@ def step_matmuls(size: int, batch: int) -> Counter:
         mm[(1, batch, d, (2 if last else 6) * d)] += 1
         mm[(1, rows_x, d, 3 * d)] += 1 + dual
         mm[(1, rows_c, d, 3 * d)] += 1
-        mm[(batch * heads, n + l, hd, n + l)] += 1  # q k^T
-        mm[(batch * heads, n + l, n + l, hd)] += 1  # p v
+        groups, per_group = (heads, batch) if per_head else (1, batch * heads)
+        mm[(per_group, n + l, hd, n + l)] += groups  # q k^T
+        mm[(per_group, n + l, n + l, hd)] += groups  # p v
         if dual:
-            mm[(batch * heads, n, hd, n)] += 1
-            mm[(batch * heads, n, n, hd)] += 1
+            mm[(per_group, n, hd, n)] += groups
+            mm[(per_group, n, n, hd)] += groups
         mm[(1, rows_x, d, d)] += 1 + dual
         mm[(1, rows_x, d, 4 * d)] += 1
         mm[(1, rows_x, 4 * d, d)] += 1
@@ -75,7 +77,7 @@ def mlx_part(args) -> dict:
     mx.eval(a, b)
     peak = 2 * 4096**3 / best_time(lambda: mx.eval(a @ b), repeats=5)
     matmul_time = 0.0
-    for (bt, m, k, n), count in step_matmuls(args.size, args.batch).items():
+    for (bt, m, k, n), count in step_matmuls(args.size, args.batch, per_head=args.device == "cpu").items():
         x, w = mx.random.normal((bt, m, k)).astype(dtype), mx.random.normal((bt, k, n)).astype(dtype)
         mx.eval(x, w)
         matmul_time += count * best_time(lambda: mx.eval(x @ w), repeats=3)
@@ -105,7 +107,7 @@ def torch_part(args) -> dict:
     a, b = randn(4096, 4096), randn(4096, 4096)
     peak = 2 * 4096**3 / best_time(lambda: (a @ b, sync()), repeats=5)
     matmul_time = 0.0
-    for (bt, m, k, n), count in step_matmuls(args.size, args.batch).items():
+    for (bt, m, k, n), count in step_matmuls(args.size, args.batch, per_head=False).items():
         x, w = randn(bt, m, k), randn(bt, k, n)
         matmul_time += count * best_time(lambda: (x @ w, sync()), repeats=3)
     with torch.device("meta"):
@@ -138,7 +140,7 @@ def main() -> None:
         return
     if args.device == "cpu":
         preload_openblas()
-    total = flops(step_matmuls(args.size, args.batch))
+    total = flops(step_matmuls(args.size, args.batch, per_head=False))
     extra = ["--size", str(args.size), "--batch", str(args.batch), "--repeats", str(args.repeats),
              "--device", args.device, "--dtype", args.dtype]
     results = {name: run_part(__file__, name, *extra) for name in ("mlx", "diffusers")}

@@ -4,9 +4,9 @@ Weights are counted exactly: the full-size MLX modules are built lazily (with th
 their parameter sizes summed without evaluating anything. Activations follow the tensors alive at each stage's
 peak, with constants measured on MLX (benchmarks/memory.py checks the whole estimate against measured peaks):
 
-- transformer: the residual streams, qkv, the MLP hidden state (about 10 hidden-size vectors per token, float32),
-  plus, where attention is not fused (MLX's CPU backend), the float32 scores and their softmax; on a GPU, buffers
-  that wait for their command batch to finish add about 0.75 GB;
+- transformer: the residual streams, qkv, the MLP hidden state (10-13 hidden-size vectors per token, float32),
+  plus, where attention is not fused (MLX's CPU backend, one head at a time), a head's float32 scores; on a GPU,
+  buffers that wait for their command batch to finish add about 0.75 GB;
 - VAE decoder: on the CPU, convolutions unfold their input (about 31 KB per output pixel in float32); on a GPU,
   about 5.4 KB per pixel plus 0.55 GB; tiled decoding bounds this by the tile size;
 - text encoders: each in turn (low-memory mode), T5's float32 FFN and attention for its tokens.
@@ -34,7 +34,9 @@ CPU_VAE_BYTES_PER_PIXEL = 30_800  # measured: float32 decode on MLX's CPU backen
 # fitted: float16, 512 (tiles) and 1024 pixels square; the per-pixel cost then raised by the 1024x1024 decode's
 # growth (+1.0 GiB) when GroupNorm started to gather each group contiguously (a float32 copy per norm)
 GPU_VAE_BYTES_PER_PIXEL, GPU_VAE_FIXED = 5_360, 0.55e9
-TRANSFORMER_VECTORS_PER_TOKEN = 10  # measured: float32 activations per token and hidden unit at the block peak
+# float32 activations per token and hidden unit at the block peak: measured on the CPU (attention one head at a
+# time), fitted on a GPU (fused attention) together with GPU_PENDING_BUFFERS
+CPU_TRANSFORMER_VECTORS, GPU_TRANSFORMER_VECTORS = 13, 10
 GPU_PENDING_BUFFERS = 0.75e9  # fitted: freed buffers whose command batch has not completed yet
 
 
@@ -109,13 +111,14 @@ def estimate(
         text.append(StageEstimate("text encoders", _weights(lambda: T5Encoder(t5), dtype, quantize_t5, keeps_float32),
                                   _encoder_activations(prompts, max_sequence_length, t5.d_model, t5.d_ff, t5.num_heads)))
 
-    d, heads = transformer.hidden_size, transformer.num_attention_heads
+    d = transformer.hidden_size
     patch = transformer.patch_size * vae.factor
     tokens = (height // patch) * (width // patch)
     seq = tokens + 77 + max_sequence_length
     batch = images * (2 if cfg else 1)
-    overhead = GPU_PENDING_BUFFERS if gpu else batch * heads * seq**2 * 4 * 2  # CPU: unfused attention scores
-    denoise_act = batch * TRANSFORMER_VECTORS_PER_TOKEN * seq * d * act + int(overhead)
+    overhead = GPU_PENDING_BUFFERS if gpu else batch * seq**2 * 4  # CPU: one head's scores
+    vectors = GPU_TRANSFORMER_VECTORS if gpu else CPU_TRANSFORMER_VECTORS
+    denoise_act = batch * vectors * seq * d * act + int(overhead)
     model = MMDiT(transformer)
     if drop_modulation:
         model.drop_modulation_weights()
