@@ -14,7 +14,7 @@ Each row runs in a fresh process. Memory columns:
 Times: the second of two decodes (the first compiles GPU kernels); peaks: over both.
 Diffusers' tiling uses our tile size and overlap (SD3's config would tile only above 1024x1024).
 On Linux the script re-executes itself with OpenBLAS preloaded (MLX's bundled BLAS is ~30x slower).
-MLX untiled is skipped on the CPU when its measured memory scaling (8.4 GiB at 512x512, growing with the
+MLX untiled is skipped on the CPU when its measured memory scaling (7.5 GiB at 512x512, growing with the
 pixel count) exceeds the memory available.
 """
 
@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
 from benchmarks.common import preload_openblas, run_part  # noqa: E402
+from mlx_flash.memory import CPU_VAE_BYTES_PER_PIXEL  # noqa: E402
 
 GiB = 2**30
-CPU_UNTILED_BYTES_PER_PIXEL = 8.4 * GiB / 512**2  # measured: 0.52, 2.10, 8.38 GiB at 128, 256, 512 px
 
 
 def _status(field: str) -> int:
@@ -141,7 +141,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for framework in ("mlx", "diffusers"):
         for mode in ("untiled", "tiled"):
-            need, free = CPU_UNTILED_BYTES_PER_PIXEL * args.size**2, available_memory()
+            need, free = CPU_VAE_BYTES_PER_PIXEL * args.size**2, available_memory()
             if (framework, mode) == ("mlx", "untiled") and mx.default_device() == mx.cpu and need > 0.8 * free:
                 print(f"| {framework} | {mode} | skipped: needs ~{need / GiB:.0f} GiB, {free / GiB:.0f} free | | |")
                 continue
