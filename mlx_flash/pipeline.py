@@ -23,7 +23,7 @@ from .hub import resolve_model_dir
 from .image_io import load_image, numpy_to_pil, open_rgb
 from .mmdit import MMDiT, MMDiTConfig, load_mmdit
 from .presets import PRESETS, Preset, SkipLayerGuidance
-from .quantization import Quantization, is_quantized, quantize_model
+from .quantization import Quantization, quantized
 from .t5 import T5_XXL, T5Config, load_t5
 from .text_encoders import TextEncoders
 from .vae import Autoencoder, VAEConfig, load_vae
@@ -108,7 +108,7 @@ class Pipeline:
         self.text_encoders = TextEncoders(
             root, dtype, use_t5=use_t5, low_memory=low_memory,
             joint_attention_dim=self.transformer_config.joint_attention_dim,
-            loaders={"text_encoder_3": lambda folder, dtype: self._quantized(load_t5(folder, dtype))},
+            loaders={"text_encoder_3": lambda folder, dtype: quantized(load_t5(folder, dtype), self.quantize)},
         )
         self._transformer: MMDiT | None = None
         self._vae: Autoencoder | None = None
@@ -122,14 +122,8 @@ class Pipeline:
     def transformer(self) -> MMDiT:
         if self._transformer is None:
             model = load_mmdit(self.root / "transformer", self.dtype, float32_residual=self.dtype == mx.float16)
-            self._transformer = self._quantized(model)
+            self._transformer = quantized(model, self.quantize)
         return self._transformer
-
-    def _quantized(self, model: nn.Module) -> nn.Module:
-        """`model` quantized to `self.quantize` bits (the converter's policy), unless stored quantized."""
-        if self.quantize and not is_quantized(model):
-            quantize_model(model, Quantization(self.quantize))
-        return model
 
     @property
     def vae(self) -> Autoencoder:
@@ -336,7 +330,7 @@ class Pipeline:
         if config.get("quantization"):
             _, stored = read_component(self.root / component)
             return lambda model: quantize_like(model, stored, config["quantization"])
-        return (lambda model: quantize_model(model, Quantization(bits))) if bits else None
+        return (lambda model: quantized(model, bits)) if bits else None
 
     def _initial_noise(self, batch: int, height: int, width: int, seed, latents) -> mx.array:
         shape = (batch, height // self.vae_factor, width // self.vae_factor, 16)

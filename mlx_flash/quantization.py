@@ -66,6 +66,14 @@ def quantize_model(model: nn.Module, quantization: Quantization) -> dict:
     return {"group_size": quantization.group_size, "bits": quantization.bits, **overrides}
 
 
+def quantized(model: nn.Module, bits: int | None) -> nn.Module:
+    """`model` quantized in place to `bits` with the converter's policy, as `load_pipeline(..., quantize=bits)`
+    loads it; unchanged when `bits` is None or the model was stored quantized."""
+    if bits and not is_quantized(model):
+        quantize_model(model, Quantization(bits))
+    return model
+
+
 def is_quantized(model: nn.Module) -> bool:
     """Whether any layer of `model` is quantized."""
     return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for m in model.modules())

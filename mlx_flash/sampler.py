@@ -12,7 +12,8 @@ import numpy as np
 NUM_TRAIN_TIMESTEPS = 1000
 
 
-def _shifted(sigmas: np.ndarray, shift: float) -> np.ndarray:
+def shifted(sigmas, shift: float):
+    """SD3's timestep shift of noise levels (numpy or MLX arrays): more of them near pure noise for shift > 1."""
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
@@ -29,13 +30,13 @@ def flow_sigmas(num_steps: int, shift: float = 3.0, sigmas: list[float] | None =
             raise ValueError(
                 f"got {len(sigmas)} custom sigmas for {num_steps} steps; pass exactly one sigma per step."
             )
-        out = _shifted(np.array(sigmas).astype(np.float32), shift).astype(np.float32)
+        out = shifted(np.array(sigmas).astype(np.float32), shift).astype(np.float32)
     else:
         # The scheduler's training table is float32; only its end points enter the inference spacing.
         train = np.float32([1, NUM_TRAIN_TIMESTEPS]) / NUM_TRAIN_TIMESTEPS
-        sigma_min, sigma_max = (float(s) for s in _shifted(train, shift))
+        sigma_min, sigma_max = (float(s) for s in shifted(train, shift))
         t = np.linspace(sigma_max * NUM_TRAIN_TIMESTEPS, sigma_min * NUM_TRAIN_TIMESTEPS, num_steps)
-        out = _shifted(t / NUM_TRAIN_TIMESTEPS, shift).astype(np.float32)
+        out = shifted(t / NUM_TRAIN_TIMESTEPS, shift).astype(np.float32)
     return np.append(out, np.float32(0))
 
 

@@ -377,9 +377,9 @@ class TileStatistics:
         self.running = []
 
 
-def _tiles(length_y: int, length_x: int, tile: int, overlap: int):
-    """(rows, cols, region) of each tile: its spans in units and the part it owns, as `TileStatistics` takes."""
-    rows, cols = _spans(length_y, tile, overlap), _spans(length_x, tile, overlap)
+def _tiles(rows: list[tuple[int, int]], cols: list[tuple[int, int]]):
+    """(rows, cols, region) of each tile of the grid `rows` x `cols` (spans in units): its spans and the part it
+    owns, as `TileStatistics` takes."""
 
     def owned(spans):
         cuts = [0] + [(e + s) // 2 for (_, e), (s, _) in zip(spans, spans[1:])] + [spans[-1][1]]
@@ -401,7 +401,7 @@ def _tiled(fn: Callable[[mx.array], mx.array], x: mx.array, unit_in: int, unit_o
     `TileStatistics`; `fn` must be a bound method of the module holding them)."""
     rows = _spans(x.shape[1] // unit_in, tile, overlap)
     cols = _spans(x.shape[2] // unit_in, tile, overlap)
-    tiles = list(_tiles(x.shape[1] // unit_in, x.shape[2] // unit_in, tile, overlap))
+    tiles = list(_tiles(rows, cols))
 
     def crop(y: tuple[int, int], c: tuple[int, int]) -> mx.array:
         return x[:, y[0] * unit_in : y[1] * unit_in, c[0] * unit_in : c[1] * unit_in]

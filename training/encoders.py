@@ -11,7 +11,7 @@ import numpy as np
 import sentencepiece
 
 from mlx_flash.clip import CLIPConfig, CLIPTextModel, save_clip
-from mlx_flash.quantization import Quantization, quantize_model
+from mlx_flash.quantization import quantized
 from mlx_flash.t5 import T5Config, T5Encoder, load_t5, save_t5
 from mlx_flash.text_encoders import TextEncoders
 from mlx_flash.tokenizer import read_clip_merges, write_clip_vocab
@@ -54,18 +54,11 @@ def write_text_encoders(root: Path, seed: int) -> None:
     save_t5(root / "text_encoder_3", half(T5Encoder(t5)))
 
 
-def load_t5_quantized(folder: Path, dtype: mx.Dtype, bits: int) -> T5Encoder:
-    """T5 as `load_pipeline(..., quantize=bits)` loads it."""
-    model = load_t5(folder, dtype)
-    quantize_model(model, Quantization(bits))
-    return model
-
-
 def encode(root: Path, texts: list[str], max_sequence_length: int,
            bits: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(prompt embeddings, pooled embeddings) of `texts` exactly as the pipeline computes them in float32,
     quantized to `bits` if given (which quantizes T5)."""
-    loaders = {"text_encoder_3": lambda folder, dtype: load_t5_quantized(folder, dtype, bits)} if bits else None
+    loaders = {"text_encoder_3": lambda folder, dtype: quantized(load_t5(folder, dtype), bits)}
     encoders = TextEncoders(root, mx.float32, joint_attention_dim=T5_WIDTH, loaders=loaders)
     embeds, pooled, _, _ = encoders.encode(texts, do_cfg=False, max_sequence_length=max_sequence_length)
     return np.array(embeds), np.array(pooled)

@@ -73,10 +73,6 @@ def scheduler_shift(root: Path) -> float:
     return json.loads((root / "scheduler" / "scheduler_config.json").read_text())["shift"]
 
 
-def shifted(sigmas: mx.array, shift: float) -> mx.array:
-    return shift * sigmas / (1 + (shift - 1) * sigmas)
-
-
 def flow_loss(model: MMDiT, x0: mx.array, noise: mx.array, sigmas: mx.array, embeds, pooled) -> mx.array:
     """SD3's rectified-flow loss: the velocity noise - x0 at x_s = (1 - s) x0 + s noise, mean squared error."""
     s = sigmas[:, None, None, None]
@@ -141,7 +137,7 @@ def main() -> None:
         rows, i = mx.array(rows), mx.array(i)
         latents = mean[i] + std[i] * mx.random.normal(mean[i].shape)
         x0 = (latents - shift_factor) * scaling_factor
-        sigmas = shifted(mx.sigmoid(mx.random.normal((args.batch,))), shift)
+        sigmas = sampler.shifted(mx.sigmoid(mx.random.normal((args.batch,))), shift)
         return x0, mx.random.normal(x0.shape), sigmas, table.embeds[rows], table.pooled[rows]
 
     ema = fit(model, lambda *b: flow_loss(model, *b), batch, args.steps, args.lr, warmup=200, ema_decay=0.999)
