@@ -215,7 +215,7 @@ def _sd3_family(keys: Sequence[str], tensors: Mapping[str, mx.array]) -> str | N
     names = [p.name for p in PRESETS.values()
              if p.transformer.num_layers == max(blocks) + 1 and bool(p.transformer.dual_attention_layers) == dual
              and width in (None, p.transformer.hidden_size)]
-    described = f"an SD3-family transformer with at least {max(blocks) + 1} blocks"
+    described = f"an SD3-family transformer with {max(blocks) + 1}{' or more' if len(blocks) == 1 else ''} blocks"
     described += f", width {width}" if width else ""
     described += ", dual attention" if dual else ""
     return described + (f" ({' / '.join(dict.fromkeys(n.split('-turbo')[0] for n in names))})" if names else "")
@@ -343,6 +343,7 @@ def map_lora(lora: LoRAFile, model: nn.Module, component: str) -> dict[str, tupl
             parts.setdefault(path, {})[index] = _Part(entry.down, up.astype(mx.float32) * factor, module)
             counts[path] = count
     if unmatched:
+        unmatched.sort(key=lambda m: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", m)])
         raise LoRAError(
             f"LoRA {lora.name}: {len(unmatched)} of its {len(entries)} {component} modules match nothing in this "
             f"model ({_first(unmatched)}); {_architecture_hint(_tensors_of(entries))}, "
@@ -487,26 +488,25 @@ def adapter_bytes(model: nn.Module) -> int:
 
 @dataclass(frozen=True)
 class FuseReport:
-    """What fusing changed: the adapted layers, and for quantized layers the requantization's added error
-    (max |requantized - (dequantized + delta)| over all weights, and that relative to max |delta|)."""
+    """What fusing changed: the adapted layers, and for the requantized ones the error requantizing added
+    (max |requantized - (dequantized + delta)| over their weights, and that relative to their largest weight)."""
 
     layers: int
     requantized: int
     max_error: float
-    max_delta: float
+    max_weight: float
 
     @property
     def relative_error(self) -> float:
-        return self.max_error / self.max_delta if self.max_delta else 0.0
+        return self.max_error / self.max_weight if self.max_weight else 0.0
 
 
 def fuse_loras(model: nn.Module) -> FuseReport:
     """Fold every unfused adapter, at its current scale, into its layer's weight (quantized layers: dequantize,
     add, requantize with the layer's own settings) and turn the layers back into plain ones."""
-    fused, requantized, max_error, max_delta = {}, 0, 0.0, 0.0
+    fused, requantized, max_error, max_weight = {}, 0, 0.0, 0.0
     for path, layer in lora_layers(model).items():
         delta = layer.delta_weight()
-        max_delta = max(max_delta, mx.abs(delta).max().item())
         if isinstance(layer, nn.QuantizedLinear):
             weight = mx.dequantize(layer.weight, layer.scales, layer.get("biases"), layer.group_size, layer.bits,
                                    mode=layer.mode)
@@ -517,6 +517,7 @@ def fuse_loras(model: nn.Module) -> FuseReport:
             restored = mx.dequantize(new.weight, new.scales, new.get("biases"), new.group_size, new.bits,
                                      mode=new.mode)
             max_error = max(max_error, mx.abs(restored.astype(mx.float32) - exact).max().item())
+            max_weight = max(max_weight, mx.abs(exact).max().item())
             requantized += 1
         else:
             new = nn.Linear(layer.weight.shape[1], layer.weight.shape[0], bias="bias" in layer)
@@ -527,4 +528,7 @@ def fuse_loras(model: nn.Module) -> FuseReport:
         fused[path] = new
     if fused:
         model.update_modules(tree_unflatten(list(fused.items())))
-    return FuseReport(len(fused), requantized, max_error, max_delta)
+    if requantized:
+        log.info("fused LoRAs into %d layers; requantizing %d added at most %.2g (%.1f%% of their largest weight)",
+                 len(fused), requantized, max_error, 100 * max_error / max_weight)
+    return FuseReport(len(fused), requantized, max_error, max_weight)
