@@ -38,6 +38,9 @@ def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--num-images", type=int, default=None, help="images to make (default 1)")
     gen.add_argument("--image", type=Path, default=None, help="input image for img2img")
     gen.add_argument("--strength", type=float, default=None, help="img2img strength in (0, 1] (default 0.6)")
+    gen.add_argument("--lora", action="append", default=None, metavar="PATH_OR_REPO_FILE[:SCALE]",
+                     help="apply a LoRA (a .safetensors file, or ORG/REPO/FILE.safetensors on the hub) at SCALE "
+                          "(default 1); repeatable")
     gen.add_argument("--quantize", type=int, choices=[2, 3, 4, 5, 6, 8], default=None, help="quantize the transformer")
     gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
     gen.add_argument("--no-t5", action="store_const", const=True, default=None,
@@ -135,8 +138,12 @@ def generate(args: argparse.Namespace) -> None:
         if taken:
             raise FileExistsError(f"{taken[0]} already exists; pass --force to overwrite it or choose another --output.")
 
+    from .lora import parse_lora_arg
+
+    loras = ([parse_lora_arg(text) for text in args.lora] if args.lora is not None
+             else [(entry["source"], entry["scale"]) for entry in meta.get("loras", [])])
     pipe = load_pipeline(args.model or DEFAULT_MODEL, dtype=args.dtype, quantize=args.quantize,
-                         use_t5=not args.no_t5, base=args.base)
+                         use_t5=not args.no_t5, base=args.base, loras=loras)
     same = ("model_revision", "model_fingerprint")
     if meta and any(meta.get(k) != pipe.identity.get(k) for k in same if k in meta or k in pipe.identity):
         logging.getLogger("mlx_flash").warning(

@@ -524,7 +524,6 @@ def fuse_loras(model: nn.Module) -> FuseReport:
             new.weight = (layer.weight.astype(mx.float32) + delta).astype(layer.weight.dtype)
         if "bias" in layer:
             new.bias = layer.bias
-        mx.eval(new.parameters())
         fused[path] = new
     if fused:
         model.update_modules(tree_unflatten(list(fused.items())))
@@ -532,3 +531,62 @@ def fuse_loras(model: nn.Module) -> FuseReport:
         log.info("fused LoRAs into %d layers; requantizing %d added at most %.2g (%.1f%% of their largest weight)",
                  len(fused), requantized, max_error, 100 * max_error / max_weight)
     return FuseReport(len(fused), requantized, max_error, max_weight)
+
+
+# A pipeline's LoRAs -----------------------------------------------------------------------------------------
+
+
+class LoRAs:
+    """The LoRAs of a pipeline: each file read once, applied to every component it adapts whenever that
+    component is (re)loaded, with user scales that `set_scales` changes without reloading anything."""
+
+    def __init__(self, specs: Sequence = ()):
+        pairs = [(s, 1.0) if isinstance(s, (str, Path)) else tuple(s) for s in specs]
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError("loras must be a list of (path_or_repo_file, scale) pairs.")
+        self.sources = [str(source) for source, _ in pairs]
+        scales = [check_scale(scale, str(source)) for source, scale in pairs]
+        self.files = [read_lora(source) for source in self.sources]
+        self.scales = LoRAScales(scales)
+        self.elements: dict[str, int] = {}  # adapter elements per component, counted by `check`
+
+    def __bool__(self) -> bool:
+        return bool(self.files)
+
+    def components(self) -> set[str]:
+        return {c for f in self.files for c in f.modules}
+
+    def apply(self, model: nn.Module, component: str) -> nn.Module:
+        """`model` (the pipeline's `component`) with every LoRA's adapters for it attached."""
+        return apply_loras(model, component, self.files, self.scales) if self.files else model
+
+    def check(self, models: Mapping[str, nn.Module]) -> None:
+        """Raise LoRAError unless each LoRA fits the components it adapts; `models` may be lazy (unevaluated)
+        modules of the right configuration. Count the adapters' elements; warn about adapters for a component
+        that will not be loaded."""
+        self.elements = {}
+        for lora in self.files:
+            for component in lora.modules:
+                if component in models:
+                    mapped = map_lora(lora, models[component], component).values()
+                    self.elements[component] = self.elements.get(component, 0) + sum(
+                        down.size + up.size for down, up in mapped)
+                else:
+                    log.warning("LoRA %s: its %s adapters are unused (that encoder is not loaded).", lora.name,
+                                component)
+            if lora.unknown:
+                log.warning("LoRA %s: %d tensors of no LoRA naming are ignored (%s).", lora.name, len(lora.unknown),
+                            _first(lora.unknown))
+
+    def set_scales(self, scales: Sequence[float]) -> None:
+        if len(scales) != len(self.files):
+            raise ValueError(f"got {len(scales)} LoRA scales for {len(self.files)} LoRAs; pass one per LoRA, in order.")
+        self.scales.values[:] = [check_scale(s, source) for s, source in zip(scales, self.sources)]
+
+    def nbytes(self, dtype: mx.Dtype) -> dict[str, int]:
+        """Bytes the unfused adapters take in `dtype`, per component (as counted by `check`)."""
+        return {component: n * dtype.size for component, n in self.elements.items()}
+
+    def metadata(self) -> list[dict]:
+        """[{"source", "scale"}] per LoRA, for an image's metadata."""
+        return [{"source": s, "scale": v} for s, v in zip(self.sources, self.scales.values)]

@@ -316,3 +316,98 @@ def test_lora_for_another_architecture(medium_loras, tmp_path, make, expected):
     message = _one_line(err)
     print("\n" + message)
     assert expected in message and "this model's transformer has 3 blocks" in message
+
+
+# Pipeline, converter and command line -------------------------------------------------------------------------
+
+HEIGHT, WIDTH = 64, 96
+PROMPT = dict(prompt="a red fox in the snow", negative_prompt="blurry")
+
+
+@pytest.fixture(scope="module")
+def reference_pipeline(tiny_pipeline_dir, clip_loras):
+    """diffusers' StableDiffusion3Pipeline with both LoRAs: load_lora_weights + set_adapters([a, b], SCALES)."""
+    files, _ = clip_loras
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_pipeline_dir, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    for name, file in zip("ab", files):
+        pipe.load_lora_weights(str(file), adapter_name=name)
+    pipe.set_adapters(["a", "b"], SCALES)
+    return pipe
+
+
+def images(pipe, reference: bool = False, **settings) -> np.ndarray:
+    latents = torch.randn((1, 16, HEIGHT // 8, WIDTH // 8), generator=torch.Generator().manual_seed(0))
+    settings = {**PROMPT, "height": HEIGHT, "width": WIDTH, "output_type": "np", **settings}
+    if reference:
+        return pipe(**settings, latents=latents).images
+    return pipe.generate(**settings, latents=latents.numpy(), skip_layer_guidance=False, progress=False)
+
+
+@pytest.mark.parametrize("steps, guidance, low_memory", [(3, 4.0, False), (4, 1.0, True)])
+def test_pipeline_parity_with_diffusers(tiny_pipeline_dir, clip_loras, reference_pipeline, steps, guidance,
+                                        low_memory):
+    """Images <= 1e-3 on [0, 1]. The 4-step run without CFG precomputes the adaLN modulations (so the adaLN
+    adapters must be in) and, in low-memory mode, reloads (and re-adapts) every component on each call."""
+    import mlx_flash
+
+    files, _ = clip_loras
+    settings = dict(num_inference_steps=steps, guidance_scale=guidance)
+    expected = images(reference_pipeline, reference=True, **settings)
+    plain = images(mlx_flash.load_pipeline(tiny_pipeline_dir, dtype="float32", low_memory=False), **settings)
+    pipe = mlx_flash.load_pipeline(tiny_pipeline_dir, dtype="float32", low_memory=low_memory,
+                                   loras=[(files[0], SCALES[0]), (files[1], SCALES[1])])
+    got = [images(pipe, **settings) for _ in range(2)]
+    effect, err = np.abs(plain - expected).max(), max(np.abs(g - expected).max() for g in got)
+    print(f"\n{steps} steps, guidance {guidance}, low_memory {low_memory}: LoRA effect {effect:.3f}, error {err:.1e}")
+    assert effect > 0.05 and err <= 1e-3
+    pipe.set_lora_scales([0.0, 0.0])
+    assert np.abs(images(pipe, **settings) - plain).max() <= 1e-6
+
+
+def test_converted_with_fused_loras(tiny_pipeline_dir, clip_loras, reference_pipeline, tmp_path):
+    import mlx_flash
+    from mlx_flash.convert import convert
+
+    files, _ = clip_loras
+    out = convert(tiny_pipeline_dir, tmp_path / "fused", dtype="float32",
+                  loras=[(files[0], SCALES[0]), (files[1], SCALES[1])])
+    expected = images(reference_pipeline, reference=True, num_inference_steps=3, guidance_scale=4.0)
+    got = images(mlx_flash.load_pipeline(out, low_memory=False), num_inference_steps=3, guidance_scale=4.0)
+    print(f"\nfused by the converter: error {np.abs(got - expected).max():.1e}")
+    assert np.abs(got - expected).max() <= 1e-3
+
+
+def test_estimator_counts_unfused_adapters(tiny_pipeline_dir, clip_loras):
+    import mlx_flash
+
+    files, _ = clip_loras
+    plain = mlx_flash.load_pipeline(tiny_pipeline_dir, dtype="float32", low_memory=False)
+    pipe = mlx_flash.load_pipeline(tiny_pipeline_dir, dtype="float32", low_memory=False, loras=[(f, 1.0) for f in files])
+    model = pipe.transformer
+    added = {a.name: b.weights - a.weights for a, b in zip(plain.estimate_memory(64, 64), pipe.estimate_memory(64, 64))}
+    assert added["transformer"] == lora.adapter_bytes(model) > 0
+
+
+def test_cli_lora_metadata_and_from(tiny_pipeline_dir, clip_loras, tmp_path):
+    from test_cli import run
+
+    from mlx_flash.image_io import read_metadata
+
+    files, _ = clip_loras
+    common = ["--model", str(tiny_pipeline_dir), "--steps", "2", "--width", "64", "--height", "64", "--seed", "3",
+              "--dtype", "float32"]
+    result = run("generate", "a fox", *common, "--lora", f"{files[0]}:0.7", "--lora", str(files[1]),
+                 "--output", str(tmp_path / "a.png"))
+    assert result.returncode == 0, result.stderr
+    meta = read_metadata(tmp_path / "a.png")
+    assert meta["loras"] == [{"source": str(files[0]), "scale": 0.7}, {"source": str(files[1]), "scale": 1.0}]
+    again = run("generate", "--from", str(tmp_path / "a.png"), "--output", str(tmp_path / "b.png"))
+    assert again.returncode == 0, again.stderr
+    from PIL import Image
+
+    assert Image.open(tmp_path / "a.png").tobytes() == Image.open(tmp_path / "b.png").tobytes()
+    for bad, message in ((f"{files[0]}:abc", "is not a number"), (str(tmp_path / "none.safetensors"), "no such file")):
+        result = run("generate", "a fox", *common, "--lora", bad, "--output", str(tmp_path / "c.png"))
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and len(lines) == 1 and message in lines[0], result.stderr
