@@ -45,8 +45,8 @@ def write_lora(path: Path, rank: int, seed: int) -> None:
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in TARGETS):
             out, inputs = module.weight.shape
-            tensors[f"transformer.{name}.lora_A.weight"] = (0.01 * rng.standard_normal((rank, inputs))).astype(np.float32)
-            tensors[f"transformer.{name}.lora_B.weight"] = (0.01 * rng.standard_normal((out, rank))).astype(np.float32)
+            for matrix, shape in (("lora_A", (rank, inputs)), ("lora_B", (out, rank))):
+                tensors[f"transformer.{name}.{matrix}.weight"] = (0.01 * rng.standard_normal(shape)).astype(np.float32)
     save_file(tensors, str(path))
 
 
@@ -126,7 +126,8 @@ def torch_part(args) -> dict:
     load = 0.0
     for i, f in enumerate(FILES):
         start = time.perf_counter()
-        state, metadata = StableDiffusion3Pipeline.lora_state_dict(str(_file(args.folder, *f)), return_lora_metadata=True)
+        state, metadata = StableDiffusion3Pipeline.lora_state_dict(str(_file(args.folder, *f)),
+                                                                   return_lora_metadata=True)
         StableDiffusion3Pipeline.load_lora_into_transformer(state, model, adapter_name=f"l{i}", metadata=metadata)
         load = load or time.perf_counter() - start
     for ranks in CASES[1:]:

@@ -67,7 +67,8 @@ def inputs(config: dict, seed: int = 0) -> tuple:
 def run_reference(model, x) -> np.ndarray:
     latents, t, ctx, pooled = (torch.from_numpy(a) for a in x)
     with torch.no_grad():
-        return model(hidden_states=latents, timestep=t, encoder_hidden_states=ctx, pooled_projections=pooled).sample.numpy()
+        out = model(hidden_states=latents, timestep=t, encoder_hidden_states=ctx, pooled_projections=pooled)
+    return out.sample.numpy()
 
 
 def run_ours(model, x) -> np.ndarray:
@@ -169,7 +170,8 @@ def clip_loras(tiny_pipeline_dir, tmp_path_factory):
     """LoRA b of make_loras on the tiny pipeline's transformer and both CLIPs, and the encoders with it loaded by
     diffusers' SD3 text-encoder loader."""
     folder = tmp_path_factory.mktemp("clip_loras")
-    encoders = [CLIPTextModelWithProjection.from_pretrained(tiny_pipeline_dir / n) for n in ("text_encoder", "text_encoder_2")]
+    encoders = [CLIPTextModelWithProjection.from_pretrained(tiny_pipeline_dir / n)
+                for n in ("text_encoder", "text_encoder_2")]
     transformer = SD3Transformer2DModel.from_pretrained(tiny_pipeline_dir / "transformer")
     files = make_loras(transformer, folder, encoders)
     refs = []
@@ -383,7 +385,8 @@ def test_estimator_counts_unfused_adapters(tiny_pipeline_dir, clip_loras):
 
     files, _ = clip_loras
     plain = mlx_flash.load_pipeline(tiny_pipeline_dir, dtype="float32", low_memory=False)
-    pipe = mlx_flash.load_pipeline(tiny_pipeline_dir, dtype="float32", low_memory=False, loras=[(f, 1.0) for f in files])
+    pipe = mlx_flash.load_pipeline(tiny_pipeline_dir, dtype="float32", low_memory=False,
+                                   loras=[(f, 1.0) for f in files])
     model = pipe.transformer
     added = {a.name: b.weights - a.weights for a, b in zip(plain.estimate_memory(64, 64), pipe.estimate_memory(64, 64))}
     assert added["transformer"] == lora.adapter_bytes(model) > 0
