@@ -24,7 +24,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from safetensors import safe_open
 
 from . import clip, mmdit, t5
-from .hub import download_file, is_repo_id
+from .hub import ModelNotFoundError, download_file, is_repo_id
 from .presets import PRESETS
 from .single_file import map_tensors, transformer_modules, transformer_rules
 from .weights import Fuse, Rule, WeightsError, load_safetensors, refuse_pickle, remap
@@ -123,7 +123,8 @@ def check_scale(scale: object, source: str) -> float:
 
 
 def resolve_lora_file(source: str | Path, revision: str | None = None) -> Path:
-    """A local .safetensors path, or `ORG/REPO/FILE.safetensors` fetched from the hub."""
+    """A local .safetensors path, or `ORG/REPO/FILE.safetensors` fetched from the hub (with the PEFT
+    `adapter_config.json` beside it, if the repo has one)."""
     path = Path(source).expanduser()
     refuse_pickle(path)
     if path.is_file():
@@ -131,7 +132,13 @@ def resolve_lora_file(source: str | Path, revision: str | None = None) -> Path:
     text = str(source)
     if not path.exists() and HUB_FILE.fullmatch(text) and is_repo_id("/".join(text.split("/")[:2])):
         org, repo, filename = text.split("/", 2)
-        return download_file(f"{org}/{repo}", filename, revision)
+        local = download_file(f"{org}/{repo}", filename, revision)
+        config = str(Path(filename).with_name("adapter_config.json"))
+        try:
+            download_file(f"{org}/{repo}", config, revision)
+        except ModelNotFoundError:
+            pass  # no PEFT config: a diffusers / kohya file carries its alphas itself
+        return local
     if path.is_dir():
         raise LoRAError(f"LoRA {source}: is a folder; pass the .safetensors file inside it.")
     raise LoRAError(f"LoRA {source}: no such file; pass a .safetensors path or ORG/REPO/FILE.safetensors on the hub.")

@@ -165,6 +165,87 @@ def test_other_namings_give_identical_outputs(medium_loras, tmp_path, style):
     assert rel(got, expected) <= 1e-5
 
 
+def test_raw_peft_file_with_its_adapter_config(medium_loras, tmp_path):
+    """`base_model.model.` keys, the alphas in adapter_config.json beside the file (as PEFT saves them)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    _, path, files, config = medium_loras
+    with safe_open(str(files[0]), "pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    state = {k.replace("transformer.", "base_model.model.", 1): v for k, v in load_file(str(files[0])).items()}
+    save_file(state, str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {k.removeprefix("transformer."): v for k, v in meta.items() if k.startswith("transformer.")}))
+    x = inputs(config, seed=3)
+    expected = run_ours(ours_with(path, files[:1], SCALES[:1])[0], x)
+    got = run_ours(ours_with(path, [tmp_path / "adapter_model.safetensors"], SCALES[:1])[0], x)
+    assert rel(got, expected) == 0.0
+
+
+def test_t5_lora_in_kohya_naming(tiny_pipeline_dir, tmp_path):
+    """lora_te3_ (kohya's T5-XXL prefix): against transformers' T5EncoderModel with the same peft adapter."""
+    from transformers import T5EncoderModel
+
+    from mlx_flash.t5 import load_t5
+
+    model = T5EncoderModel.from_pretrained(tiny_pipeline_dir / "text_encoder_3").eval()
+    state, _ = add_adapter(model, "c", ["q", "k", "v", "o", "wi_0", "wi_1", "wo"], 5, 0.1, r=2, lora_alpha=3)
+    kohya = {}
+    for key, value in state.items():
+        module, _, matrix = key.rpartition(".lora_")
+        name = "lora_te3_" + module.replace(".", "_")
+        kohya[f"{name}.lora_{'down' if matrix.startswith('A') else 'up'}.weight"] = value.contiguous()
+        kohya[f"{name}.alpha"] = torch.tensor(3.0)
+    save_file(kohya, str(tmp_path / "t5.safetensors"))
+    ids = np.random.default_rng(0).integers(0, 100, (2, 30))
+    with torch.no_grad():
+        expected = model(torch.from_numpy(ids)).last_hidden_state.numpy()
+        with _no_adapter(model):
+            plain = model(torch.from_numpy(ids)).last_hidden_state.numpy()
+    ours = load_t5(tiny_pipeline_dir / "text_encoder_3")
+    lora.apply_loras(ours, "text_encoder_3", [lora.read_lora(tmp_path / "t5.safetensors")], lora.LoRAScales([1.0]))
+    got = np.array(ours(mx.array(ids)))
+    print(f"\nT5 lora_te3: effect {rel(plain, expected):.3f}, error {rel(got, expected):.1e}")
+    assert rel(plain, expected) > 0.05 and rel(got, expected) <= 1e-5
+
+
+def _no_adapter(model):
+    """peft's layers switched off for the duration of a `with`."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    class Off:
+        def __enter__(self):
+            for m in model.modules():
+                if isinstance(m, BaseTunerLayer):
+                    m.enable_adapters(False)
+
+        def __exit__(self, *exc):
+            for m in model.modules():
+                if isinstance(m, BaseTunerLayer):
+                    m.enable_adapters(True)
+    return Off()
+
+
+def test_hub_file(monkeypatch, tmp_path, medium_loras):
+    """ORG/REPO/PATH.safetensors is fetched (with an adapter_config.json beside it when the repo has one)."""
+    from mlx_flash.hub import ModelNotFoundError
+
+    calls = []
+
+    def download(repo, filename, revision=None):
+        calls.append((repo, filename))
+        if filename.endswith("adapter_config.json"):
+            raise ModelNotFoundError(f"{repo}: no {filename}")
+        return medium_loras[2][0]
+
+    monkeypatch.setattr(lora, "download_file", download)
+    assert lora.resolve_lora_file("org/repo/sub/x.safetensors") == medium_loras[2][0]
+    assert calls == [("org/repo", "sub/x.safetensors"), ("org/repo", "sub/adapter_config.json")]
+
+
 @pytest.fixture(scope="module")
 def clip_loras(tiny_pipeline_dir, tmp_path_factory):
     """LoRA b of make_loras on the tiny pipeline's transformer and both CLIPs, and the encoders with it loaded by
