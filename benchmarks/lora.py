@@ -2,12 +2,14 @@
 + peft in the same run: one step without LoRA, with 1 and 2 LoRAs of rank 16 and of rank 64 (every linear layer
 the issue's parity tests target), and the time to load one LoRA file onto the model.
 
-    python benchmarks/lora.py [--size 512] [--repeats 2] [--device cpu|gpu] [--dtype float32] [--no-reference]
+    python benchmarks/lora.py [--size 512] [--layers 24] [--repeats 2] [--device cpu|gpu] [--dtype float32]
+                              [--no-reference]
 
 The LoRA files (diffusers naming, random adapters) are written to a temporary folder first. Each framework runs in
 its own process; on Linux the script re-executes itself with OpenBLAS preloaded (REFERENCE.md, Linux CPU note).
-Overhead = step time with the LoRAs / step time without - 1; the target is <= 5% per LoRA. The last line is the
-MLX step time with one rank-16 LoRA over diffusers'.
+Overhead = step time with the LoRAs / step time without - 1; the target is <= 5% per LoRA. `--layers N` keeps the
+first N blocks (all blocks are alike, so the overhead hardly changes) for a machine without the time or the memory
+for the full model. The last line is the MLX step time with one rank-16 LoRA over diffusers'.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -31,7 +34,13 @@ TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_
 CASES = [(), (16,), (16, 16), (64,), (64, 64)]  # the ranks of the LoRAs of each timed case
 
 
-def write_lora(path: Path, rank: int, seed: int) -> None:
+def model_config(layers: int):
+    """SD3.5 Medium with its first `layers` blocks."""
+    return replace(SD35_MEDIUM, num_layers=layers,
+                   dual_attention_layers=tuple(i for i in SD35_MEDIUM.dual_attention_layers if i < layers))
+
+
+def write_lora(path: Path, rank: int, seed: int, layers: int) -> None:
     """A diffusers-named LoRA of `rank` on every targeted linear layer of SD3.5 Medium, small random values."""
     import numpy as np
     import torch
@@ -39,7 +48,7 @@ def write_lora(path: Path, rank: int, seed: int) -> None:
     from safetensors.numpy import save_file
 
     with torch.device("meta"):
-        model = SD3Transformer2DModel(**SD35_MEDIUM.to_diffusers())
+        model = SD3Transformer2DModel(**model_config(layers).to_diffusers())
     rng = np.random.default_rng(seed)
     tensors = {}
     for name, module in model.named_modules():
@@ -70,7 +79,7 @@ def mlx_part(args) -> dict:
 
     mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
     dtype = getattr(mx, args.dtype)
-    model = MMDiT(SD35_MEDIUM)
+    model = MMDiT(model_config(args.layers))
     model.set_dtype(dtype)
     mx.eval(model.parameters())
     h = args.size // 8
@@ -106,7 +115,7 @@ def torch_part(args) -> dict:
         return torch.randn(*shape, device=device, dtype=dtype)
 
     with torch.device("meta"):
-        model = SD3Transformer2DModel(**SD35_MEDIUM.to_diffusers())
+        model = SD3Transformer2DModel(**model_config(args.layers).to_diffusers())
     model = model.to_empty(device=device).to(dtype).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -140,6 +149,7 @@ def torch_part(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
+    parser.add_argument("--layers", type=int, default=24, help="blocks of the model (default 24: all)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="gpu: Metal/CUDA MLX and CUDA torch")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
@@ -154,13 +164,14 @@ def main() -> None:
         preload_openblas()
     with tempfile.TemporaryDirectory() as folder:
         for rank, index in FILES:
-            write_lora(_file(folder, rank, index), rank, seed=10 * index + rank)
-        extra = ["--size", str(args.size), "--repeats", str(args.repeats), "--device", args.device,
+            write_lora(_file(folder, rank, index), rank, seed=10 * index + rank, layers=args.layers)
+        extra = ["--size", str(args.size), "--layers", str(args.layers), "--repeats", str(args.repeats), "--device", args.device,
                  "--dtype", args.dtype, "--folder", folder]
         names = ("mlx",) if args.no_reference else ("mlx", "diffusers")
         results = {name: run_part(__file__, name, *extra) for name in names}
-    print(f"SD3.5 Medium transformer, one step, {args.size}x{args.size}, {args.dtype}, {args.device}; unfused LoRAs "
-          f"on {len(TARGETS)} kinds of linear layer")
+    blocks = "" if args.layers == SD35_MEDIUM.num_layers else f" (its first {args.layers} blocks)"
+    print(f"SD3.5 Medium transformer{blocks}, one step, {args.size}x{args.size}, {args.dtype}, {args.device}; "
+          f"unfused LoRAs on {len(TARGETS)} kinds of linear layer")
     print(f"{'LoRA ranks':12}" + "".join(f"{name + ' s':>12}{'overhead':>10}" for name in results))
     for case in results["mlx"]["steps"]:
         row = f"{case:12}"

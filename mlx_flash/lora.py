@@ -6,6 +6,11 @@ single-file loader's rules, diffusers / transformers names through each model's 
 layers as unfused adapters: a layer's output gains `user_scale * alpha / rank * B @ A x` per LoRA. Our fused
 q/k/v projections take the three adapters block-diagonally; Stability-named adapters on the final and the last
 block's context adaLN take the single-file loader's scale/shift swap. `fuse_loras` folds them into the weights.
+
+alpha / rank: a file's `.alpha` tensors, else the PEFT config it carries (diffusers' `lora_adapter_metadata` header
+or an adapter_config.json beside it, with rank / alpha patterns), else 1 (diffusers' convention). A kohya
+`split_qkv` file (down (3r, in), block-diagonal up) is scaled by alpha / r as it was trained; ComfyUI and
+sd-scripts' own loader divide by 3r.
 """
 
 from __future__ import annotations
