@@ -448,13 +448,44 @@ def test_pipeline_parity_with_diffusers(tiny_pipeline_dir, clip_loras, reference
     assert np.abs(images(pipe, **settings) - plain).max() <= 1e-6
 
 
-def test_converted_with_fused_loras(tiny_pipeline_dir, clip_loras, reference_pipeline, tmp_path):
+@pytest.mark.parametrize("style", [dict(dual_attention_layers=(), qk_norm=None),  # SD3 Medium
+                                   dict(dual_attention_layers=(), qk_norm="rms_norm")])  # SD3.5 Large
+def test_pipeline_parity_other_architectures(tmp_path, style):
     import mlx_flash
-    from mlx_flash.convert import convert
+    from tiny import make_tiny_pipeline
+
+    root = make_tiny_pipeline(tmp_path / "pipe", **style)
+    transformer = SD3Transformer2DModel.from_pretrained(root / "transformer")
+    encoders = [CLIPTextModelWithProjection.from_pretrained(root / n) for n in ("text_encoder", "text_encoder_2")]
+    files = make_loras(transformer, tmp_path, encoders)
+    reference = StableDiffusion3Pipeline.from_pretrained(root, dtype=torch.float32)
+    reference.set_progress_bar_config(disable=True)
+    for name, file in zip("ab", files):
+        reference.load_lora_weights(str(file), adapter_name=name)
+    reference.set_adapters(["a", "b"], SCALES)
+    settings = dict(num_inference_steps=2, guidance_scale=1.0)
+    expected = images(reference, reference=True, **settings)
+    plain = images(mlx_flash.load_pipeline(root, dtype="float32", low_memory=False), **settings)
+    got = images(mlx_flash.load_pipeline(root, dtype="float32", low_memory=False,
+                                         loras=list(zip(files, SCALES))), **settings)
+    effect, err = np.abs(plain - expected).max(), np.abs(got - expected).max()
+    print(f"\n{style}: LoRA effect {effect:.3f}, error {err:.1e}")
+    assert effect > 0.05 and err <= 1e-3
+
+
+def test_converted_with_fused_loras(tiny_pipeline_dir, clip_loras, reference_pipeline, tmp_path):
+    """`mlx-flash convert SRC OUT --lora A:0.7 --lora B:0.4`: the LoRAs fused into the written weights."""
+    import json
+
+    import mlx_flash
+    from mlx_flash import cli
 
     files, _ = clip_loras
-    out = convert(tiny_pipeline_dir, tmp_path / "fused", dtype="float32",
-                  loras=[(files[0], SCALES[0]), (files[1], SCALES[1])])
+    out = tmp_path / "fused"
+    assert cli.main(["convert", str(tiny_pipeline_dir), str(out), "--dtype", "float32",
+                     "--lora", f"{files[0]}:{SCALES[0]}", "--lora", f"{files[1]}:{SCALES[1]}"]) == 0
+    manifest = json.loads((out / "mlx_flash.json").read_text())
+    assert manifest["loras_fused"] == [{"source": str(f), "scale": s} for f, s in zip(files, SCALES)]
     expected = images(reference_pipeline, reference=True, num_inference_steps=2, guidance_scale=4.0)
     got = images(mlx_flash.load_pipeline(out, low_memory=False), num_inference_steps=2, guidance_scale=4.0)
     print(f"\nfused by the converter: error {np.abs(got - expected).max():.1e}")
