@@ -165,8 +165,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for rank, index in FILES:
             write_lora(_file(folder, rank, index), rank, seed=10 * index + rank, layers=args.layers)
-        extra = ["--size", str(args.size), "--layers", str(args.layers), "--repeats", str(args.repeats), "--device", args.device,
-                 "--dtype", args.dtype, "--folder", folder]
+        extra = ["--size", str(args.size), "--layers", str(args.layers), "--repeats", str(args.repeats),
+                 "--device", args.device, "--dtype", args.dtype, "--folder", folder]
         names = ("mlx",) if args.no_reference else ("mlx", "diffusers")
         results = {name: run_part(__file__, name, *extra) for name in names}
     blocks = "" if args.layers == SD35_MEDIUM.num_layers else f" (its first {args.layers} blocks)"

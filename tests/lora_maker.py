@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-
 from single_file_maker import BLOCK_MODULES, QKV, TRANSFORMER_TOP, swap_halves
 
 TRANSFORMER_TARGETS = [

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+from lora_maker import CLIP_TARGETS, TRANSFORMER_TARGETS, add_adapter, save_lora, to_kohya
 from safetensors.torch import save_file
+from tiny import randomize
 from transformers import CLIPTextModelWithProjection
 
-from lora_maker import CLIP_TARGETS, TRANSFORMER_TARGETS, add_adapter, save_lora, to_kohya
 from mlx_flash import lora
 from mlx_flash.clip import load_clip
 from mlx_flash.mmdit import load_mmdit
 from mlx_flash.quantization import quantized
-from tiny import randomize
 
 SCALES = [0.7, 0.4]
 TINY = dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=3, attention_head_dim=8,
@@ -451,8 +451,9 @@ def test_pipeline_parity_with_diffusers(tiny_pipeline_dir, clip_loras, reference
 @pytest.mark.parametrize("style", [dict(dual_attention_layers=(), qk_norm=None),  # SD3 Medium
                                    dict(dual_attention_layers=(), qk_norm="rms_norm")])  # SD3.5 Large
 def test_pipeline_parity_other_architectures(tmp_path, style):
-    import mlx_flash
     from tiny import make_tiny_pipeline
+
+    import mlx_flash
 
     root = make_tiny_pipeline(tmp_path / "pipe", **style)
     transformer = SD3Transformer2DModel.from_pretrained(root / "transformer")
