@@ -312,6 +312,9 @@ def test_quantized_base_takes_adapters(tmp_path):
         worst = max(worst, float(mx.abs(layer(x) - expected).max() / mx.abs(expected).max()))
     x = inputs(config)
     unfused = run_ours(model, x)
+    later = quantized(full, 4)  # quantizing an adapted model keeps its adapters
+    assert set(lora.lora_layers(later)) == set(adapted)
+    assert rel(run_ours(later, x), unfused) <= 1e-6
     report = lora.fuse_loras(model)
     fused = run_ours(model, x)
     print(f"\n4-bit: unfused layer error {worst:.1e}; fused and requantized {report.requantized} layers: added weight "
