@@ -36,7 +36,6 @@ from .weights import Fuse, Rule, WeightsError, load_safetensors, refuse_pickle, 
 
 log = logging.getLogger("mlx_flash")
 
-COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 # key prefix -> (component, naming of the module path, separator inside the path); longest prefixes first
 PREFIXES = {
     "base_model.model.": ("transformer", "diffusers", "."),  # raw PEFT files
@@ -353,7 +352,7 @@ def map_lora(lora: LoRAFile, model: nn.Module, component: str) -> dict[str, tupl
             f"LoRA {lora.name}: {len(unmatched)} of its {len(entries)} {component} modules match nothing in this "
             f"model ({_first(unmatched)}); {_architecture_hint(_tensors_of(entries))}, "
             f"{_model_description(model, component)}. Use a LoRA made for this model.")
-    return {path: _combine(lora, path, found, counts[path], layers[path], model, component)
+    return {path: _combine(lora, found, counts[path], layers[path], model, component)
             for path, found in parts.items()}
 
 
@@ -367,8 +366,8 @@ def _layer_dims(layer: nn.Module) -> tuple[int, int]:
     return out, columns * 32 // layer.bits if isinstance(layer, nn.QuantizedLinear) else columns
 
 
-def _combine(lora: LoRAFile, path: str, found: dict[int, _Part], count: int, layer: nn.Module,
-             model: nn.Module, component: str) -> tuple[mx.array, mx.array]:
+def _combine(lora: LoRAFile, found: dict[int, _Part], count: int, layer: nn.Module, model: nn.Module,
+             component: str) -> tuple[mx.array, mx.array]:
     """One layer's (down, up) from the adapters of its parts (one, or q, k, v), checked against its shape."""
     out, inputs = _layer_dims(layer)
     for part in found.values():
