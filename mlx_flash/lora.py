@@ -308,9 +308,9 @@ def _is_split_qkv(module: str, entry: ModuleLoRA) -> bool:
 
 
 def map_lora(lora: LoRAFile, model: nn.Module, component: str) -> dict[str, tuple[mx.array, mx.array]]:
-    """The file's adapters for `component` as {our layer path: (down (R, in), up (P, out / P, R / P))}, the
-    factor folded into up; P = 3 for our fused q/k/v layers fed by separate adapters. LoRAError when a module
-    matches nothing in the model or has the wrong shape."""
+    """The file's adapters for `component` as {our layer path: (down (R, in), up (out, R))}, the factor folded
+    into up; our fused q/k/v layers take separate adapters block-diagonally. LoRAError when a module matches
+    nothing in the model or has the wrong shape."""
     entries = lora.modules.get(component, {})
     if not entries:
         return {}
@@ -380,14 +380,19 @@ def _combine(lora: LoRAFile, found: dict[int, _Part], count: int, layer: nn.Modu
     ordered = [found.get(i) for i in range(count)]
     if count == 1 or (all(ordered) and all(p.down is ordered[0].down for p in ordered)):
         # one down matrix for the whole layer (a kohya fused qkv, or a plain layer)
-        return ordered[0].down, mx.concatenate([p.up for p in ordered])[None]
-    rank = max(p.down.shape[0] for p in found.values())
-    downs, ups = [], []
+        return ordered[0].down, mx.concatenate([p.up for p in ordered])
+    # q, k, v adapters: their downs stacked, their ups block-diagonal (zero rows for a part without adapter)
+    present = [p for p in ordered if p is not None]
+    rank = sum(p.down.shape[0] for p in present)
+    rows, start = [], 0
     for p in ordered:
-        r = 0 if p is None else p.down.shape[0]
-        downs.append(mx.zeros((rank, inputs)) if p is None else mx.pad(p.down, [(0, rank - r), (0, 0)]))
-        ups.append(mx.zeros((out // count, rank)) if p is None else mx.pad(p.up, [(0, 0), (0, rank - r)]))
-    return mx.concatenate(downs), mx.stack(ups)
+        if p is None:
+            rows.append(mx.zeros((out // count, rank)))
+            continue
+        r = p.down.shape[0]
+        rows.append(mx.pad(p.up, [(0, 0), (start, rank - start - r)]))
+        start += r
+    return mx.concatenate([p.down for p in present]), mx.concatenate(rows)
 
 
 # Unfused adapters ---------------------------------------------------------------------------------------------
@@ -402,7 +407,8 @@ class LoRAScales:
 
 class _Adapted:
     """Mixed into a linear layer class: its output plus sum_i scale_i * up_i (down_i x) over its adapters,
-    stored in `self.lora` = {str(LoRA position): {"down": (R, in), "up": (P, out / P, R / P)}}."""
+    stored in `self.lora` = {str(LoRA position): {"down": (R, in), "up": (out, R)}}. The up product and the sum
+    are one fused matmul-add (block-diagonal q/k/v ups cost a few zeros, not extra passes over the output)."""
 
     lora_scales: LoRAScales
 
@@ -410,26 +416,16 @@ class _Adapted:
         y = super().__call__(x)
         for key, adapter in self["lora"].items():
             scale = self.lora_scales.values[int(key)]
-            if scale == 0:
-                continue
-            h, up = x @ adapter["down"].T, adapter["up"]
-            if up.shape[0] == 1:
-                y = mx.addmm(y, h, up[0].T, alpha=scale)
-            else:
-                chunks = mx.split(h, up.shape[0], axis=-1)
-                y = y + scale * mx.concatenate([c @ u.T for c, u in zip(chunks, up)], axis=-1)
+            if scale != 0:
+                y = mx.addmm(y, x @ adapter["down"].T, adapter["up"].T, alpha=scale)
         return y
 
     def delta_weight(self) -> mx.array:
-        """sum_i scale_i * up_i @ down_i (block-diagonal ups expanded), float32."""
-        out = _layer_dims(self)[0]
-        total = mx.zeros((out, _layer_dims(self)[1]))
+        """sum_i scale_i * up_i @ down_i, float32."""
+        total = mx.zeros(_layer_dims(self))
         for key, adapter in self["lora"].items():
-            up = adapter["up"].astype(mx.float32)
-            down = adapter["down"].astype(mx.float32)
-            p, rank = up.shape[0], down.shape[0] // up.shape[0]
-            rows = [up[i] @ down[i * rank:(i + 1) * rank] for i in range(p)]
-            total = total + self.lora_scales.values[int(key)] * mx.concatenate(rows)
+            up, down = (adapter[k].astype(mx.float32) for k in ("up", "down"))
+            total = total + self.lora_scales.values[int(key)] * (up @ down)
         return total
 
 
