@@ -117,6 +117,13 @@ def _sigmas(text: str | None) -> list[float] | None:
         raise ValueError(f"--sigmas must be comma-separated numbers (e.g. 1.0,0.75,0.5,0.25), got {text!r}.") from None
 
 
+def _loras(texts: list[str]) -> list[tuple[str, float]]:
+    """--lora PATH_OR_REPO_FILE[:SCALE] options as (source, scale) pairs."""
+    from .lora import parse_lora_arg
+
+    return [parse_lora_arg(text) for text in texts]
+
+
 def _stop_on_ctrl_c(cancel) -> object:
     """Ctrl-C stops the run after the running step (the previous handler is returned)."""
     return signal.signal(signal.SIGINT, lambda *_: cancel.cancel())
@@ -139,7 +146,7 @@ def generate_job(args: argparse.Namespace) -> None:
                 "num_images": args.num_images or 1}
     images = expand(lines, defaults, args.seed or 0, str(args.output or DEFAULT_PATTERN))
     pipe = load_pipeline(args.model or DEFAULT_MODEL, dtype=args.dtype, quantize=args.quantize,
-                         use_t5=not args.no_t5, base=args.base)
+                         use_t5=not args.no_t5, base=args.base, loras=_loras(args.lora or []))
     cancel = Cancel()
     previous = _stop_on_ctrl_c(cancel)
     try:
@@ -185,9 +192,7 @@ def generate(args: argparse.Namespace) -> None:
         if taken:
             raise FileExistsError(f"{taken[0]} already exists; pass --force to overwrite it or choose another --output.")
 
-    from .lora import parse_lora_arg
-
-    loras = ([parse_lora_arg(text) for text in args.lora] if args.lora is not None
+    loras = (_loras(args.lora) if args.lora is not None
              else [(entry["source"], entry["scale"]) for entry in meta.get("loras", [])])
     pipe = load_pipeline(args.model or DEFAULT_MODEL, dtype=args.dtype, quantize=args.quantize,
                          use_t5=not args.no_t5, base=args.base, loras=loras)
