@@ -1,0 +1,99 @@
+"""Files: JSON read with one-line errors naming the file and field; writes that never leave a partial file."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
+         dict: "an object"}
+
+
+def read_json(path: str | Path) -> dict:
+    """A JSON object from a file; invalid or non-UTF-8 contents raise ValueError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; the model folder is incomplete (re-download or re-convert it).")
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text; re-download or re-create this file.") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: invalid JSON ({err.msg} at line {err.lineno}, column {err.colno}); "
+                         "re-download or repair this file.") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}; re-download or repair it.")
+    return value
+
+
+def _is(value: Any, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def check_fields(config: Mapping, example: Mapping, where: str | Path) -> None:
+    """Raise ValueError unless every field of `config` that `example` has (not None there) has the example's
+    type; list fields also the type of the example's first element. `where` names the file."""
+    for key, expected in example.items():
+        value = config.get(key)
+        if expected is None or value is None:
+            continue
+        kind = type(expected)
+        item = type(expected[0]) if isinstance(expected, list) and expected else None
+        ok = _is(value, kind) and (item is None or all(_is(v, item) for v in value))
+        if not ok:
+            what = KINDS.get(kind, kind.__name__) + (f" of {KINDS[item].split(' ', 1)[1]}s" if item else "")
+            raise ValueError(f"{where}: field {key!r} must be {what}, got {value!r}; fix or re-download this file.")
+
+
+def write_atomic(path: str | Path, data: bytes, *, overwrite: bool = False) -> Path:
+    """Write `data` to `path` through a temporary file in the same folder, renamed into place once complete:
+    a failed write (full disk, interruption) leaves no partial file and any old file untouched. Without
+    `overwrite`, an existing file raises FileExistsError. Parent folders are created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not overwrite and path.exists():
+        raise FileExistsError(f"{path} already exists; pass --force to overwrite it or choose a new name.")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _link(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _link(tmp: str, path: Path) -> None:
+    """Rename `tmp` to `path` unless `path` exists (a hard link fails if it appeared meanwhile)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(f"{path} already exists; pass --force to overwrite it or choose a new name.") from None
+    except OSError as err:
+        if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV):
+            raise
+        os.replace(tmp, path)  # a file system without hard links
+        return
+    os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
