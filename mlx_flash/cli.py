@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -15,10 +16,19 @@ import convert.cli
 from . import __version__
 
 DEFAULT_MODEL = "sd3.5-medium"
+TEXT_ARGUMENTS = {"prompt_text": "the prompt", "prompt": "--prompt", "negative_prompt": "--negative-prompt"}
+DEBUG = "MLX_FLASH_DEBUG"  # set to 1 to get the traceback of an unexpected error
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line pointing to `--help` (not the whole usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`.\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlx-flash", description="Stable Diffusion 3.5 / SD3.5-Flash in MLX.")
+    parser = Parser(prog="mlx-flash", description="Stable Diffusion 3.5 / SD3.5-Flash in MLX.")
     parser.add_argument("--version", action="version", version=f"mlx-flash {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -55,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def generate(args: argparse.Namespace) -> None:
-    from .image_io import next_free_path, save_png
+    from .image_io import check_writable, next_free_path, save_png
     from .pipeline import load_pipeline
 
     prompt = args.prompt if args.prompt is not None else args.prompt_text
@@ -77,6 +87,7 @@ def generate(args: argparse.Namespace) -> None:
         taken = [p for p in paths if p.exists()]
         if taken:
             raise FileExistsError(f"{taken[0]} already exists; pass --force to overwrite it or choose another --output.")
+    check_writable(paths)
     seed = args.seed if args.seed is not None else int(np.random.default_rng().integers(0, 2**31 - args.num_images))
 
     pipe = load_pipeline(args.model, dtype=args.dtype, quantize=args.quantize, use_t5=not args.no_t5, base=args.base)
@@ -109,14 +120,52 @@ def info(args: argparse.Namespace) -> None:
     print(json.dumps(read_metadata(args.image), indent=2, ensure_ascii=False))
 
 
+def check_text(args: argparse.Namespace) -> None:
+    """Raise ValueError for a text argument that is not valid UTF-8 (undecodable bytes reach Python as
+    surrogates)."""
+    for name, label in TEXT_ARGUMENTS.items():
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{label} is not valid UTF-8 text; type it again in a UTF-8 terminal or "
+                                 "convert it with iconv.") from None
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe (`mlx-flash info x.png | head -c1`): send what is left to /dev/null, so that the
+    interpreter's final flush does not fail too."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
-                        format="%(message)s")
+    """Run the command line; every failure is one line on stderr (exit 1, 2 for usage, 130 for Ctrl-C)."""
+    commands = {"generate": generate, "info": info, "convert": convert.cli.run}
     try:
-        {"generate": generate, "info": info, "convert": convert.cli.run}[args.command](args)
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                            format="%(message)s")
+        check_text(args)
+        commands[args.command](args)
+        sys.stdout.flush()
+    except KeyboardInterrupt:
+        print("mlx-flash: interrupted; no partial file was left.", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        _silence_stdout()
+        return 141  # as if killed by SIGPIPE, what other command line tools report
     except (ValueError, OSError, KeyError, MemoryError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"mlx-flash: error: {message}", file=sys.stderr)
+        return 1
+    except Exception as err:
+        if os.environ.get(DEBUG):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(f"mlx-flash: error: unexpected {type(err).__name__}: {first} (a bug: please report it; set "
+              f"{DEBUG}=1 for the traceback)", file=sys.stderr)
         return 1
     return 0

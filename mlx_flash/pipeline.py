@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -19,6 +18,8 @@ from tqdm import tqdm
 
 from . import memory, sampler
 from .clip import CLIPConfig
+from .configs import check_model_folder
+from .files import read_json
 from .hub import resolve_model_dir
 from .image_io import load_image, numpy_to_pil, open_rgb
 from .mmdit import MMDiT, MMDiTConfig, load_mmdit
@@ -97,14 +98,15 @@ class Pipeline:
     ):
         self.root, self.name, self.dtype, self.quantize = root, name, dtype, quantize
         self.low_memory = low_memory
-        self.transformer_config = MMDiTConfig.from_diffusers(_read_json(root / "transformer" / "config.json"))
-        self.vae_config = VAEConfig.from_dict(_read_json(root / "vae" / "config.json"))
+        check_model_folder(root)
+        self.transformer_config = MMDiTConfig.from_diffusers(read_json(root / "transformer" / "config.json"))
+        self.vae_config = VAEConfig.from_dict(read_json(root / "vae" / "config.json"))
         self.vae_factor = self.vae_config.factor
         self.preset = default_preset(self.transformer_config, name)
         manifest = root / MANIFEST
-        self.model_defaults = _read_json(manifest).get("defaults", {}) if manifest.exists() else {}
+        self.model_defaults = read_json(manifest).get("defaults", {}) if manifest.exists() else {}
         scheduler_config = root / "scheduler" / "scheduler_config.json"
-        self.shift = _read_json(scheduler_config).get("shift", 3.0) if scheduler_config.exists() else 3.0
+        self.shift = read_json(scheduler_config).get("shift", 3.0) if scheduler_config.exists() else 3.0
         self.text_encoders = TextEncoders(
             root, dtype, use_t5=use_t5, low_memory=low_memory,
             joint_attention_dim=self.transformer_config.joint_attention_dim,
@@ -276,10 +278,10 @@ class Pipeline:
                         use_t5: bool | None = None, vae_tiled: bool | None = None) -> list[memory.StageEstimate]:
         """Predicted peak bytes of each stage of a `generate` call of `steps` steps (default: the model's);
         `quantize`, `use_t5` and `vae_tiled` default to this pipeline's settings."""
-        clips = tuple(CLIPConfig.from_dict(_read_json(self.root / name / "config.json"))
+        clips = tuple(CLIPConfig.from_dict(read_json(self.root / name / "config.json"))
                       for name in ("text_encoder", "text_encoder_2"))
         t5_config = self.root / "text_encoder_3" / "config.json"
-        t5 = T5Config.from_dict(_read_json(t5_config)) if t5_config.exists() else T5_XXL
+        t5 = T5Config.from_dict(read_json(t5_config)) if t5_config.exists() else T5_XXL
         use_t5 = self.text_encoders.use_t5 if use_t5 is None else use_t5
         bits = self.quantize if quantize is None else quantize
         return memory.estimate(
@@ -326,7 +328,7 @@ class Pipeline:
     def _quantizer(self, component: str, bits: int | None) -> Callable[[nn.Module], object] | None:
         """How a component's weights will be quantized when loaded (as stored, or `bits` on the fly), for
         the estimator; reading a component's tensors only reads the safetensors headers."""
-        config = _read_json(self.root / component / "config.json")
+        config = read_json(self.root / component / "config.json")
         if config.get("quantization"):
             _, stored = read_component(self.root / component)
             return lambda model: quantize_like(model, stored, config["quantization"])
@@ -387,12 +389,6 @@ def image_seeds(seed: int | Sequence[int] | None, batch: int) -> list[int]:
     return seeds
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; the model folder is incomplete (re-download or re-convert it).")
-    return json.loads(path.read_text())
-
-
 def load_pipeline(
     model: str | Path,
     *,
@@ -425,7 +421,8 @@ def load_pipeline(
     if Path(name).suffix == ".safetensors" and Path(name).is_file():
         root = _converted_single_file(Path(name), base, use_t5, dtype)
     else:
-        root = resolve_model_dir(model, use_t5=use_t5, revision=revision)
+        dtype_name = next(name for name, value in DTYPES.items() if value == dtype)
+        root = resolve_model_dir(model, use_t5=use_t5, revision=revision, dtype=dtype_name)
     if quantize is not None:
         Quantization(quantize)  # raises for unsupported bits
     low_memory = memory_budget() < LOW_MEMORY_BELOW if low_memory is None else low_memory

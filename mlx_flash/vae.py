@@ -499,9 +499,17 @@ class Autoencoder(nn.Module):
         return mean, mx.clip(logvar, -30.0, 20.0)
 
     def latents_to_image(self, latents: mx.array, tiled: bool | None = None) -> mx.array:
-        """Diffusion-space latents -> images in [-1, 1]: decode(latents / scaling_factor + shift_factor)."""
+        """Diffusion-space latents -> images in [-1, 1]: decode(latents / scaling_factor + shift_factor),
+        one image at a time (each computed before the next), so a batch needs one image's activations."""
         c = self.config
-        return self.decode(latents / c.scaling_factor + c.shift_factor, tiled)
+        latents = latents / c.scaling_factor + c.shift_factor
+        if latents.shape[0] == 1:
+            return self.decode(latents, tiled)
+        images = []
+        for i in range(latents.shape[0]):
+            images.append(self.decode(latents[i : i + 1], tiled))
+            mx.eval(images[-1])
+        return mx.concatenate(images)
 
     def image_to_latents(
         self,
