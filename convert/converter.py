@@ -8,6 +8,7 @@ interrupted run leaves nothing behind.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import shutil
@@ -32,6 +33,7 @@ from .card import model_card
 from .sources import COMPONENTS, Source, open_source
 
 log = logging.getLogger("mlx_flash")
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG)
 
 FORMAT_VERSION = 1
 MANIFEST = "mlx_flash.json"
@@ -184,6 +186,11 @@ def convert(
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         (tmp / "README.md").write_text(model_card(manifest, upload_repo or str(output)))
         _replace(tmp, output)
+    except OSError as err:
+        if err.errno not in WRITE_ERRORS:
+            raise
+        raise OSError(err.errno, f"writing {output} failed ({err.strerror}); nothing was changed: free some "
+                                 "space or choose another output.") from err
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -61,7 +61,10 @@ def write_atomic(path: str | Path, data: bytes, *, overwrite: bool = False) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     if not overwrite and path.exists():
         raise FileExistsError(f"{path} already exists; pass --force to overwrite it or choose a new name.")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise _write_error(path, err) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -72,11 +75,18 @@ def write_atomic(path: str | Path, data: bytes, *, overwrite: bool = False) -> P
             os.replace(tmp, path)
         else:
             _link(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError) and not isinstance(err, FileExistsError):
+            raise _write_error(path, err) from None
         raise
     return path
+
+
+def _write_error(path: Path, err: OSError) -> OSError:
+    return OSError(err.errno, f"cannot write {path} ({err.strerror or err}); nothing was written: free some "
+                              "space or choose another place.")
 
 
 def _link(tmp: str, path: Path) -> None:
