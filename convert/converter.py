@@ -189,8 +189,8 @@ def convert(
     except OSError as err:
         if err.errno not in WRITE_ERRORS:
             raise
-        raise OSError(err.errno, f"writing {output} failed ({err.strerror}); nothing was changed: free some "
-                                 "space or choose another output.") from err
+        raise OSError(f"writing {output} failed ({err.strerror}); nothing was changed: free some space or "
+                      "choose another output.") from err
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -85,8 +85,8 @@ def write_atomic(path: str | Path, data: bytes, *, overwrite: bool = False) -> P
 
 
 def _write_error(path: Path, err: OSError) -> OSError:
-    return OSError(err.errno, f"cannot write {path} ({err.strerror or err}); nothing was written: free some "
-                              "space or choose another place.")
+    return OSError(f"cannot write {path} ({err.strerror or err}); nothing was written: free some space or "
+                   "choose another place.")
 
 
 def _link(tmp: str, path: Path) -> None:

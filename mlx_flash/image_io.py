@@ -64,8 +64,7 @@ def check_writable(paths: Iterable[str | Path]) -> None:
         try:
             fd, probe = tempfile.mkstemp(prefix=".mlx-flash-probe-", dir=folder)
         except OSError as err:
-            raise OSError(err.errno, f"{folder}: cannot write there ({err.strerror}); choose another output "
-                                     "folder.") from None
+            raise OSError(f"{folder}: cannot write there ({err.strerror}); choose another output folder.") from None
         os.close(fd)
         os.unlink(probe)
 
