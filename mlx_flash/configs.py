@@ -6,12 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from .clip import CLIP_L
-from .files import check_fields, read_json
+from .files import check_fields
+from .layout import MANIFEST, read_json
 from .mmdit import MMDiTConfig
 from .t5 import T5_XXL
 from .vae import VAEConfig
 
-MANIFEST = "mlx_flash.json"
 # file (relative to the model folder) -> an example of its fields, with the types they must have
 EXAMPLES = {
     "transformer/config.json": MMDiTConfig().to_diffusers(),

@@ -1,9 +1,9 @@
-"""Files: JSON read with one-line errors naming the file and field; writes that never leave a partial file."""
+"""Files: JSON fields checked with one-line errors naming the file and field; writes that never leave a partial
+file."""
 
 from __future__ import annotations
 
 import errno
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -11,23 +11,6 @@ from typing import Any, Mapping
 
 KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
          dict: "an object"}
-
-
-def read_json(path: str | Path) -> dict:
-    """A JSON object from a file; invalid or non-UTF-8 contents raise ValueError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; the model folder is incomplete (re-download or re-convert it).")
-    try:
-        value = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not UTF-8 text; re-download or re-create this file.") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: invalid JSON ({err.msg} at line {err.lineno}, column {err.colno}); "
-                         "re-download or repair this file.") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}; re-download or repair it.")
-    return value
 
 
 def _is(value: Any, kind: type) -> bool:

@@ -24,7 +24,7 @@ from tokenizers import (
 )
 from tokenizers.models import BPE
 
-from .files import read_json
+from .layout import read_json
 
 logger = logging.getLogger("mlx_flash")
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from test_hardening_cli import generate, one_line, run
 
-from convert import convert
+from mlx_flash.convert import convert
 from mlx_flash import files
 from mlx_flash.image_io import check_writable, save_png
 

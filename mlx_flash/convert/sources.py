@@ -14,11 +14,11 @@ from typing import Callable, Mapping
 
 import mlx.core as mx
 
-from mlx_flash.configs import check_model_folder
-from mlx_flash.files import read_json
-from mlx_flash.hub import resolve_model_dir
-from mlx_flash.single_file import ENCODER_KINDS
-from mlx_flash.weights import (
+from ..configs import check_model_folder
+from ..hub import resolve_model_dir
+from ..layout import read_json
+from ..single_file import ENCODER_KINDS
+from ..weights import (
     PICKLE_SUFFIXES,
     WeightsError,
     is_converted,

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from mlx_flash.quantization import BITS, GROUP_SIZES, POLICIES
+from ..quantization import BITS, GROUP_SIZES, POLICIES
 
 # Per-component options -> the component folders they set.
 COMPONENT_BITS = {
@@ -78,6 +78,6 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m convert`: the same as `mlx-flash convert`."""
-    from mlx_flash.cli import main as cli_main
+    from ..cli import main as cli_main
 
     return cli_main(["convert", *(sys.argv[1:] if argv is None else argv)])
