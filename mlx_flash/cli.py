@@ -11,6 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
+from .files import first_line
 from .version import __version__
 
 DEFAULT_MODEL = "sd3.5-medium"
@@ -239,8 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if os.environ.get(DEBUG):
             raise
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        print(f"mlx-flash: error: unexpected {type(err).__name__}: {first} (a bug: please report it; set "
-              f"{DEBUG}=1 for the traceback)", file=sys.stderr)
+        print(f"mlx-flash: error: unexpected {type(err).__name__}: {first_line(err)} (a bug: please report it; "
+              f"set {DEBUG}=1 for the traceback)", file=sys.stderr)
         return 1
     return 0

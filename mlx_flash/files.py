@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import errno
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Mapping
 
 KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
          dict: "an object"}
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name if it has none), for one-line errors."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _is(value: Any, kind: type) -> bool:
@@ -44,8 +50,9 @@ def write_atomic(path: str | Path, data: bytes, *, overwrite: bool = False) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     if not overwrite and path.exists():
         raise FileExistsError(f"{path} already exists; pass --force to overwrite it or choose a new name.")
+    tmp = str(path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp"))
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as to any new file
     except OSError as err:
         raise _write_error(path, err) from None
     try:
@@ -53,7 +60,6 @@ def write_atomic(path: str | Path, data: bytes, *, overwrite: bool = False) -> P
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
         if overwrite:
             os.replace(tmp, path)
         else:
@@ -84,9 +90,3 @@ def _link(tmp: str, path: Path) -> None:
         os.replace(tmp, path)  # a file system without hard links
         return
     os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

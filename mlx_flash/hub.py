@@ -16,6 +16,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
+from .files import first_line
 from .weights import VARIANT, pick_variant, weight_variant
 
 try:  # the HTTP client of huggingface_hub 2.x, then 1.x
@@ -68,10 +69,6 @@ def _local_dir(path: Path) -> Path:
             "pass a diffusers-layout folder or a Hugging Face repo id."
         )
     return path
-
-
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def repo_files(repo: str, revision: str | None, token: str | None) -> dict[str, int | None]:
@@ -149,7 +146,7 @@ def _download(repo: str, use_t5: bool, revision: str | None, token: str | None, 
         ) from err
     except HfHubHTTPError as err:
         raise ModelNotFoundError(
-            f"{repo}: the Hugging Face Hub answered with an error ({_first_line(err)}); retry later or pass a "
+            f"{repo}: the Hugging Face Hub answered with an error ({first_line(err)}); retry later or pass a "
             "local model folder."
         ) from err
     folder = Path(folder)

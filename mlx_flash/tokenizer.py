@@ -24,6 +24,7 @@ from tokenizers import (
 )
 from tokenizers.models import BPE
 
+from .files import first_line
 from .layout import read_json
 
 logger = logging.getLogger("mlx_flash")
@@ -77,16 +78,12 @@ def _legacy_or_json(folder: Path, legacy: tuple[str, ...]) -> bool:
                             "expected a diffusers-layout tokenizer folder.")
 
 
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-
-
 def _read_tokenizer(path: Path, build: Callable[[], Tokenizer]) -> Tokenizer:
     """`build()` (reading `path`), with any failure as one line naming the file; no truncation or padding."""
     try:
         tokenizer = build()
     except Exception as err:  # the tokenizers library raises plain Exceptions for unreadable files
-        raise ValueError(f"{path}: not a readable tokenizer file ({_first_line(err)}); re-download or "
+        raise ValueError(f"{path}: not a readable tokenizer file ({first_line(err)}); re-download or "
                          "re-save the tokenizer.") from None
     tokenizer.no_truncation()
     tokenizer.no_padding()
@@ -170,7 +167,7 @@ class T5Tokenizer:
             try:
                 model = sentencepiece.SentencePieceProcessor(model_file=str(path))
             except Exception as err:  # sentencepiece raises RuntimeError or OSError with varying texts
-                raise ValueError(f"{path}: not a readable SentencePiece model ({_first_line(err)}); "
+                raise ValueError(f"{path}: not a readable SentencePiece model ({first_line(err)}); "
                                  "re-download or re-save the tokenizer.") from None
             self._encode, self._decode = model.encode, model.decode
             self.eos, self.pad = model.eos_id(), model.pad_id()

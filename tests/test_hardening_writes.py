@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 from test_hardening_cli import generate, one_line, run
 
-from mlx_flash.convert import convert
 from mlx_flash import files
+from mlx_flash.convert import convert
 from mlx_flash.image_io import check_writable, save_png
 
 
