@@ -134,6 +134,7 @@ def _stop_on_ctrl_c(cancel) -> object:
 def generate_job(args: argparse.Namespace) -> None:
     """`generate --prompt-file`: every image of the job, data-parallel over the ranks of an mlx.launch job."""
     from .batch import DEFAULT_PATTERN, expand, read_prompt_file, run_job
+    from .image_io import check_writable
     from .callbacks import Cancel
     from .denoise import GenerationStopped
     from .loading import load_pipeline
@@ -147,6 +148,7 @@ def generate_job(args: argparse.Namespace) -> None:
                 "width": args.width, "height": args.height, "sampler": args.sampler, "shift": args.shift,
                 "num_images": args.num_images or 1}
     images = expand(lines, defaults, args.seed or 0, str(args.output or DEFAULT_PATTERN))
+    check_writable({image.path.parent: image.path for image in images}.values())  # one per folder, before loading
     pipe = load_pipeline(args.model or DEFAULT_MODEL, dtype=args.dtype, quantize=args.quantize,
                          use_t5=not args.no_t5, base=args.base)
     cancel = Cancel()
