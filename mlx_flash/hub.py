@@ -64,13 +64,14 @@ def _first_line(err: Exception) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
-def _download(repo: str, use_t5: bool, revision: str | None, token: str | None) -> Path:
+def _snapshot(repo: str, patterns: list[str], revision: str | None, token: str | None) -> Path:
+    """The files of `repo` matching `patterns` in the HF cache (downloaded if needed), or one clear error."""
     try:
         folder = snapshot_download(
             repo,
             revision=revision,
             token=token,
-            allow_patterns=allow_patterns(use_t5),
+            allow_patterns=patterns,
             ignore_patterns=IGNORE_PATTERNS,
         )
     except GatedRepoError as err:
@@ -98,7 +99,11 @@ def _download(repo: str, use_t5: bool, revision: str | None, token: str | None) 
             f"{repo}: the Hugging Face Hub answered with an error ({_first_line(err)}); retry later or pass a "
             "local model folder."
         ) from err
-    folder = Path(folder)
+    return Path(folder)
+
+
+def _download(repo: str, use_t5: bool, revision: str | None, token: str | None) -> Path:
+    folder = _snapshot(repo, allow_patterns(use_t5), revision, token)
     if not _is_model_dir(folder):
         raise ModelNotFoundError(
             f"{repo} has no diffusers-layout model (no model_index.json); pass a diffusers repo such as "
@@ -136,3 +141,21 @@ def resolve_model_dir(
             f"model folder or a repo id such as {EXAMPLE_REPO}."
         )
     return _download(name, use_t5, revision, token)
+
+
+def resolve_component_dir(
+    component: str | Path, patterns: list[str], *, revision: str | None = None, token: str | None = None
+) -> Path:
+    """A local folder holding one component (config.json and weights): an existing folder, or a repo id whose
+    files matching `patterns` are fetched into the HF cache (errors, token and offline mode as
+    `resolve_model_dir`)."""
+    path = Path(component).expanduser()
+    if not path.exists() and not isinstance(component, Path) and is_repo_id(str(component)):
+        path = _snapshot(str(component), patterns, revision, token)
+    elif not path.exists():
+        raise ModelNotFoundError(f"{component}: no such folder, and not a Hugging Face repo id (ORG/NAME); pass "
+                                 "a component folder (config.json and safetensors weights) or a repo id.")
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(f"{component}: no config.json in {path}; pass a component folder (config.json "
+                                 "and safetensors weights) or a repo id.")
+    return path
