@@ -30,6 +30,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .hub import resolve_component_dir
+from .vae import VAEConfig
 from .weights import (
     Rule,
     WeightsError,
@@ -95,6 +96,11 @@ class TinyConfig:
     def factor(self) -> int:
         """Image pixels per latent pixel along each axis."""
         return self.upsampling_scaling_factor ** (len(self.decoder_block_out_channels) - 1)
+
+    # The diffusion model's latents <-> the latents this autoencoder reads and writes: the VAE's formulas, with
+    # this config's `scaling_factor` and `shift_factor` (for taesd3, 1 and 0: the identity).
+    to_diffusion = VAEConfig.to_diffusion
+    from_diffusion = VAEConfig.from_diffusion
 
 
 def conv(in_dims: int, out_dims: int, stride: int = 1, bias: bool = True) -> nn.Conv2d:
@@ -166,7 +172,7 @@ class TinyAutoencoder(nn.Module):
             raise ValueError(
                 f"tiny autoencoder decode: expected latents of shape (batch, height, width, {c.latent_channels}) "
                 f"(NHWC), got {tuple(latents.shape)}; transpose NCHW latents with .transpose(0, 2, 3, 1).")
-        z = (latents / c.scaling_factor + c.shift_factor).astype(self.dtype)
+        z = c.from_diffusion(latents).astype(self.dtype)
         image = self.decoder(mx.tanh(z / 3) * 3)
         return (2 * image - 1).astype(mx.float32)
 
@@ -179,7 +185,7 @@ class TinyAutoencoder(nn.Module):
                 f"with height and width multiples of {f}, got {tuple(images.shape)}; transpose NCHW images with "
                 f".transpose(0, 2, 3, 1) and crop or resize to a multiple of {f}.")
         z = self.encoder(((images + 1) / 2).astype(self.dtype)).astype(mx.float32)
-        return (z - c.shift_factor) * c.scaling_factor
+        return c.to_diffusion(z)
 
 
 # The module names are diffusers' (`encoder.layers.N`, `decoder.layers.N`: nn.Sequential indices, activations and

@@ -22,6 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import preload_openblas  # noqa: E402
+from mlx_flash.layout import MANIFEST, read_manifest  # noqa: E402
 from mlx_flash.preview import MANIFEST_KEY, LatentRGB, fit_latent_rgb, latent_preview  # noqa: E402
 from mlx_flash.taesd import (  # noqa: E402
     MODEL_FOLDER,
@@ -35,7 +36,6 @@ from training.common import MODELS, fit, half  # noqa: E402
 from training.digits_data import splits, to_images  # noqa: E402
 
 TARGETS = ("digits", "digits-flash")
-MANIFEST = "mlx_flash.json"
 # 16 channels throughout; the decoder does its work at low resolution (no block at full size), which makes it
 # faster than the digit VAE's decoder on the CPU.
 TINY = TinyConfig(encoder_block_out_channels=(16,) * 4, decoder_block_out_channels=(16,) * 4,
@@ -58,7 +58,7 @@ def posterior(vae: Autoencoder, images: np.ndarray) -> tuple[np.ndarray, np.ndar
     c, means, stds = vae.config, [], []
     for i in range(0, len(images), 64):
         mean, logvar = vae.encode(mx.array(images[i : i + 64]), tiled=False)
-        means.append(np.array((mean - c.shift_factor) * c.scaling_factor))
+        means.append(np.array(c.to_diffusion(mean)))
         stds.append(np.array(mx.exp(0.5 * logvar) * c.scaling_factor))
     return np.concatenate(means), np.concatenate(stds)
 
@@ -79,9 +79,8 @@ def latent_pool(vae: Autoencoder, mean: np.ndarray, std: np.ndarray, size: int, 
 
 def write_manifest(folder: Path, key: str, value: dict) -> None:
     """Set `key` in the folder's mlx_flash.json (written to a temporary name, then renamed)."""
+    manifest = {**read_manifest(folder), key: value}
     path = folder / MANIFEST
-    manifest = json.loads(path.read_text()) if path.exists() else {}
-    manifest[key] = value
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, path)
