@@ -16,7 +16,7 @@ from typing import Mapping
 import mlx.core as mx
 import numpy as np
 
-from .vae import Autoencoder, VAEConfig
+from .vae import Autoencoder, VAEConfig, sd3_latents
 
 MANIFEST_KEY = "latent_rgb"
 
@@ -57,7 +57,6 @@ SD3_LATENT_RGB = LatentRGB(
     ),
     bias=(0.2394, 0.2135, 0.1925),
 )
-SD3_LATENTS = VAEConfig()  # the latent statistics that identify SD3's VAE
 
 
 def latent_preview(latents: mx.array, factors: LatentRGB, upscale: int = 1) -> mx.array:
@@ -91,6 +90,4 @@ def model_latent_rgb(manifest: Mapping, vae_config: VAEConfig) -> LatentRGB | No
     (16 channels, SD3's scaling and shift), else None."""
     if MANIFEST_KEY in manifest:
         return LatentRGB.from_dict(manifest[MANIFEST_KEY])
-    sd3 = (vae_config.latent_channels, vae_config.scaling_factor, vae_config.shift_factor) == (
-        SD3_LATENTS.latent_channels, SD3_LATENTS.scaling_factor, SD3_LATENTS.shift_factor)
-    return SD3_LATENT_RGB if sd3 else None
+    return SD3_LATENT_RGB if sd3_latents(vae_config) else None

@@ -30,7 +30,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .hub import resolve_component_dir
-from .vae import VAEConfig
+from .vae import VAEConfig, sd3_latents
 from .weights import (
     Rule,
     WeightsError,
@@ -226,6 +226,14 @@ def load_tiny_autoencoder(path_or_repo: str | Path, dtype: mx.Dtype | None = Non
         raise WeightsError(f"{folder}: config.json describes a {config['_class_name']}, not an AutoencoderTiny; "
                            f"pass a tiny autoencoder folder or repo such as {SD3_REPO}.")
     return tiny_from_weights(config, _weights(folder), dtype, f"tiny autoencoder ({folder})")
+
+
+def tiny_autoencoder_source(root: Path, vae_config: VAEConfig) -> Path | str | None:
+    """Where a model's tiny autoencoder is, for `load_tiny_autoencoder`: the model folder's own `<root>/taesd`,
+    else `SD3_REPO` when its VAE is SD3's, else None (the model has none)."""
+    if (root / MODEL_FOLDER).is_dir():
+        return root / MODEL_FOLDER
+    return SD3_REPO if sd3_latents(vae_config) else None
 
 
 def save_tiny_autoencoder(folder: str | Path, model: TinyAutoencoder) -> None:

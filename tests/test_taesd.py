@@ -24,7 +24,9 @@ from mlx_flash.taesd import (
     TinyConfig,
     load_tiny_autoencoder,
     save_tiny_autoencoder,
+    tiny_autoencoder_source,
 )
+from mlx_flash.vae import VAEConfig
 from mlx_flash.weights import LAYOUT_KEY, WeightsError, remap
 
 TINY = {  # name: diffusers config (taesd3's scaling, and a VAE-like one that the pipeline's formulas must apply)
@@ -157,3 +159,10 @@ def test_bad_inputs(tiny, tmp_path):
     (tmp_path / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
     with pytest.raises(WeightsError, match="not an AutoencoderTiny"):
         load_tiny_autoencoder(tmp_path / "vae")
+
+
+def test_where_a_models_tiny_autoencoder_is(tmp_path):
+    assert tiny_autoencoder_source(tmp_path, VAEConfig()) == SD3_REPO  # SD3 / SD3.5's VAE: taesd3
+    assert tiny_autoencoder_source(tmp_path, VAEConfig(scaling_factor=0.9)) is None
+    (tmp_path / "taesd").mkdir()
+    assert tiny_autoencoder_source(tmp_path, VAEConfig(scaling_factor=0.9)) == tmp_path / "taesd"
