@@ -74,8 +74,6 @@ class TinyConfig:
                     f"tiny autoencoder config: {side}_block_out_channels {list(widths)} must have one width for "
                     f"every stage of num_{side}_blocks {list(blocks)}, all equal (AutoencoderTiny's stages do not "
                     "change width).")
-        if len(self.encoder_block_out_channels) != len(self.decoder_block_out_channels):
-            raise ValueError("tiny autoencoder config: the encoder and decoder need as many stages each.")
 
     @classmethod
     def from_dict(cls, config: Mapping) -> TinyConfig:
@@ -94,7 +92,7 @@ class TinyConfig:
 
     @property
     def factor(self) -> int:
-        """Image pixels per latent pixel along each axis."""
+        """Image pixels per latent pixel along each axis, of a decode."""
         return self.upsampling_scaling_factor ** (len(self.decoder_block_out_channels) - 1)
 
     # The diffusion model's latents <-> the latents this autoencoder reads and writes: the VAE's formulas, with
@@ -178,7 +176,8 @@ class TinyAutoencoder(nn.Module):
 
     def encode(self, images: mx.array) -> mx.array:
         """Images (B, H, W, 3) in [-1, 1] -> float32 diffusion-space latents (B, H/f, W/f, latent_channels)."""
-        c, f = self.config, self.config.factor
+        c = self.config
+        f = 2 ** (len(c.num_encoder_blocks) - 1)  # the encoder's stride-2 convs
         if images.ndim != 4 or images.shape[-1] != c.in_channels or images.shape[1] % f or images.shape[2] % f:
             raise ValueError(
                 f"tiny autoencoder encode: expected images of shape (batch, height, width, {c.in_channels}) (NHWC) "

@@ -29,20 +29,13 @@ from mlx_flash.taesd import (
 from mlx_flash.vae import VAEConfig
 from mlx_flash.weights import LAYOUT_KEY, WeightsError, remap
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 TINY = {  # name: diffusers config (taesd3's scaling, and a VAE-like one that the pipeline's formulas must apply)
     "taesd3": dict(scaling_factor=1.0, shift_factor=0.0),
     "scaled": dict(scaling_factor=1.5305, shift_factor=0.0609),
 }
 ARCHITECTURE = dict(latent_channels=16, encoder_block_out_channels=(16, 16, 16),
                     decoder_block_out_channels=(16, 16, 16), num_encoder_blocks=(1, 2, 1), num_decoder_blocks=(2, 1, 1))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def torch_single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=list(TINY))
