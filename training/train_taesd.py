@@ -1,10 +1,11 @@
 """Stage 4 of the digit models: a tiny autoencoder (diffusers' AutoencoderTiny architecture, 16 wide) distilled
 from their VAE, for live previews and `--vae tiny`, and the VAE's least-squares latent-to-RGB preview map.
 
-    python training/train_taesd.py [--steps 600] [--pool 1024] [--seed 0]
+    python training/train_taesd.py [--models DIR ...] [--steps 600] [--pool 1024] [--seed 0]
 
-The two digit models share one VAE (checked, byte for byte); the tiny autoencoder is written (float16) to each
-model folder's taesd/, and the map into each mlx_flash.json as "latent_rgb". Prints the held-out errors.
+The model folders (default: the two shipped digit models) share one VAE (checked, byte for byte); the tiny
+autoencoder is written (float16) to each folder's taesd/, and the map into each mlx_flash.json as "latent_rgb".
+Prints the errors of both against the VAE on held-out digits.
 """
 
 from __future__ import annotations
@@ -35,18 +36,16 @@ from mlx_flash.vae import Autoencoder, load_vae  # noqa: E402
 from training.common import MODELS, fit, half  # noqa: E402
 from training.digits_data import splits, to_images  # noqa: E402
 
-TARGETS = ("digits", "digits-flash")
 # 16 channels throughout; the decoder does its work at low resolution (no block at full size), which makes it
 # faster than the digit VAE's decoder on the CPU.
 TINY = TinyConfig(encoder_block_out_channels=(16,) * 4, decoder_block_out_channels=(16,) * 4,
                   num_encoder_blocks=(1, 1, 2, 2), num_decoder_blocks=(2, 2, 1, 0))
 BLEND = 0.5  # the fraction of the pool's latents that blend two images'
-RGB_FIT = 512  # training images whose latents and decodes fit the preview map
 
 
-def shared_vae() -> Path:
-    """The VAE folder of the digit models, after checking that they all have the same one."""
-    folders = [MODELS / name / "vae" for name in TARGETS]
+def shared_vae(models: list[Path]) -> Path:
+    """The VAE folder of the model folders, after checking that they all have the same one."""
+    folders = [model / "vae" for model in models]
     for name in ("config.json", "model.safetensors"):
         if len({(folder / name).read_bytes() for folder in folders}) != 1:
             raise SystemExit(f"the digit models' VAEs differ ({name}); train one tiny autoencoder per model instead.")
@@ -88,16 +87,19 @@ def write_manifest(folder: Path, key: str, value: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", type=Path, nargs="+", default=[MODELS / "digits", MODELS / "digits-flash"])
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--pool", type=int, default=1024, help="latents decoded once by the VAE to train on")
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--fit", type=int, default=512, help="training digits the preview map is fitted on")
+    parser.add_argument("--held-out", type=int, default=600, help="held-out digits the errors are reported on")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     preload_openblas()
     start = time.perf_counter()
 
-    vae = load_vae(shared_vae(), mx.float32)
+    vae = load_vae(shared_vae(args.models), mx.float32)
     (digits, _), (held_out, _) = splits()
     images = to_images(digits)
     mean, std = posterior(vae, images)
@@ -118,15 +120,15 @@ def main() -> None:
         return (mx.array(latents[pick]), mx.array(decodes[pick]), mx.array(images[own]), mx.array(mean[own]))
 
     fit(model, loss, batch, args.steps, args.lr, warmup=50, log_every=100)
-    for name in TARGETS:
-        save_tiny_autoencoder(MODELS / name / MODEL_FOLDER, half(model))
-    factors = fit_latent_rgb(vae, mx.array(mean[:RGB_FIT])).to_dict()
-    for name in TARGETS:
-        write_manifest(MODELS / name, MANIFEST_KEY, factors)
+    for folder in args.models:
+        save_tiny_autoencoder(folder / MODEL_FOLDER, half(model))
+    factors = fit_latent_rgb(vae, mx.array(mean[: args.fit])).to_dict()
+    for folder in args.models:
+        write_manifest(folder, MANIFEST_KEY, factors)
     print(f"trained and written in {time.perf_counter() - start:.0f} s", flush=True)
 
-    shipped = load_tiny_autoencoder(MODELS / TARGETS[0] / MODEL_FOLDER, mx.float32)
-    real = to_images(held_out)
+    shipped = load_tiny_autoencoder(args.models[0] / MODEL_FOLDER, mx.float32)
+    real = to_images(held_out[: args.held_out])
     real_mean, _ = posterior(vae, real)
     full = np.clip(np.array(vae.latents_to_image(mx.array(real_mean), tiled=False)), -1, 1)
     tiny = np.clip(np.array(shipped.decode(mx.array(real_mean))), -1, 1)
