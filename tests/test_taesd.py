@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderTiny
+from huggingface_hub.errors import LocalEntryNotFoundError
 from huggingface_hub.utils import filter_repo_objects
 from mlx.utils import tree_flatten
 from safetensors.torch import save_file
@@ -159,3 +160,13 @@ def test_where_a_models_tiny_autoencoder_is(tmp_path):
     assert tiny_autoencoder_source(tmp_path, VAEConfig(scaling_factor=0.9)) is None
     (tmp_path / "taesd").mkdir()
     assert tiny_autoencoder_source(tmp_path, VAEConfig(scaling_factor=0.9)) == tmp_path / "taesd"
+
+
+def test_hub_errors_are_one_line(monkeypatch):
+    def offline(repo_id, **kwargs):
+        raise LocalEntryNotFoundError("Cannot find the requested files in the cache.\nMore.")
+
+    monkeypatch.setattr(hub, "snapshot_download", offline)
+    with pytest.raises(ModelNotFoundError) as info:
+        load_tiny_autoencoder(SD3_REPO)
+    assert "\n" not in str(info.value) and SD3_REPO in str(info.value) and "connect to the internet" in str(info.value)
