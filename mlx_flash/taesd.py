@@ -21,7 +21,6 @@ inverse, like `Autoencoder.image_to_latents` without the sampling (the tiny enco
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Mapping
@@ -30,6 +29,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .hub import resolve_component_dir
+from .layout import read_json
 from .vae import VAEConfig, sd3_latents
 from .weights import (
     Rule,
@@ -220,7 +220,7 @@ def load_tiny_autoencoder(path_or_repo: str | Path, dtype: mx.Dtype | None = Non
     safetensors weights) or a Hugging Face repo id such as `SD3_REPO` (only its config and diffusers weights are
     fetched). `dtype` casts the weights (default: as stored)."""
     folder = resolve_component_dir(path_or_repo, HUB_FILES, revision=revision, token=token)
-    config = json.loads((folder / "config.json").read_text())
+    config = read_json(folder / "config.json")
     if config.get("_class_name", "AutoencoderTiny") != "AutoencoderTiny":
         raise WeightsError(f"{folder}: config.json describes a {config['_class_name']}, not an AutoencoderTiny; "
                            f"pass a tiny autoencoder folder or repo such as {SD3_REPO}.")
