@@ -6,14 +6,28 @@ import argparse
 import json
 import logging
 import math
+import os
 import signal
 import sys
 from pathlib import Path
 
+import numpy as np
+
+from .files import first_line
 from .version import __version__
 
 DEFAULT_MODEL = "sd3.5-medium"
 INTERRUPTED = 130  # the shell's exit status for a run stopped by Ctrl-C
+BROKEN_PIPE = 141  # the status of a command killed by SIGPIPE, as other command line tools report it
+TEXT_ARGUMENTS = {"prompt_text": "the prompt", "prompt": "--prompt", "negative_prompt": "--negative-prompt"}
+DEBUG = "MLX_FLASH_DEBUG"  # set to 1 to get the traceback of an unexpected error
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line pointing to `--help` (not the whole usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`.\n")
 
 
 def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
@@ -54,13 +68,19 @@ def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
                      help="PNG path (default: image.png, numbered if taken); with --prompt-file a pattern with the "
                           "fields {index}, {seed}, {line}, {n}, {prompt} (default {index:05d}-{seed}.png)")
     gen.add_argument("--force", action="store_true", help="overwrite existing output files")
+    gen.add_argument("--vae", choices=["full", "tiny"], default=None,
+                     help="decoder of the final image: full (the VAE, default) or tiny (the tiny autoencoder: fast and "
+                          "small, lower quality)")
+    gen.add_argument("--preview", type=Path, default=None, metavar="DIR",
+                     help="write the clean-image estimate of every step into DIR (tiny autoencoder, else a linear map)")
+    gen.add_argument("--preview-every", type=int, default=1, metavar="K", help="with --preview: every K-th step")
     gen.add_argument("--verbose", action="store_true", help="print per-stage time and peak memory")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .convert import cli as convert_cli
 
-    parser = argparse.ArgumentParser(prog="mlx-flash", description="Stable Diffusion 3.5 / SD3.5-Flash in MLX.")
+    parser = Parser(prog="mlx-flash", description="Stable Diffusion 3.5 / SD3.5-Flash in MLX.")
     parser.add_argument("--version", action="version", version=f"mlx-flash {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_generate_arguments(commands.add_parser("generate", help="generate images from a prompt"))
@@ -77,7 +97,7 @@ FROM_FIELDS = {
     "prompt": "prompt", "negative_prompt": "negative_prompt", "model": "model", "steps": "steps",
     "guidance": "guidance", "sampler": "sampler", "shift": "shift", "sigmas": "sigmas", "width": "width",
     "height": "height", "seed": "seed", "dtype": "dtype", "quantize": "quantize", "strength": "strength",
-    "max_sequence_length": "max_sequence_length",
+    "max_sequence_length": "max_sequence_length", "vae": "vae",
 }
 
 
@@ -134,6 +154,7 @@ def generate_job(args: argparse.Namespace) -> None:
     from .batch import DEFAULT_PATTERN, expand, read_prompt_file, run_job
     from .callbacks import Cancel
     from .denoise import GenerationStopped
+    from .image_io import check_writable
     from .loading import load_pipeline
 
     if args.prompt is not None or args.prompt_text is not None or args.from_image is not None:
@@ -145,6 +166,7 @@ def generate_job(args: argparse.Namespace) -> None:
                 "width": args.width, "height": args.height, "sampler": args.sampler, "shift": args.shift,
                 "num_images": args.num_images or 1}
     images = expand(lines, defaults, args.seed or 0, str(args.output or DEFAULT_PATTERN))
+    check_writable({image.path.parent: image.path for image in images}.values())  # one per folder, before loading
     pipe = load_pipeline(args.model or DEFAULT_MODEL, dtype=args.dtype, quantize=args.quantize,
                          use_t5=not args.no_t5, base=args.base, loras=_loras(args.lora or []))
     cancel = Cancel()
@@ -160,8 +182,46 @@ def generate_job(args: argparse.Namespace) -> None:
         print(path)
 
 
+def _output_paths(output: Path | None, num_images: int, force: bool) -> list[Path]:
+    """The files a generation writes (image.png, numbered when taken, unless --output names them), checked for
+    being free and writable before anything loads."""
+    from .image_io import check_writable
+
+    path = output or Path("image.png")
+    if output is not None and path.suffix.lower() != ".png":
+        raise ValueError(f"{path}: images are written as PNG; use a .png file name.")
+    paths = [path] if num_images == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(num_images)]
+    if output is not None and not force:
+        taken = [p for p in paths if p.exists()]
+        if taken:
+            raise FileExistsError(f"{taken[0]} already exists; pass --force to overwrite it or choose another --output.")
+    check_writable(paths)
+    return paths
+
+
+def _preview_paths(folder: Path, force: bool) -> Path:
+    """The --preview folder, checked: previews of an earlier run in it are only replaced with --force."""
+    from .image_io import check_writable
+
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"--preview {folder} is a file; pass a folder for the step previews.")
+    if not force and folder.is_dir() and any(folder.glob("step-*.png")):
+        raise FileExistsError(f"{folder} already holds step previews; pass --force to replace them or choose "
+                              "another --preview folder.")
+    check_writable([folder / "step-001.png"])
+    return folder
+
+
+def _save_previews(folder: Path, step: int, images, force: bool) -> None:
+    from .image_io import numpy_to_pil, save_png
+
+    for i, image in enumerate(numpy_to_pil(np.array(images))):
+        name = f"step-{step:03d}.png" if len(images) == 1 else f"step-{step:03d}-{i}.png"
+        save_png(image, folder / name, {"preview_step": step}, overwrite=force)
+
+
 def generate(args: argparse.Namespace) -> None:
-    from .callbacks import Cancel, ProgressBar
+    from .callbacks import Cancel, Preview, ProgressBar
     from .denoise import GenerationStopped
     from .image_io import next_free_path, save_png
     from .loading import load_pipeline
@@ -181,16 +241,8 @@ def generate(args: argparse.Namespace) -> None:
     num_images = 1 if args.num_images is None else args.num_images
     if num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {num_images}.")
-    explicit_output = args.output is not None
-    output = args.output or Path("image.png")
-    if explicit_output and output.suffix.lower() != ".png":
-        raise ValueError(f"{output}: images are written as PNG; use a .png file name.")
-    paths = [output] if num_images == 1 else [output.with_name(f"{output.stem}-{i}{output.suffix}")
-                                              for i in range(num_images)]
-    if explicit_output and not args.force:
-        taken = [p for p in paths if p.exists()]
-        if taken:
-            raise FileExistsError(f"{taken[0]} already exists; pass --force to overwrite it or choose another --output.")
+    paths = _output_paths(args.output, num_images, args.force)
+    preview_paths = _preview_paths(args.preview, args.force) if args.preview is not None else None
 
     loras = (_loras(args.lora) if args.lora is not None
              else [(entry["source"], entry["scale"]) for entry in meta.get("loras", [])])
@@ -205,18 +257,22 @@ def generate(args: argparse.Namespace) -> None:
         prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
         height=args.height, width=args.width, seed=args.seed, image=args.image, strength=args.strength,
         num_images=num_images, sampler=args.sampler, shift=args.shift, sigmas=_sigmas(args.sigmas),
-        max_sequence_length=getattr(args, "max_sequence_length", None), **extra,
+        max_sequence_length=getattr(args, "max_sequence_length", None), vae=args.vae or "full", **extra,
     )
     cancel = Cancel()
+    callbacks = [cancel, ProgressBar()]
+    if preview_paths is not None:
+        callbacks.append(Preview(lambda step, images: _save_previews(preview_paths, step, images, args.force),
+                                 pipe.preview_decoder(), args.preview_every))
     previous = _stop_on_ctrl_c(cancel)
     try:
-        result = pipe.run(request, callbacks=[cancel, ProgressBar()])
+        result = pipe.run(request, callbacks=callbacks)
     except GenerationStopped:
         raise KeyboardInterrupt from None
     finally:
         signal.signal(signal.SIGINT, previous)
     for i, (image, path) in enumerate(zip(result.images, paths)):
-        if not explicit_output and not args.force:
+        if args.output is None and not args.force:
             path = next_free_path(path)
         print(save_png(image, path, result.metadata(i), overwrite=args.force))
     if args.verbose:
@@ -239,21 +295,54 @@ def info(args: argparse.Namespace) -> None:
     print(json.dumps(_json_ready(read_metadata(args.image)), indent=2, ensure_ascii=False, allow_nan=False))
 
 
+def check_text(args: argparse.Namespace) -> None:
+    """Raise ValueError for a text argument that is not valid UTF-8 (undecodable bytes reach Python as
+    surrogates)."""
+    for name, label in TEXT_ARGUMENTS.items():
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{label} is not valid UTF-8 text; type it again in a UTF-8 terminal or "
+                                 "convert it with iconv.") from None
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe (`mlx-flash info x.png | head -c1`): send what is left to /dev/null, so that the
+    interpreter's final flush does not fail too."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
-                        format="%(message)s")
+    """Run the command line; every failure is one line on stderr (exit 1; 2 for usage, 130 for Ctrl-C)."""
     try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                            format="%(message)s")
+        check_text(args)
         if args.command == "convert":
             from .convert.cli import run as command
         else:
             command = {"generate": generate, "info": info}[args.command]
         command(args)
+        sys.stdout.flush()
     except KeyboardInterrupt:
         print("mlx-flash: interrupted; nothing was written.", file=sys.stderr)
         return INTERRUPTED
+    except BrokenPipeError:
+        _silence_stdout()
+        return BROKEN_PIPE
     except (ValueError, OSError, KeyError, MemoryError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"mlx-flash: error: {message}", file=sys.stderr)
+        return 1
+    except Exception as err:
+        if os.environ.get(DEBUG):
+            raise
+        print(f"mlx-flash: error: unexpected {type(err).__name__}: {first_line(err)} (a bug: please report it; "
+              f"set {DEBUG}=1 for the traceback)", file=sys.stderr)
         return 1
     return 0

@@ -112,6 +112,14 @@ class VAEConfig:
         return latents / self.scaling_factor + self.shift_factor
 
 
+def sd3_latents(config: VAEConfig) -> bool:
+    """Whether the VAE's latent space is SD3 / SD3.5's (16 channels, its scaling and shift), which
+    madebyollin/taesd3 and SD3's published preview factors are made for."""
+    sd3 = VAEConfig()
+    return (config.latent_channels, config.scaling_factor, config.shift_factor) == (
+        sd3.latent_channels, sd3.scaling_factor, sd3.shift_factor)
+
+
 ATTENTION_SCORES = 2**26  # attention scores computed at once in the mid-blocks (256 MB in float32)
 
 
@@ -507,8 +515,16 @@ class Autoencoder(nn.Module):
         return mean, mx.clip(logvar, -30.0, 20.0)
 
     def latents_to_image(self, latents: mx.array, tiled: bool | None = None) -> mx.array:
-        """Diffusion-space latents -> images in [-1, 1]: decode(latents / scaling_factor + shift_factor)."""
-        return self.decode(self.config.from_diffusion(latents), tiled)
+        """Diffusion-space latents -> images in [-1, 1]: decode(latents / scaling_factor + shift_factor),
+        one image at a time (each computed before the next), so a batch needs one image's activations."""
+        latents = self.config.from_diffusion(latents)
+        if latents.shape[0] == 1:
+            return self.decode(latents, tiled)
+        images = []
+        for i in range(latents.shape[0]):
+            images.append(self.decode(latents[i : i + 1], tiled))
+            mx.eval(images[-1])
+        return mx.concatenate(images)
 
     def image_to_latents(
         self,
