@@ -52,6 +52,9 @@ def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--num-images", type=int, default=None, help="images to make (default 1)")
     gen.add_argument("--image", type=Path, default=None, help="input image for img2img")
     gen.add_argument("--strength", type=float, default=None, help="img2img strength in (0, 1] (default 0.6)")
+    gen.add_argument("--lora", action="append", default=None, metavar="PATH_OR_REPO_FILE[:SCALE]",
+                     help="apply a LoRA (a .safetensors file, or ORG/REPO/FILE.safetensors on the hub) at SCALE "
+                          "(default 1); repeatable")
     gen.add_argument("--quantize", type=int, choices=[2, 3, 4, 5, 6, 8], default=None, help="quantize the transformer")
     gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
     gen.add_argument("--no-t5", action="store_const", const=True, default=None,
@@ -134,6 +137,13 @@ def _sigmas(text: str | None) -> list[float] | None:
         raise ValueError(f"--sigmas must be comma-separated numbers (e.g. 1.0,0.75,0.5,0.25), got {text!r}.") from None
 
 
+def _loras(texts: list[str]) -> list[tuple[str, float]]:
+    """--lora PATH_OR_REPO_FILE[:SCALE] options as (source, scale) pairs."""
+    from .lora import parse_lora_arg
+
+    return [parse_lora_arg(text) for text in texts]
+
+
 def _stop_on_ctrl_c(cancel) -> object:
     """Ctrl-C stops the run after the running step (the previous handler is returned)."""
     return signal.signal(signal.SIGINT, lambda *_: cancel.cancel())
@@ -158,7 +168,7 @@ def generate_job(args: argparse.Namespace) -> None:
     images = expand(lines, defaults, args.seed or 0, str(args.output or DEFAULT_PATTERN))
     check_writable({image.path.parent: image.path for image in images}.values())  # one per folder, before loading
     pipe = load_pipeline(args.model or DEFAULT_MODEL, dtype=args.dtype, quantize=args.quantize,
-                         use_t5=not args.no_t5, base=args.base)
+                         use_t5=not args.no_t5, base=args.base, loras=_loras(args.lora or []))
     cancel = Cancel()
     previous = _stop_on_ctrl_c(cancel)
     try:
@@ -234,8 +244,10 @@ def generate(args: argparse.Namespace) -> None:
     paths = _output_paths(args.output, num_images, args.force)
     preview_paths = _preview_paths(args.preview, args.force) if args.preview is not None else None
 
+    loras = (_loras(args.lora) if args.lora is not None
+             else [(entry["source"], entry["scale"]) for entry in meta.get("loras", [])])
     pipe = load_pipeline(args.model or DEFAULT_MODEL, dtype=args.dtype, quantize=args.quantize,
-                         use_t5=not args.no_t5, base=args.base)
+                         use_t5=not args.no_t5, base=args.base, loras=loras)
     same = ("model_revision", "model_fingerprint")
     if meta and any(meta.get(k) != pipe.identity.get(k) for k in same if k in meta or k in pipe.identity):
         logging.getLogger("mlx_flash").warning(

@@ -7,12 +7,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
-from huggingface_hub import HfApi, snapshot_download, try_to_load_from_cache
+from huggingface_hub import HfApi, hf_hub_download, snapshot_download, try_to_load_from_cache
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
     HFValidationError,
     LocalEntryNotFoundError,
+    RemoteEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
@@ -143,6 +144,8 @@ def _hub_errors(repo: str, revision: str | None) -> Iterator[None]:
             f"{repo}: revision {revision or 'main'!r} not found; pass an existing branch, tag or commit, "
             "or no revision."
         ) from err
+    except RemoteEntryNotFoundError as err:  # a file missing from an existing repository
+        raise ModelNotFoundError(f"{repo}: {first_line(err)}; check the file name in the repository.") from err
     except (LocalEntryNotFoundError, ConnectionError, TransportError) as err:  # incl. OfflineModeIsEnabled
         raise ModelNotFoundError(
             f"{repo} is not (fully) in the Hugging Face cache and the Hub cannot be reached; connect to the "
@@ -164,6 +167,12 @@ def _download(repo: str, use_t5: bool, revision: str | None, token: str | None, 
             f"{EXAMPLE_REPO}, or a local model folder."
         )
     return folder
+
+
+def download_file(repo: str, filename: str, revision: str | None = None, token: str | None = None) -> Path:
+    """One file of a Hugging Face repo (ORG/NAME), fetched into the HF cache; errors as `resolve_model_dir`'s."""
+    with _hub_errors(repo, revision):
+        return Path(hf_hub_download(repo, filename, revision=revision, token=token))
 
 
 def is_repo_id(name: str) -> bool:
