@@ -1,4 +1,5 @@
-"""The `mlx-flash` command: `generate` images, print an image's generation `info`, `convert` a checkpoint."""
+"""The `mlx-flash` command: `generate` images, print an image's generation `info`, list the preset `models`,
+`convert` a checkpoint."""
 
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="print the generation settings stored in a PNG")
     info.add_argument("image", type=Path)
+
+    commands.add_parser("models", help="list the presets: architecture, weights, default sampling, licence")
 
     convert.cli.add_arguments(commands.add_parser(
         "convert", help="convert a checkpoint (hub repo, diffusers folder or single file) to an mlx-flash folder, "
@@ -109,12 +112,40 @@ def info(args: argparse.Namespace) -> None:
     print(json.dumps(read_metadata(args.image), indent=2, ensure_ascii=False))
 
 
+def models(args: argparse.Namespace) -> None:
+    from .presets import PRESETS
+
+    for p in PRESETS.values():
+        def mark(field: str, text: str) -> str:
+            return f"{text} (UNVERIFIED)" if field in p.unverified else text
+
+        weights = [mark("repo_id", p.repo_id or "weights not public: pass a local folder or file")]
+        if p.lora is not None:
+            weights.append(mark("lora", f"+ LoRA {p.lora.repo_id}/{p.lora.file} at {p.lora.scale:g}"))
+        if p.transformer_repo is not None:
+            weights.append(mark("transformer_repo", f"+ transformer {p.transformer_repo}"))
+        if not p.use_t5:
+            weights.append("(without T5)")
+        sampling = [mark("sampler", p.sampler), f"{p.num_steps} steps", mark("guidance_scale", f"guidance "
+                    f"{p.guidance_scale:g}"), mark("shift", f"shift {p.shift:g}")]
+        if p.sigmas is not None:
+            sampling.append(mark("sigmas", "sigmas " + ",".join(f"{s:g}" for s in p.sigmas)))
+        if p.scales is not None:
+            sampling.append(mark("scales", "scales " + ",".join(str(s) for s in p.scales)))
+        if p.skip_layer_guidance is not None:
+            slg = p.skip_layer_guidance
+            sampling.append(f"skip-layer guidance {slg.scale:g} on layers {','.join(map(str, slg.layers))}")
+        print(f"{p.name}\n  {p.architecture}: {' '.join(weights)}\n  {', '.join(sampling)}\n  licence: {p.licence}")
+        if p.note:
+            print(f"  note: {p.note}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(message)s")
     try:
-        {"generate": generate, "info": info, "convert": convert.cli.run}[args.command](args)
+        {"generate": generate, "info": info, "models": models, "convert": convert.cli.run}[args.command](args)
     except (ValueError, OSError, KeyError, MemoryError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"mlx-flash: error: {message}", file=sys.stderr)

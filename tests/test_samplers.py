@@ -269,4 +269,5 @@ def test_bad_input_one_line(call, message):
 @pytest.mark.parametrize("name", ["euler", "heun", "dpm++2m"])
 def test_custom_sigmas_shifted_like_euler(name):
     custom = [1.0, 0.7, 0.3]
-    np.testing.assert_array_equal(make_sampler(name).sigmas(3, 3.0, custom), make_sampler("euler").sigmas(3, 3.0, custom))
+    expected = make_sampler("euler").sigmas(3, 3.0, custom)
+    np.testing.assert_array_equal(make_sampler(name).sigmas(3, 3.0, custom), expected)
