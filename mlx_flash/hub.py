@@ -65,12 +65,23 @@ def _first_line(err: Exception) -> str:
 
 
 def _download(repo: str, use_t5: bool, revision: str | None, token: str | None) -> Path:
+    folder = _snapshot(repo, allow_patterns(use_t5), revision, token)
+    if not _is_model_dir(folder):
+        raise ModelNotFoundError(
+            f"{repo} has no diffusers-layout model (no model_index.json); pass a diffusers repo such as "
+            f"{EXAMPLE_REPO}, or a local model folder."
+        )
+    return folder
+
+
+def _snapshot(repo: str, patterns: list[str], revision: str | None, token: str | None) -> Path:
+    """The files of `repo` matching `patterns` (never pickles or fp16 duplicates), fetched into the HF cache."""
     try:
         folder = snapshot_download(
             repo,
             revision=revision,
             token=token,
-            allow_patterns=allow_patterns(use_t5),
+            allow_patterns=patterns,
             ignore_patterns=IGNORE_PATTERNS,
         )
     except GatedRepoError as err:
@@ -98,13 +109,7 @@ def _download(repo: str, use_t5: bool, revision: str | None, token: str | None) 
             f"{repo}: the Hugging Face Hub answered with an error ({_first_line(err)}); retry later or pass a "
             "local model folder."
         ) from err
-    folder = Path(folder)
-    if not _is_model_dir(folder):
-        raise ModelNotFoundError(
-            f"{repo} has no diffusers-layout model (no model_index.json); pass a diffusers repo such as "
-            f"{EXAMPLE_REPO}, or a local model folder."
-        )
-    return folder
+    return Path(folder)
 
 
 def is_repo_id(name: str) -> bool:
@@ -136,3 +141,26 @@ def resolve_model_dir(
             f"model folder or a repo id such as {EXAMPLE_REPO}."
         )
     return _download(name, use_t5, revision, token)
+
+
+def resolve_weights_dir(
+    location: str | Path, *, revision: str | None = None, token: str | None = None
+) -> Path:
+    """A local folder of safetensors weights for `location`: an existing folder, or `ORG/NAME/FOLDER...`, one
+    folder of a hub repo (its .json and .safetensors files fetched into the HF cache), e.g. a replacement
+    transformer such as domiso/SenseFlow/SenseFlow-SD35M."""
+    path = Path(location).expanduser()
+    if not path.exists() and not isinstance(location, Path) and str(location).count("/") >= 2:
+        parts = str(location).strip("/").split("/")
+        repo, sub = "/".join(parts[:2]), "/".join(parts[2:])
+        if not is_repo_id(repo):
+            raise ModelNotFoundError(f"{location!r}: {repo!r} is not a Hugging Face repo id; use ORG/NAME/FOLDER.")
+        path = _snapshot(repo, [f"{sub}/*.json", f"{sub}/*.safetensors"], revision, token) / sub
+        where = f"{repo} has no folder {sub!r} with .safetensors weights"
+    elif not path.exists():
+        raise ModelNotFoundError(f"{location}: no such folder; pass a local folder or ORG/NAME/FOLDER on the hub.")
+    else:
+        where = f"{path} holds no .safetensors weights"
+    if not path.is_dir() or not any(path.glob("*.safetensors")):
+        raise ModelNotFoundError(f"{where}; pass a folder of diffusers-named .safetensors weights.")
+    return path

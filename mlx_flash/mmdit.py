@@ -409,10 +409,12 @@ def mmdit_from_diffusers_weights(
     return load_into(model, remap(weights, DIFFUSERS_RULES), "transformer", dtype=dtype)
 
 
-def load_mmdit(folder: str | Path, dtype: mx.Dtype | None = None, float32_residual: bool = False) -> MMDiT:
+def load_mmdit(folder: str | Path, dtype: mx.Dtype | None = None, float32_residual: bool = False,
+               config: dict | None = None) -> MMDiT:
     """Load a `transformer/` folder: diffusers layout (config.json plus one or many safetensors shards; the
-    configuration is inferred from the tensors) or mlx-flash layout (converted, possibly quantized)."""
-    config, weights = read_component(folder)
+    configuration is inferred from the tensors) or mlx-flash layout (converted, possibly quantized). `config`
+    (the base model's config.json) stands in for a missing config.json."""
+    config, weights = read_component(folder, config)
     if not is_converted(config):
         return mmdit_from_diffusers_weights(
             weights, dtype, float32_residual, config.get("sample_size", 128), config.get("attention_head_dim", 64)

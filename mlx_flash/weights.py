@@ -152,18 +152,20 @@ def load_safetensors(path: str | Path) -> dict[str, mx.array]:
         raise WeightsError(f"{path}: not a readable safetensors file ({err}); re-download or re-convert it.") from err
 
 
-def read_component(folder: str | Path) -> tuple[dict, dict[str, mx.array]]:
+def read_component(folder: str | Path, config: dict | None = None) -> tuple[dict, dict[str, mx.array]]:
     """Read a diffusers/transformers component folder: (config.json contents, all tensors of its shards).
 
     One or many shards are supported; with a `*.safetensors.index.json` exactly the shards it names are read.
+    `config` stands in for a config.json the folder lacks (a release that ships only weights).
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise WeightsError(f"{folder}: no such folder.")
     config_path = folder / "config.json"
-    if not config_path.is_file():
+    if config_path.is_file():
+        config = json.loads(config_path.read_text())
+    elif config is None:
         raise WeightsError(f"{folder}: no config.json; expected a diffusers-layout component folder.")
-    config = json.loads(config_path.read_text())
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if indexes:
         weight_map = json.loads(indexes[0].read_text())["weight_map"]
