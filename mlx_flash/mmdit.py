@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -74,6 +74,10 @@ class MMDiTConfig:
         kwargs = {k: v for k, v in config.items() if k in names}
         kwargs["dual_attention_layers"] = tuple(config.get("dual_attention_layers") or ())
         return cls(qk_norm=config.get("qk_norm") == "rms_norm", **kwargs)
+
+    def same_architecture(self, other: MMDiTConfig) -> bool:
+        """Whether the two configurations differ at most in their default sample size."""
+        return replace(self, sample_size=other.sample_size) == other
 
     def to_diffusers(self) -> dict:
         """The diffusers `transformer/config.json` fields of this configuration."""

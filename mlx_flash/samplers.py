@@ -40,6 +40,10 @@ class Sampler:
         """The transformer's timestep at noise level `sigma` (`sigma * 1000` in float32)."""
         return float(np.float32(sigma) * np.float32(NUM_TRAIN_TIMESTEPS))
 
+    def evaluated_sigmas(self, sigmas: np.ndarray, start: int) -> np.ndarray:
+        """The noise levels a run from step `start` evaluates the velocity at (Heun's second evaluations too)."""
+        return sigmas[start:-1]
+
     def latent_size(self, i: int, size: tuple[int, int]) -> tuple[int, int]:
         """Latent (height, width) at step `i` of a run whose final latents are `size` (the same for all but
         scale-wise)."""
@@ -231,14 +235,3 @@ def make_sampler(name: str = "euler", **options) -> Sampler:
         raise ValueError(f"sampler {name!r} takes no option {', '.join(unknown)}; drop it or choose another sampler.")
     return cls(**options)
 
-
-def seeded_noise(seeds: Sequence[int]) -> Noise:
-    """Noise for a batch whose image b derives from `seeds[b]` alone: draw 0 (the initial latents) from
-    `mx.random.key(seed)`, draw d > 0 from the d-th key split from it, so every run reproduces."""
-
-    def draw(index: int, shape: tuple[int, ...]) -> mx.array:
-        keys = [mx.random.key(s) if index == 0 else mx.random.split(mx.random.key(s), index + 1)[index]
-                for s in seeds]
-        return mx.stack([mx.random.normal(shape, key=key) for key in keys])
-
-    return draw
