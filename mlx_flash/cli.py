@@ -17,6 +17,8 @@ INTERRUPTED = 130  # the shell's exit status for a run stopped by Ctrl-C
 
 
 def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
+    from .samplers import SAMPLERS
+
     # Settings default to None ("not given"): the model's defaults, or with --from the image's settings, apply.
     gen.add_argument("prompt_text", nargs="?", metavar="PROMPT", help="the prompt (or use --prompt)")
     gen.add_argument("--prompt", help="the prompt")
@@ -29,7 +31,8 @@ def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
                      help="make an image mlx-flash made again from its metadata; other options override its settings")
     gen.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     gen.add_argument("--guidance", type=float, default=None, help="CFG scale; > 1 enables CFG (default: the model's)")
-    gen.add_argument("--sampler", default=None, help="sampler (default: the model's, euler)")
+    gen.add_argument("--sampler", default=None,
+                     help=f"one of {', '.join(SAMPLERS)} (default: the model's; `mlx-flash models` lists them)")
     gen.add_argument("--shift", type=float, default=None, help="timestep shift (default: the model's scheduler's)")
     gen.add_argument("--sigmas", default=None, help="custom noise levels, one per step, comma separated")
     gen.add_argument("--width", type=int, default=None)
@@ -137,7 +140,7 @@ def generate(args: argparse.Namespace) -> None:
             raise FileExistsError(f"{taken[0]} already exists; pass --force to overwrite it or choose another --output.")
 
     pipe = load_pipeline(args.model or DEFAULT_MODEL, dtype=args.dtype, quantize=args.quantize,
-                         use_t5=not args.no_t5, base=args.base)
+                         use_t5=False if args.no_t5 else None, base=args.base)
     same = ("model_revision", "model_fingerprint")
     if meta and any(meta.get(k) != pipe.identity.get(k) for k in same if k in meta or k in pipe.identity):
         logging.getLogger("mlx_flash").warning(

@@ -21,6 +21,8 @@ from PIL import Image
 
 import mlx_flash
 import mlx_flash.loading as loading
+from mlx_flash import cli
+from mlx_flash.image_io import read_metadata
 from mlx_flash.denoise import initial_noise, seeded_noise
 from mlx_flash.loading import default_preset
 from mlx_flash.presets import PRESETS, SD3_MEDIUM, SD35_MEDIUM
@@ -216,3 +218,23 @@ def test_presets_by_name_and_default_presets(monkeypatch):
     mlx_flash.load_pipeline("sid-medium")
     assert seen["model"] == "YGu1998/SiD-DiT-SD3.5-medium" and seen["shift"] == 1.0
     assert seen["preset"] is PRESETS["sid-medium"] and seen["use_t5"] is True and seen["transformer"] is None
+
+
+def test_cli_sampling_options_recorded_and_restored(tiny_pipeline_dir, tmp_path, capsys):
+    args = ["generate", "a boat", "--model", str(tiny_pipeline_dir), "--width", "32", "--height", "32", "--steps",
+            "2", "--seed", "3", "--dtype", "float32"]
+    assert cli.main([*args, "--sampler", "heun", "--shift", "2", "--sigmas", "1,0.5",
+                     "--output", str(tmp_path / "a.png")]) == 0
+    meta = read_metadata(tmp_path / "a.png")
+    assert (meta["sampler"], meta["shift"], meta["sigmas"]) == ("heun", 2.0, [1.0, 0.5])
+    assert cli.main(["generate", "--from", str(tmp_path / "a.png"), "--output", str(tmp_path / "b.png")]) == 0
+    assert Image.open(tmp_path / "b.png").tobytes() == Image.open(tmp_path / "a.png").tobytes()
+    capsys.readouterr()
+    for extra, message in [(["--sampler", "ddim"], "unknown sampler 'ddim'; use one of euler, euler-stochastic"),
+                           (["--sigmas", "1,x"], "--sigmas must be comma-separated numbers"),
+                           (["--sigmas", "0.5,0.7"], "custom sigmas must be strictly decreasing"),
+                           (["--sigmas", "1"], "got 1 custom sigmas for 2 steps")]:
+        assert cli.main([*args, *extra, "--output", str(tmp_path / "c.png")]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("mlx-flash: error: ") and message in err[0], err
+    assert not (tmp_path / "c.png").exists()
