@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import signal
 import sys
 from pathlib import Path
@@ -169,10 +170,19 @@ def generate(args: argparse.Namespace) -> None:
             print(f"{stage.name:15} {stage.seconds:8.2f} s  peak {stage.peak_memory / 1e9:6.2f} GB", file=sys.stderr)
 
 
+def _json_ready(value):
+    """NaN and infinities (which older files may hold) as strings, so that `info` prints valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    return [_json_ready(v) for v in value] if isinstance(value, list) else value
+
+
 def info(args: argparse.Namespace) -> None:
     from .image_io import read_metadata
 
-    print(json.dumps(read_metadata(args.image), indent=2, ensure_ascii=False))
+    print(json.dumps(_json_ready(read_metadata(args.image)), indent=2, ensure_ascii=False, allow_nan=False))
 
 
 def models(args: argparse.Namespace) -> None:
