@@ -194,7 +194,7 @@ def models(args: argparse.Namespace) -> None:
 
         weights = [mark("repo_id", p.repo_id or "weights not public: pass a local folder or file")]
         if p.lora is not None:
-            weights.append(mark("lora", f"+ LoRA {p.lora.repo_id}/{p.lora.file} at {p.lora.scale:g}"))
+            weights.append(mark("lora", f"+ LoRA {p.lora.location} at {p.lora.scale:g}"))
         if p.transformer_repo is not None:
             weights.append(mark("transformer_repo", f"+ transformer {p.transformer_repo}"))
         if not p.use_t5:

@@ -37,13 +37,8 @@ def default_preset(config: MMDiTConfig, name: str) -> Preset | None:
     by_repo = [p for p in candidates if p.repo_id == name]
     if by_repo:
         return by_repo[0]
-    lowered = name.lower()
-    matches = candidates
-    few_step = any(word in lowered for word in ("turbo", "flash"))
-    for preset in matches:
-        if preset.few_step == few_step:
-            return preset
-    return matches[0] if matches else None
+    few_step = any(word in name.lower() for word in ("turbo", "flash"))
+    return next((p for p in candidates if p.few_step == few_step), candidates[0] if candidates else None)
 
 
 def load_pipeline(
@@ -79,7 +74,7 @@ def load_pipeline(
         if named.repo_id is None:
             raise ValueError(f"{name}: its weights are not published on the hub yet; pass a local folder.")
         if named.lora is not None:  # the one place a preset's LoRA is to be applied
-            raise ValueError(f"{name} applies the LoRA {named.lora.repo_id}/{named.lora.file} (scale "
+            raise ValueError(f"{name} applies the LoRA {named.lora.location} (scale "
                              f"{named.lora.scale:g}) to {named.repo_id}; this build cannot load LoRA files yet.")
         model = named.repo_id
         transformer = transformer if transformer is not None else named.transformer_repo

@@ -29,6 +29,11 @@ class LoRA:
     file: str
     scale: float = 1.0
 
+    @property
+    def location(self) -> str:
+        """`org/name/file.safetensors`, as `--lora` and `load_pipeline(loras=...)` name a hub file."""
+        return f"{self.repo_id}/{self.file}"
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -137,9 +142,9 @@ PRESETS: dict[str, Preset] = {
         Preset("senseflow-medium", SD35_MEDIUM_REPO, SD35_MEDIUM, 4, 0.0, sigmas=(1.0, 0.9, 0.75, 0.5),
                transformer_repo="domiso/SenseFlow/SenseFlow-SD35M",
                licence=f"Apache-2.0 (transformer, per its card); {STABILITY_LICENCE} (base)",
-               unverified=("sigmas", "sampler", "transformer_repo"),
-               note="the folder lacks a config.json (the base's is used); whether it predicts x0 or velocity is "
-                    "unverified"),
+               unverified=("sigmas", "sampler", "shift", "transformer_repo"),
+               note="the folder lacks a config.json (the base's is used); whether it predicts x0 or velocity, and "
+                    "whether its sigmas are shifted (as diffusers shifts custom sigmas), is unverified"),
         Preset("senseflow-large", SD35_LARGE_REPO, SD35_LARGE, 4, 0.0,
                transformer_repo="domiso/SenseFlow/SenseFlow-SD35L",
                licence=f"Apache-2.0 (transformer, per its card); {STABILITY_LICENCE} (base)",
