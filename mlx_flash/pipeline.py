@@ -104,7 +104,7 @@ class Pipeline:
             folder = self.transformer_dir or self.root / "transformer"
             model = load_mmdit(folder, self.dtype, float32_residual=self.dtype == mx.float16,
                                config=self.transformer_config.to_diffusers())
-            if not model.config.same_architecture(self.transformer_config):
+            if self.transformer_dir is not None and not model.config.same_architecture(self.transformer_config):
                 raise ValueError(f"{folder}: this transformer ({model.config.num_layers} layers, width "
                                  f"{model.config.hidden_size}) does not fit the base model in {self.root}; "
                                  "pass the base it was made from.")
@@ -233,8 +233,8 @@ class Pipeline:
             conditionings.insert(0, self._img2img(request))
         first = img2img_start(request.steps, request.strength) if request.image is not None else 0
         plan = self.plan_memory(request, steps=request.steps - first)
-        latent_shape = (*sampler.latent_size(0, (request.height // self.vae_factor, request.width // self.vae_factor)),
-                        self.vae_config.latent_channels)
+        final_size = (request.height // self.vae_factor, request.width // self.vae_factor)
+        latent_shape = (*sampler.latent_size(0, final_size), self.vae_config.latent_channels)
         x = (initial_noise(request.seeds, latent_shape) if request.latents is None
              else request.latents.transpose(0, 2, 3, 1))
 
