@@ -10,8 +10,12 @@ import math
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .version import __version__
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
 
 DEFAULT_MODEL = "sd3.5-medium"
 INTERRUPTED = 130  # the shell's exit status for a run stopped by Ctrl-C
@@ -110,6 +114,14 @@ def _slg(fields: dict):
     return SkipLayerGuidance(**{**fields, "layers": tuple(fields["layers"])})
 
 
+def _load(args: argparse.Namespace) -> Pipeline:
+    """The model the generate options name (a preset's own T5 choice unless --no-t5)."""
+    from .loading import load_pipeline
+
+    return load_pipeline(args.model or DEFAULT_MODEL, dtype=args.dtype, quantize=args.quantize,
+                         use_t5=False if args.no_t5 else None, base=args.base)
+
+
 def _sigmas(text: str | None) -> list[float] | None:
     if text is None:
         return None
@@ -129,7 +141,6 @@ def generate_job(args: argparse.Namespace) -> None:
     from .batch import DEFAULT_PATTERN, expand, read_prompt_file, run_job
     from .callbacks import Cancel
     from .denoise import GenerationStopped
-    from .loading import load_pipeline
 
     if args.prompt is not None or args.prompt_text is not None or args.from_image is not None:
         raise ValueError("--prompt-file takes the prompts from the file; drop the prompt argument (and --from).")
@@ -140,8 +151,7 @@ def generate_job(args: argparse.Namespace) -> None:
                 "width": args.width, "height": args.height, "sampler": args.sampler, "shift": args.shift,
                 "num_images": args.num_images or 1}
     images = expand(lines, defaults, args.seed or 0, str(args.output or DEFAULT_PATTERN))
-    pipe = load_pipeline(args.model or DEFAULT_MODEL, dtype=args.dtype, quantize=args.quantize,
-                         use_t5=not args.no_t5, base=args.base)
+    pipe = _load(args)
     cancel = Cancel()
     previous = _stop_on_ctrl_c(cancel)
     try:
@@ -159,7 +169,6 @@ def generate(args: argparse.Namespace) -> None:
     from .callbacks import Cancel, ProgressBar
     from .denoise import GenerationStopped
     from .image_io import next_free_path, save_png
-    from .loading import load_pipeline
 
     if args.prompt_file is not None:
         return generate_job(args)
@@ -187,8 +196,7 @@ def generate(args: argparse.Namespace) -> None:
         if taken:
             raise FileExistsError(f"{taken[0]} already exists; pass --force to overwrite it or choose another --output.")
 
-    pipe = load_pipeline(args.model or DEFAULT_MODEL, dtype=args.dtype, quantize=args.quantize,
-                         use_t5=False if args.no_t5 else None, base=args.base)
+    pipe = _load(args)
     same = ("model_revision", "model_fingerprint")
     if meta and any(meta.get(k) != pipe.identity.get(k) for k in same if k in meta or k in pipe.identity):
         logging.getLogger("mlx_flash").warning(
