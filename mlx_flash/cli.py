@@ -7,11 +7,13 @@ import argparse
 import json
 import logging
 import math
+import os
 import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .files import first_line
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -19,6 +21,16 @@ if TYPE_CHECKING:
 
 DEFAULT_MODEL = "sd3.5-medium"
 INTERRUPTED = 130  # the shell's exit status for a run stopped by Ctrl-C
+BROKEN_PIPE = 141  # the status of a command killed by SIGPIPE, as other command line tools report it
+TEXT_ARGUMENTS = {"prompt_text": "the prompt", "prompt": "--prompt", "negative_prompt": "--negative-prompt"}
+DEBUG = "MLX_FLASH_DEBUG"  # set to 1 to get the traceback of an unexpected error
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line pointing to `--help` (not the whole usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`.\n")
 
 
 def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
@@ -65,7 +77,7 @@ def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .convert import cli as convert_cli
 
-    parser = argparse.ArgumentParser(prog="mlx-flash", description="Stable Diffusion 3.5 / SD3.5-Flash in MLX.")
+    parser = Parser(prog="mlx-flash", description="Stable Diffusion 3.5 / SD3.5-Flash in MLX.")
     parser.add_argument("--version", action="version", version=f"mlx-flash {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_generate_arguments(commands.add_parser("generate", help="generate images from a prompt"))
@@ -168,7 +180,7 @@ def generate_job(args: argparse.Namespace) -> None:
 def generate(args: argparse.Namespace) -> None:
     from .callbacks import Cancel, ProgressBar
     from .denoise import GenerationStopped
-    from .image_io import next_free_path, save_png
+    from .image_io import check_writable, next_free_path, save_png
 
     if args.prompt_file is not None:
         return generate_job(args)
@@ -195,6 +207,7 @@ def generate(args: argparse.Namespace) -> None:
         taken = [p for p in paths if p.exists()]
         if taken:
             raise FileExistsError(f"{taken[0]} already exists; pass --force to overwrite it or choose another --output.")
+    check_writable(paths)
 
     pipe = _load(args)
     same = ("model_revision", "model_fingerprint")
@@ -240,6 +253,27 @@ def info(args: argparse.Namespace) -> None:
     print(json.dumps(_json_ready(read_metadata(args.image)), indent=2, ensure_ascii=False, allow_nan=False))
 
 
+def check_text(args: argparse.Namespace) -> None:
+    """Raise ValueError for a text argument that is not valid UTF-8 (undecodable bytes reach Python as
+    surrogates)."""
+    for name, label in TEXT_ARGUMENTS.items():
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{label} is not valid UTF-8 text; type it again in a UTF-8 terminal or "
+                                 "convert it with iconv.") from None
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe (`mlx-flash info x.png | head -c1`): send what is left to /dev/null, so that the
+    interpreter's final flush does not fail too."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def models(args: argparse.Namespace) -> None:
     from .presets import PRESETS
 
@@ -269,20 +303,32 @@ def models(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
-                        format="%(message)s")
+    """Run the command line; every failure is one line on stderr (exit 1; 2 for usage, 130 for Ctrl-C)."""
     try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                            format="%(message)s")
+        check_text(args)
         if args.command == "convert":
             from .convert.cli import run as command
         else:
             command = {"generate": generate, "info": info, "models": models}[args.command]
         command(args)
+        sys.stdout.flush()
     except KeyboardInterrupt:
         print("mlx-flash: interrupted; nothing was written.", file=sys.stderr)
         return INTERRUPTED
+    except BrokenPipeError:
+        _silence_stdout()
+        return BROKEN_PIPE
     except (ValueError, OSError, KeyError, MemoryError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"mlx-flash: error: {message}", file=sys.stderr)
+        return 1
+    except Exception as err:
+        if os.environ.get(DEBUG):
+            raise
+        print(f"mlx-flash: error: unexpected {type(err).__name__}: {first_line(err)} (a bug: please report it; "
+              f"set {DEBUG}=1 for the traceback)", file=sys.stderr)
         return 1
     return 0
