@@ -211,8 +211,9 @@ def test_presets_by_name_and_default_presets(monkeypatch):
     assert default_preset(SD35_MEDIUM, "some/flash-distill").name == "sd3.5-flash"
     # A named preset's shift, sampler and T5 choice reach the pipeline without downloading anything.
     seen = {}
-    monkeypatch.setattr(mlx_flash.loading, "resolve_model_dir", lambda model, **kw: seen.update(kw, model=model))
-    monkeypatch.setattr(mlx_flash.loading, "Pipeline", type("P", (), {
+    monkeypatch.setattr(loading, "resolve_model_dir", lambda model, **kw: seen.update(kw, model=model))
+    monkeypatch.setattr(loading, "check_model_folder", lambda root: None)
+    monkeypatch.setattr(loading, "Pipeline", type("P", (), {
         "read_transformer_config": staticmethod(lambda root: PRESETS["sid-medium"].transformer.to_diffusers()),
         "__init__": lambda self, root, **kw: seen.update(kw)}))
     mlx_flash.load_pipeline("sid-medium")
