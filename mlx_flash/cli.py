@@ -1,4 +1,5 @@
-"""The `mlx-flash` command: `generate` images, print an image's generation `info`, `convert` a checkpoint."""
+"""The `mlx-flash` command: `generate` images, print an image's generation `info`, list the preset `models`,
+`convert` a checkpoint."""
 
 from __future__ import annotations
 
@@ -10,11 +11,15 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .files import first_line
 from .version import __version__
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
 
 DEFAULT_MODEL = "sd3.5-medium"
 INTERRUPTED = 130  # the shell's exit status for a run stopped by Ctrl-C
@@ -31,6 +36,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
+    from .samplers import SAMPLERS
+
     # Settings default to None ("not given"): the model's defaults, or with --from the image's settings, apply.
     gen.add_argument("prompt_text", nargs="?", metavar="PROMPT", help="the prompt (or use --prompt)")
     gen.add_argument("--prompt", help="the prompt")
@@ -43,7 +50,8 @@ def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
                      help="make an image mlx-flash made again from its metadata; other options override its settings")
     gen.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     gen.add_argument("--guidance", type=float, default=None, help="CFG scale; > 1 enables CFG (default: the model's)")
-    gen.add_argument("--sampler", default=None, help="sampler (default: the model's, euler)")
+    gen.add_argument("--sampler", default=None,
+                     help=f"one of {', '.join(SAMPLERS)} (default: the model's; `mlx-flash models` lists them)")
     gen.add_argument("--shift", type=float, default=None, help="timestep shift (default: the model's scheduler's)")
     gen.add_argument("--sigmas", default=None, help="custom noise levels, one per step, comma separated")
     gen.add_argument("--width", type=int, default=None)
@@ -86,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_arguments(commands.add_parser("generate", help="generate images from a prompt"))
     info_parser = commands.add_parser("info", help="print the generation settings stored in a PNG")
     info_parser.add_argument("image", type=Path)
+    commands.add_parser("models", help="list the presets: architecture, weights, default sampling, licence")
     convert_cli.add_arguments(commands.add_parser(
         "convert", help="convert a checkpoint (hub repo, diffusers folder or single file) to an mlx-flash folder, "
                         "optionally quantized"))
@@ -128,6 +137,14 @@ def _slg(fields: dict):
     return SkipLayerGuidance(**{**fields, "layers": tuple(fields["layers"])})
 
 
+def _load(args: argparse.Namespace, loras: list) -> Pipeline:
+    """The model the generate options name, with `loras` (a preset's own T5 choice unless --no-t5)."""
+    from .loading import load_pipeline
+
+    return load_pipeline(args.model or DEFAULT_MODEL, dtype=args.dtype, quantize=args.quantize,
+                         use_t5=False if args.no_t5 else None, base=args.base, loras=loras)
+
+
 def _sigmas(text: str | None) -> list[float] | None:
     if text is None:
         return None
@@ -155,7 +172,6 @@ def generate_job(args: argparse.Namespace) -> None:
     from .callbacks import Cancel
     from .denoise import GenerationStopped
     from .image_io import check_writable
-    from .loading import load_pipeline
 
     if args.prompt is not None or args.prompt_text is not None or args.from_image is not None:
         raise ValueError("--prompt-file takes the prompts from the file; drop the prompt argument (and --from).")
@@ -167,8 +183,7 @@ def generate_job(args: argparse.Namespace) -> None:
                 "num_images": args.num_images or 1}
     images = expand(lines, defaults, args.seed or 0, str(args.output or DEFAULT_PATTERN))
     check_writable({image.path.parent: image.path for image in images}.values())  # one per folder, before loading
-    pipe = load_pipeline(args.model or DEFAULT_MODEL, dtype=args.dtype, quantize=args.quantize,
-                         use_t5=not args.no_t5, base=args.base, loras=_loras(args.lora or []))
+    pipe = _load(args, _loras(args.lora or []))
     cancel = Cancel()
     previous = _stop_on_ctrl_c(cancel)
     try:
@@ -224,7 +239,6 @@ def generate(args: argparse.Namespace) -> None:
     from .callbacks import Cancel, Preview, ProgressBar
     from .denoise import GenerationStopped
     from .image_io import next_free_path, save_png
-    from .loading import load_pipeline
 
     if args.prompt_file is not None:
         return generate_job(args)
@@ -246,8 +260,7 @@ def generate(args: argparse.Namespace) -> None:
 
     loras = (_loras(args.lora) if args.lora is not None
              else [(entry["source"], entry["scale"]) for entry in meta.get("loras", [])])
-    pipe = load_pipeline(args.model or DEFAULT_MODEL, dtype=args.dtype, quantize=args.quantize,
-                         use_t5=not args.no_t5, base=args.base, loras=loras)
+    pipe = _load(args, loras)
     same = ("model_revision", "model_fingerprint")
     if meta and any(meta.get(k) != pipe.identity.get(k) for k in same if k in meta or k in pipe.identity):
         logging.getLogger("mlx_flash").warning(
@@ -316,6 +329,34 @@ def _silence_stdout() -> None:
     os.close(devnull)
 
 
+def models(args: argparse.Namespace) -> None:
+    from .presets import PRESETS
+
+    for p in PRESETS.values():
+        def mark(field: str, text: str) -> str:
+            return f"{text} (UNVERIFIED)" if field in p.unverified else text
+
+        weights = [mark("repo_id", p.repo_id or "weights not public: pass a local folder or file")]
+        if p.lora is not None:
+            weights.append(mark("lora", f"+ LoRA {p.lora.location} at {p.lora.scale:g}"))
+        if p.transformer_repo is not None:
+            weights.append(mark("transformer_repo", f"+ transformer {p.transformer_repo}"))
+        if not p.use_t5:
+            weights.append("(without T5)")
+        sampling = [mark("sampler", p.sampler), f"{p.num_steps} steps", mark("guidance_scale", f"guidance "
+                    f"{p.guidance_scale:g}"), mark("shift", f"shift {p.shift:g}")]
+        if p.sigmas is not None:
+            sampling.append(mark("sigmas", "sigmas " + ",".join(f"{s:g}" for s in p.sigmas)))
+        if p.scales is not None:
+            sampling.append(mark("scales", "scales " + ",".join(str(s) for s in p.scales)))
+        if p.skip_layer_guidance is not None:
+            slg = p.skip_layer_guidance
+            sampling.append(f"skip-layer guidance {slg.scale:g} on layers {','.join(map(str, slg.layers))}")
+        print(f"{p.name}\n  {p.architecture}: {' '.join(weights)}\n  {', '.join(sampling)}\n  licence: {p.licence}")
+        if p.note:
+            print(f"  note: {p.note}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; every failure is one line on stderr (exit 1; 2 for usage, 130 for Ctrl-C)."""
     try:
@@ -326,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "convert":
             from .convert.cli import run as command
         else:
-            command = {"generate": generate, "info": info}[args.command]
+            command = {"generate": generate, "info": info, "models": models}[args.command]
         command(args)
         sys.stdout.flush()
     except KeyboardInterrupt:

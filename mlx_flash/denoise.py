@@ -42,7 +42,7 @@ class StepState:
     num_steps: int  # steps of the full schedule
     sigma: float
     sigma_next: float
-    timestep: float  # sigma * 1000, as the transformer sees it
+    timestep: float  # as the transformer sees it (`sampler.timestep(sigma)`: sigma * 1000, dpm++2m its integer)
     x: mx.array  # latents before the step, (B, H/8, W/8, 16)
     v: mx.array  # guided velocity
     x0: mx.array  # clean-image estimate x - sigma * v
@@ -141,12 +141,10 @@ def denoise(
         context, pooled = prompts.embeds, prompts.pooled
     slg = skip_layer_guidance if prompts.cfg else None
 
-    def timestep(sigma: float) -> float:
-        return float(np.float32(sigma) * np.float32(schedule.NUM_TRAIN_TIMESTEPS))
-
+    timestep = sampler.timestep
     modulations: dict[float, list] = {}
     if precompute_modulation:
-        evaluated = getattr(sampler, "evaluated_sigmas", lambda s, i: s[i:-1])(sigmas, start)
+        evaluated = sampler.evaluated_sigmas(sigmas, start)
         modulations = {timestep(s): model.modulation(mx.full((x.shape[0],), timestep(s)), pooled)
                        for s in evaluated}
         mx.eval(modulations)

@@ -7,7 +7,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
-from huggingface_hub import HfApi, hf_hub_download, snapshot_download, try_to_load_from_cache
+from huggingface_hub import (
+    HfApi,
+    hf_hub_download,
+    snapshot_download,
+    try_to_load_from_cache,
+)
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
@@ -226,4 +231,30 @@ def resolve_component_dir(
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(f"{component}: no config.json in {path}; pass a component folder (config.json "
                                  "and safetensors weights) or a repo id.")
+    return path
+
+
+def resolve_weights_dir(
+    location: str | Path, *, revision: str | None = None, token: str | None = None
+) -> Path:
+    """A local folder of safetensors weights for `location`: an existing folder, or `ORG/NAME/FOLDER...`, one
+    folder of a hub repo (its .json and .safetensors files fetched into the HF cache), e.g. a replacement
+    transformer such as domiso/SenseFlow/SenseFlow-SD35M."""
+    path = Path(location).expanduser()
+    if not path.exists() and not isinstance(location, Path) and str(location).count("/") >= 2:
+        parts = str(location).strip("/").split("/")
+        repo, sub = "/".join(parts[:2]), "/".join(parts[2:])
+        if not is_repo_id(repo):
+            raise ModelNotFoundError(f"{location!r}: {repo!r} is not a Hugging Face repo id; use ORG/NAME/FOLDER.")
+        patterns = [f"{sub}/*.json", f"{sub}/*.safetensors"]
+        with _hub_errors(repo, revision):
+            path = Path(snapshot_download(repo, revision=revision, token=token, allow_patterns=patterns,
+                                          ignore_patterns=IGNORE_PATTERNS)) / sub
+        where = f"{repo} has no folder {sub!r} with .safetensors weights"
+    elif not path.exists():
+        raise ModelNotFoundError(f"{location}: no such folder; pass a local folder or ORG/NAME/FOLDER on the hub.")
+    else:
+        where = f"{path} holds no .safetensors weights"
+    if not path.is_dir() or not any(path.glob("*.safetensors")):
+        raise ModelNotFoundError(f"{where}; pass a folder of diffusers-named .safetensors weights.")
     return path

@@ -10,8 +10,8 @@ from typing import Sequence
 import mlx.core as mx
 
 from .configs import check_model_folder
-from .hub import resolve_model_dir
-from .layout import dtype_name, parse_dtype
+from .hub import resolve_model_dir, resolve_weights_dir
+from .layout import dtype_name, parse_dtype, read_json
 from .lora import LoRAs
 from .memory import memory_budget
 from .mmdit import MMDiTConfig
@@ -33,17 +33,15 @@ def resolve_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype:
 
 
 def default_preset(config: MMDiTConfig, name: str) -> Preset | None:
-    """The published model this architecture (and, between same-architecture models, the name) is."""
-    lowered = name.lower()
-    matches = [
-        p for p in PRESETS.values()
-        if MMDiTConfig(**{**vars(config), "sample_size": p.transformer.sample_size}) == p.transformer
-    ]
-    few_step = any(word in lowered for word in ("turbo", "flash"))
-    for preset in matches:
-        if preset.few_step == few_step:
-            return preset
-    return matches[0] if matches else None
+    """The published model this architecture (and, between same-architecture models, the repo id or name) is.
+    Only presets of a repo's own weights qualify: an adapter's or a replacement transformer's settings apply
+    when that preset is named."""
+    candidates = [p for p in PRESETS.values() if p.base_weights and config.same_architecture(p.transformer)]
+    by_repo = [p for p in candidates if p.repo_id == name]
+    if by_repo:
+        return by_repo[0]
+    few_step = any(word in name.lower() for word in ("turbo", "flash"))
+    return next((p for p in candidates if p.few_step == few_step), candidates[0] if candidates else None)
 
 
 def load_pipeline(
@@ -51,11 +49,12 @@ def load_pipeline(
     *,
     dtype: str | mx.Dtype | None = None,
     quantize: int | None = None,
-    use_t5: bool = True,
+    use_t5: bool | None = None,
     low_memory: bool | None = None,
     revision: str | None = None,
     base: str | Path | None = None,
     loras: Sequence[tuple[str | Path, float] | str | Path] = (),
+    transformer: str | Path | None = None,
 ) -> Pipeline:
     """Load a model for generation.
 
@@ -66,18 +65,26 @@ def load_pipeline(
     lacks from `base` (a folder or repo id; default: the preset repo of its architecture). `dtype`: "float32" |
     "float16" | "bfloat16" (None: the best for the device). `quantize`: bits (2 to 8) to quantize the
     transformer and T5 on load, as `mlx-flash convert -q --bits N` does (mixed policy, group size 64);
-    components stored quantized load as they are. `use_t5=False` never loads T5.
-    `low_memory` (default: on below 32 GB of memory) loads, runs and frees one component at a time.
+    components stored quantized load as they are. `use_t5=False` never loads T5 (default: unless the preset
+    was trained without it). `low_memory` (default: on below 32 GB of memory) loads, runs and frees one
+    component at a time. `transformer` replaces the model's transformer: a folder of diffusers-named safetensors
+    or ORG/NAME/FOLDER on the hub (a release without config.json takes the base's). `mlx-flash models` lists
+    the presets; one naming a LoRA or a replacement transformer loads its base with it.
     `loras`: (file, scale) pairs, a file being a .safetensors path or ORG/REPO/FILE.safetensors on the hub, in any
     common naming (diffusers / PEFT, kohya, ComfyUI, OneTrainer); applied unfused to the transformer and text
     encoders, their scales changeable with `pipe.set_lora_scales`. A LoRA that does not fit raises LoRAError."""
     name = str(model)
+    named = PRESETS.get(name) if not Path(name).exists() else None
     if (PACKAGED_MODELS / name).is_dir() and not Path(name).exists():
-        model = PACKAGED_MODELS / name
-    elif name in PRESETS:
-        if PRESETS[name].repo_id is None:
+        model, named = PACKAGED_MODELS / name, None
+    elif named is not None:
+        if named.repo_id is None:
             raise ValueError(f"{name}: its weights are not published on the hub yet; pass a local folder.")
-        model = PRESETS[name].repo_id
+        if named.lora is not None:  # the one place a preset's LoRA is applied: before the user's
+            loras = [(named.lora.location, named.lora.scale), *loras]
+        model = named.repo_id
+        transformer = transformer if transformer is not None else named.transformer_repo
+    use_t5 = (named.use_t5 if named is not None else True) if use_t5 is None else use_t5
     dtype = resolve_dtype(dtype)
     if Path(name).suffix == ".safetensors" and Path(name).is_file():
         root = converted_single_file(Path(name), base, use_t5, dtype)
@@ -87,11 +94,26 @@ def load_pipeline(
     if quantize is not None:
         Quantization(quantize)  # raises for unsupported bits
     low_memory = memory_budget() < LOW_MEMORY_BELOW if low_memory is None else low_memory
-    preset = default_preset(MMDiTConfig.from_diffusers(Pipeline.read_transformer_config(root)), name)
+    preset = named or default_preset(MMDiTConfig.from_diffusers(Pipeline.read_transformer_config(root)), name)
     pipe = Pipeline(root, name=name, dtype=dtype, quantize=quantize, use_t5=use_t5, low_memory=low_memory,
-                    preset=preset, loras=LoRAs(loras))
+                    preset=preset, shift=named.shift if named is not None else None,
+                    transformer=None if transformer is None else replacement_transformer(transformer, root),
+                    loras=LoRAs(loras))
     pipe.check_loras()
     return pipe
+
+
+def replacement_transformer(location: str | Path, root: Path) -> Path:
+    """The local folder of a replacement transformer, checked to have the base model's architecture."""
+    folder = resolve_weights_dir(location)
+    if (folder / "config.json").is_file():
+        own = MMDiTConfig.from_diffusers(read_json(folder / "config.json"))
+        base = MMDiTConfig.from_diffusers(Pipeline.read_transformer_config(root))
+        if not own.same_architecture(base):
+            raise ValueError(f"{location}: this transformer ({own.num_layers} layers, width {own.hidden_size}) "
+                             f"does not fit the base model in {root} ({base.num_layers} layers, width "
+                             f"{base.hidden_size}); pass the base it was made from.")
+    return folder
 
 
 def converted_single_file(path: Path, base: str | Path | None, use_t5: bool, dtype: mx.Dtype) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -74,6 +74,10 @@ class MMDiTConfig:
         kwargs = {k: v for k, v in config.items() if k in names}
         kwargs["dual_attention_layers"] = tuple(config.get("dual_attention_layers") or ())
         return cls(qk_norm=config.get("qk_norm") == "rms_norm", **kwargs)
+
+    def same_architecture(self, other: MMDiTConfig) -> bool:
+        """Whether the two configurations differ at most in their default sample size."""
+        return replace(self, sample_size=other.sample_size) == other
 
     def to_diffusers(self) -> dict:
         """The diffusers `transformer/config.json` fields of this configuration."""
@@ -409,10 +413,12 @@ def mmdit_from_diffusers_weights(
     return load_into(model, remap(weights, DIFFUSERS_RULES), "transformer", dtype=dtype)
 
 
-def load_mmdit(folder: str | Path, dtype: mx.Dtype | None = None, float32_residual: bool = False) -> MMDiT:
+def load_mmdit(folder: str | Path, dtype: mx.Dtype | None = None, float32_residual: bool = False,
+               config: dict | None = None) -> MMDiT:
     """Load a `transformer/` folder: diffusers layout (config.json plus one or many safetensors shards; the
-    configuration is inferred from the tensors) or mlx-flash layout (converted, possibly quantized)."""
-    config, weights = read_component(folder)
+    configuration is inferred from the tensors) or mlx-flash layout (converted, possibly quantized). `config`
+    (the base model's config.json) stands in for a missing config.json."""
+    config, weights = read_component(folder, config)
     if not is_converted(config):
         return mmdit_from_diffusers_weights(
             weights, dtype, float32_residual, config.get("sample_size", 128), config.get("attention_head_dim", 64)

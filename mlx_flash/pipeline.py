@@ -28,7 +28,7 @@ from .denoise import (
     seeded_noise,
 )
 from .image_io import load_image, numpy_to_pil
-from .layout import dtype_name, model_identity, read_json, read_manifest
+from .layout import dtype_name, fingerprint, model_identity, read_json, read_manifest
 from .lora import LoRAs
 from .mmdit import MMDiT, MMDiTConfig, load_mmdit
 from .presets import Preset, SkipLayerGuidance
@@ -42,7 +42,6 @@ from .request import (
     resolve,
 )
 from .sampler import img2img_start
-from .samplers import make_sampler
 from .t5 import T5_XXL, T5Config, T5Encoder, load_t5
 from .taesd import TinyAutoencoder, load_tiny_autoencoder, tiny_autoencoder_source
 from .text_encoders import TextEncoders
@@ -67,9 +66,13 @@ class Pipeline:
     serialized: one Pipeline may be shared by threads, and nothing of one call leaks into the next."""
 
     def __init__(self, root: Path, *, name: str, dtype: mx.Dtype, quantize: int | None, use_t5: bool,
-                 low_memory: bool, preset: Preset | None = None, loras: LoRAs | None = None):
+                 low_memory: bool, preset: Preset | None = None, shift: float | None = None,
+                 transformer: Path | None = None, loras: LoRAs | None = None):
+        """`shift` overrides the scheduler config's (a named preset's); `transformer` is a folder replacing
+        root/transformer (without a config.json it takes the base's); `loras` are applied to the transformer and
+        text encoders on every load."""
         self.root, self.name, self.dtype, self.quantize = root, name, dtype, quantize
-        self.low_memory, self.preset = low_memory, preset
+        self.low_memory, self.preset, self.transformer_dir = low_memory, preset, transformer
         self.loras = loras or LoRAs()
         self.transformer_config = MMDiTConfig.from_diffusers(self.read_transformer_config(root))
         self.vae_config = VAEConfig.from_dict(read_json(root / "vae" / "config.json"))
@@ -77,7 +80,9 @@ class Pipeline:
         self.manifest = read_manifest(root)
         self.model_defaults = self.manifest.get("defaults", {})
         scheduler_config = root / "scheduler" / "scheduler_config.json"
-        self.shift = read_json(scheduler_config).get("shift", 3.0) if scheduler_config.exists() else 3.0
+        if shift is None:
+            shift = read_json(scheduler_config).get("shift", 3.0) if scheduler_config.exists() else 3.0
+        self.shift = shift
         self.text_encoders = TextEncoders(
             root, dtype, use_t5=use_t5, low_memory=low_memory,
             joint_attention_dim=self.transformer_config.joint_attention_dim,
@@ -109,7 +114,13 @@ class Pipeline:
     @property
     def transformer(self) -> MMDiT:
         if self._transformer is None:
-            model = load_mmdit(self.root / "transformer", self.dtype, float32_residual=self.dtype == mx.float16)
+            folder = self.transformer_dir or self.root / "transformer"
+            model = load_mmdit(folder, self.dtype, float32_residual=self.dtype == mx.float16,
+                               config=self.transformer_config.to_diffusers())
+            if self.transformer_dir is not None and not model.config.same_architecture(self.transformer_config):
+                raise ValueError(f"{folder}: this transformer ({model.config.num_layers} layers, width "
+                                 f"{model.config.hidden_size}) does not fit the base model in {self.root}; "
+                                 "pass the base it was made from.")
             for transform in self.transformer_transforms:
                 model = transform(model)
             self._transformer = model
@@ -170,6 +181,9 @@ class Pipeline:
         if self._identity is None:
             self._identity = {**model_identity(self.root, self.name), "dtype": dtype_name(self.dtype),
                               "quantize": self.quantize, "t5": self.text_encoders.use_t5}
+            if self.transformer_dir is not None:
+                self._identity.update(transformer=str(self.transformer_dir),
+                                      transformer_fingerprint=fingerprint(self.transformer_dir))
         return {**self._identity, **({"loras": self.loras.metadata()} if self.loras else {})}
 
     # LoRAs ------------------------------------------------------------------------------------------------
@@ -206,9 +220,13 @@ class Pipeline:
         if "skip_layer_guidance" in own:
             slg = SkipLayerGuidance(**own["skip_layer_guidance"]) if own["skip_layer_guidance"] else None
         multiple = self.vae_factor * config.patch_size
+        sampler, sigmas, scales = ("euler", None, None) if p is None else (p.sampler, p.sigmas, p.scales)
         return ModelDefaults(
             steps=own.get("num_inference_steps", steps), guidance=own.get("guidance_scale", guidance),
-            skip_layer_guidance=slg, max_sequence_length=own.get("max_sequence_length", 256), shift=self.shift,
+            skip_layer_guidance=slg, max_sequence_length=own.get("max_sequence_length", 256),
+            shift=own.get("shift", self.shift), sampler=own.get("sampler", sampler),
+            sigmas=tuple(own["sigmas"]) if own.get("sigmas") else sigmas,
+            scales=tuple(own["scales"]) if own.get("scales") else scales,
             size=config.sample_size * self.vae_factor, multiple=multiple,
             largest=config.pos_embed_max_size * multiple, num_layers=config.num_layers,
             latent_factor=self.vae_factor, latent_channels=self.vae_config.latent_channels,
@@ -274,14 +292,14 @@ class Pipeline:
 
     def _run(self, request: GenerationRequest, callbacks: list[Callback], conditionings: list[Conditioning],
              stages: list[StageReport]) -> GenerationResult:
-        sampler = make_sampler(request.sampler)
+        sampler = request.make_sampler()
         sigmas = sampler.sigmas(request.steps, request.shift, request.sigmas)
         if request.image is not None:
             conditionings.insert(0, self._img2img(request))
         first = img2img_start(request.steps, request.strength) if request.image is not None else 0
         plan = self.plan_memory(request, steps=request.steps - first)
-        latent_shape = (request.height // self.vae_factor, request.width // self.vae_factor,
-                        self.vae_config.latent_channels)
+        final_size = (request.height // self.vae_factor, request.width // self.vae_factor)
+        latent_shape = (*sampler.latent_size(0, final_size), self.vae_config.latent_channels)
         x = (initial_noise(request.seeds, latent_shape) if request.latents is None
              else request.latents.transpose(0, 2, 3, 1))
 

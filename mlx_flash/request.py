@@ -17,6 +17,7 @@ from PIL import Image
 from .image_io import open_rgb
 from .presets import SkipLayerGuidance
 from .sampler import NUM_TRAIN_TIMESTEPS
+from .samplers import SAMPLERS, Sampler, make_sampler
 from .version import __version__
 
 log = logging.getLogger("mlx_flash")
@@ -44,6 +45,7 @@ class ModelDefaults:
     latent_channels: int = 16
     sampler: str = "euler"
     sigmas: tuple[float, ...] | None = None
+    scales: tuple[int, ...] | None = None  # the scale-wise sampler's latent sides per step
 
 
 @dataclass(frozen=True, eq=False)
@@ -69,6 +71,7 @@ class GenerationRequest:
     latents: mx.array | None = None  # (B, 16, H/8, W/8) replacing the seeded noise
     output_type: str = "pil"
     vae: str = "full"  # which decoder makes the final image (DECODERS)
+    scales: tuple[int, ...] | None = None  # latent sides per step (the scale-wise sampler only)
 
     @property
     def batch(self) -> int:
@@ -77,6 +80,10 @@ class GenerationRequest:
     @property
     def cfg(self) -> bool:
         return self.guidance > 1
+
+    def make_sampler(self) -> Sampler:
+        """A fresh sampler for a run of this request (one per run: multistep samplers keep state)."""
+        return _sampler(self.sampler, self.scales)
 
     def settings(self, index: int) -> dict[str, Any]:
         """What determines image `index`'s pixels (besides the model), as JSON-ready values."""
@@ -92,6 +99,8 @@ class GenerationRequest:
         }
         if self.image is not None:
             settings.update(image_sha256=self.image_hash, strength=self.strength)
+        if self.scales is not None:
+            settings["scales"] = list(self.scales)
         if self.latents is not None:
             settings["latents"] = "given"  # the pixels depend on arrays the metadata cannot hold
         return settings
@@ -166,6 +175,12 @@ def image_seeds(seed: int | Sequence[int] | None, batch: int) -> tuple[int, ...]
     return tuple(int(s) for s in seeds)
 
 
+def _sampler(name: Any, scales: tuple[int, ...] | None) -> Sampler:
+    if not isinstance(name, str):
+        raise ValueError(f"sampler must be a name, one of {', '.join(SAMPLERS)}; got {name!r}.")
+    return make_sampler(name, **({"scales": scales} if scales is not None else {}))
+
+
 def _image_hash(image: str | Path | Image.Image) -> str:
     if isinstance(image, Image.Image):
         return hashlib.sha256(np.asarray(image.convert("RGB")).tobytes()).hexdigest()
@@ -236,7 +251,16 @@ def resolve(
     length = _count(model.max_sequence_length if max_sequence_length is None else max_sequence_length,
                     "max_sequence_length", 1, 512)
     shift = _finite_number(model.shift if shift is None else shift, "shift", 1e-3, 1e3, "a number from 0.001 to 1000")
-    sigmas = model.sigmas if sigmas is None else tuple(sigmas)
+    if sigmas is not None:
+        try:
+            sigmas = tuple(float(s) for s in sigmas)
+        except (TypeError, ValueError):
+            raise ValueError(f"sigmas must be a list of numbers, one per step, got {sigmas!r}.") from None
+    sigmas = model.sigmas if sigmas is None else sigmas
+    sampler = model.sampler if sampler is None else sampler
+    scales = model.scales if sampler == "scale-wise" else None
+    sampler_check = _sampler(sampler, scales)
+    sampler_check.sigmas(steps, shift, sigmas)  # one line for sigmas of the wrong count, range or order
 
     slg = model.skip_layer_guidance if skip_layer_guidance in (None, True) else (skip_layer_guidance or None)
     if slg is not None and guidance > 1:
@@ -261,22 +285,25 @@ def resolve(
             if not width or not height:
                 raise ValueError(f"the input image is {image.size[0]}x{image.size[1]} pixels; img2img needs at "
                                  f"least {model.multiple}x{model.multiple}.")
+        if sampler == "scale-wise":
+            raise ValueError("the scale-wise sampler starts from small latents and cannot run img2img; "
+                             "choose another --sampler or drop the image.")
     elif strength is not None:
         raise ValueError("strength only applies to img2img; pass an image too, or drop strength.")
     height = _side(height, "height", model.size, model)
     width = _side(width, "width", model.size, model)
     check_size(height, width, model)
+    first_size = sampler_check.latent_size(0, (height // model.latent_factor, width // model.latent_factor))
 
     batch = len(prompts) * num_images
     if latents is not None:
         latents = mx.array(latents).astype(mx.float32)
-        shape = (batch, model.latent_channels, height // model.latent_factor, width // model.latent_factor)
+        shape = (batch, model.latent_channels, *first_size)
         if tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape} (B, C, H/8, W/8), got {tuple(latents.shape)}.")
     return GenerationRequest(
         prompts=prompts, negative_prompts=negatives, num_images=num_images, steps=steps, guidance=guidance,
         skip_layer_guidance=slg, height=height, width=width, seeds=image_seeds(seed, batch),
-        max_sequence_length=length, sampler=model.sampler if sampler is None else sampler, shift=shift,
-        sigmas=sigmas, image=image, image_hash=image_hash, strength=strength, latents=latents,
-        output_type=output_type, vae=vae,
+        max_sequence_length=length, sampler=sampler, shift=shift, sigmas=sigmas, image=image,
+        image_hash=image_hash, strength=strength, latents=latents, output_type=output_type, scales=scales, vae=vae,
     )

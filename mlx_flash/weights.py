@@ -174,20 +174,22 @@ def pick_variant(variants: set[str | None], preferred: tuple[str, ...] = ()) -> 
     return sorted(v for v in variants if v is not None)[0] if variants else None
 
 
-def read_component(folder: str | Path) -> tuple[dict, dict[str, mx.array]]:
+def read_component(folder: str | Path, config: dict | None = None) -> tuple[dict, dict[str, mx.array]]:
     """Read a diffusers/transformers component folder: (config.json contents, all tensors of its shards).
 
     One or many shards are supported; with a `*.safetensors.index.json` exactly the shards it names are read.
     Of precision variants (name.fp16.safetensors beside name.safetensors) one set is read: the default files
-    where present, else the variant there is.
+    where present, else the variant there is. `config` stands in for a config.json the folder lacks (a
+    release that ships only weights).
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise WeightsError(f"{folder}: no such folder.")
     config_path = folder / "config.json"
-    if not config_path.is_file():
+    if config_path.is_file():
+        config = read_json(config_path)
+    elif config is None:
         raise WeightsError(f"{folder}: no config.json; expected a diffusers-layout component folder.")
-    config = read_json(config_path)
     files = [p for p in folder.iterdir() if VARIANT.fullmatch(p.name)]
     variant = pick_variant({weight_variant(p.name) for p in files})
     files = [p for p in files if weight_variant(p.name) == variant]

@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
-from lora_maker import CLIP_TARGETS, TRANSFORMER_TARGETS, add_adapter, save_lora, to_kohya
+from lora_maker import (
+    CLIP_TARGETS,
+    TRANSFORMER_TARGETS,
+    add_adapter,
+    save_lora,
+    to_kohya,
+)
 from safetensors.torch import save_file
 from tiny import randomize
 from transformers import CLIPTextModelWithProjection
