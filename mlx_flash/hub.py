@@ -64,15 +64,16 @@ def _first_line(err: Exception) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
-def _download(repo: str, use_t5: bool, revision: str | None, token: str | None) -> Path:
+def _snapshot(repo: str, patterns: list[str], revision: str | None, token: str | None) -> Path:
+    """Fetch `patterns` of a hub repo into the HF cache; every failure is one ModelNotFoundError line."""
     try:
-        folder = snapshot_download(
+        return Path(snapshot_download(
             repo,
             revision=revision,
             token=token,
-            allow_patterns=allow_patterns(use_t5),
+            allow_patterns=patterns,
             ignore_patterns=IGNORE_PATTERNS,
-        )
+        ))
     except GatedRepoError as err:
         raise ModelNotFoundError(
             f"{repo} is gated: accept its licence at https://huggingface.co/{repo}, "
@@ -98,7 +99,10 @@ def _download(repo: str, use_t5: bool, revision: str | None, token: str | None) 
             f"{repo}: the Hugging Face Hub answered with an error ({_first_line(err)}); retry later or pass a "
             "local model folder."
         ) from err
-    folder = Path(folder)
+
+
+def _download(repo: str, use_t5: bool, revision: str | None, token: str | None) -> Path:
+    folder = _snapshot(repo, allow_patterns(use_t5), revision, token)
     if not _is_model_dir(folder):
         raise ModelNotFoundError(
             f"{repo} has no diffusers-layout model (no model_index.json); pass a diffusers repo such as "
@@ -136,3 +140,22 @@ def resolve_model_dir(
             f"model folder or a repo id such as {EXAMPLE_REPO}."
         )
     return _download(name, use_t5, revision, token)
+
+
+def resolve_controlnet(name: str | Path, *, revision: str | None = None, token: str | None = None) -> Path:
+    """A local ControlNet for `name`: an existing folder or .safetensors file, or a repo id whose config.json
+    and safetensors weights are fetched into the HF cache (a repo of single files: the one file it holds)."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    if isinstance(name, Path) or not is_repo_id(str(name)):
+        raise ModelNotFoundError(f"{name}: no such ControlNet folder or file, and not a Hugging Face repo id; pass "
+                                 "a diffusers ControlNet folder, a .safetensors file or a repo id.")
+    folder = _snapshot(str(name), ["*.json", "*.safetensors"], revision, token)
+    if (folder / "config.json").is_file():
+        return folder
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) != 1:
+        raise ModelNotFoundError(f"{name}: {'no' if not files else len(files)} ControlNet weight files at the top "
+                                 "of the repo and no config.json; download the one you want and pass its path.")
+    return files[0]
