@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 from .image_io import open_rgb
+from .sampler import add_noise
 
 Box = tuple[int, int, int, int]  # left, top, right, bottom (pixels; right and bottom exclusive)
 LANCZOS = Image.Resampling.LANCZOS
@@ -120,14 +121,9 @@ def latent_mask(mask: np.ndarray, factor: int) -> mx.array:
     return mx.array(mask[:, ::factor, ::factor])
 
 
-def noised(image_latents: mx.array, noise: mx.array, sigma: float) -> mx.array:
-    """The image's latents on the flow-matching path at `sigma` (FlowMatchEulerDiscreteScheduler.scale_noise)."""
-    return sigma * noise + (1.0 - sigma) * image_latents
-
-
 def blend(latents: mx.array, image_latents: mx.array, noise: mx.array, mask: mx.array, sigma_next: float) -> mx.array:
     """Latents after a step: the model's where the mask repaints, the image noised to `sigma_next` elsewhere."""
-    return (1 - mask) * noised(image_latents, noise, sigma_next) + mask * latents
+    return (1 - mask) * add_noise(image_latents, noise, sigma_next) + mask * latents
 
 
 def overlay(original: Image.Image, generated: Image.Image, mask: Image.Image, crop: Box | None = None) -> Image.Image:

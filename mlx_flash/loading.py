@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
+from typing import Sequence
 
 import mlx.core as mx
 
-from .hub import resolve_model_dir
+from .hub import resolve_controlnet, resolve_model_dir
 from .layout import parse_dtype
 from .memory import memory_budget
 from .mmdit import MMDiTConfig
@@ -52,6 +54,7 @@ def load_pipeline(
     low_memory: bool | None = None,
     revision: str | None = None,
     base: str | Path | None = None,
+    controlnets: Sequence[str | Path | tuple[str | Path, float]] = (),
 ) -> Pipeline:
     """Load a model for generation.
 
@@ -63,7 +66,10 @@ def load_pipeline(
     "float16" | "bfloat16" (None: the best for the device). `quantize`: bits (2 to 8) to quantize the
     transformer and T5 on load, as `mlx-flash convert -q --bits N` does (mixed policy, group size 64);
     components stored quantized load as they are. `use_t5=False` never loads T5.
-    `low_memory` (default: on below 32 GB of memory) loads, runs and frees one component at a time."""
+    `low_memory` (default: on below 32 GB of memory) loads, runs and frees one component at a time.
+    `controlnets`: SD3 / SD3.5 ControlNets, each a diffusers folder, a Stability single file (.safetensors) or a
+    repo id, alone (scale 1) or as (path_or_repo, conditioning scale); loaded, quantized and freed with the
+    transformer."""
     name = str(model)
     if (PACKAGED_MODELS / name).is_dir() and not Path(name).exists():
         model = PACKAGED_MODELS / name
@@ -80,8 +86,14 @@ def load_pipeline(
         Quantization(quantize)  # raises for unsupported bits
     low_memory = memory_budget() < LOW_MEMORY_BELOW if low_memory is None else low_memory
     preset = default_preset(MMDiTConfig.from_diffusers(Pipeline.read_transformer_config(root)), name)
+    nets = []
+    for spec in controlnets:
+        net, scale = spec if isinstance(spec, tuple) else (spec, 1.0)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"{net}: the ControlNet's conditioning scale must be a number, got {scale!r}.")
+        nets.append((str(net), resolve_controlnet(net), float(scale)))
     return Pipeline(root, name=name, dtype=dtype, quantize=quantize, use_t5=use_t5, low_memory=low_memory,
-                    preset=preset)
+                    preset=preset, controlnets=nets)
 
 
 def converted_single_file(path: Path, base: str | Path | None, use_t5: bool, dtype: mx.Dtype) -> Path:
