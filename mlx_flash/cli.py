@@ -37,6 +37,22 @@ def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--num-images", type=int, default=None, help="images to make (default 1)")
     gen.add_argument("--image", type=Path, default=None, help="input image for img2img")
     gen.add_argument("--strength", type=float, default=None, help="img2img strength in (0, 1] (default 0.6)")
+    gen.add_argument("--controlnet", action="append", default=None, metavar="PATH_OR_REPO[:SCALE]",
+                     help="an SD3 / SD3.5 ControlNet (folder, .safetensors file or repo id) and its conditioning "
+                          "scale (default 1); repeat for several")
+    gen.add_argument("--control-image", action="append", type=Path, default=None,
+                     help="the ControlNets' control image: one for all, or repeated, one per --controlnet")
+    gen.add_argument("--control-type", choices=["canny", "blur", "none"], default=None,
+                     help="compute Canny edges or a Gaussian blur of the control image first (default none)")
+    gen.add_argument("--control-start", default=None, help="fraction of the steps each ControlNet starts at "
+                                                           "(default 0; comma separated, one per ControlNet)")
+    gen.add_argument("--control-end", default=None, help="fraction of the steps each ControlNet ends at (default 1)")
+    gen.add_argument("--mask", type=Path, default=None, help="inpainting mask for --image (white repaints)")
+    gen.add_argument("--mask-blur", type=float, default=None, help="blur the mask by this radius in pixels first")
+    gen.add_argument("--padding-mask-crop", type=int, default=None,
+                     help="inpaint only a crop around the mask, grown by this many pixels, and paste it back")
+    gen.add_argument("--outpaint", default=None, metavar="LEFT,TOP,RIGHT,BOTTOM",
+                     help="pad --image by these pixel counts and paint the new border (strength default 1)")
     gen.add_argument("--quantize", type=int, choices=[2, 3, 4, 5, 6, 8], default=None, help="quantize the transformer")
     gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
     gen.add_argument("--no-t5", action="store_const", const=True, default=None,
@@ -66,8 +82,11 @@ FROM_FIELDS = {
     "prompt": "prompt", "negative_prompt": "negative_prompt", "model": "model", "steps": "steps",
     "guidance": "guidance", "sampler": "sampler", "shift": "shift", "sigmas": "sigmas", "width": "width",
     "height": "height", "seed": "seed", "dtype": "dtype", "quantize": "quantize", "strength": "strength",
-    "max_sequence_length": "max_sequence_length",
+    "max_sequence_length": "max_sequence_length", "control_type": "control_type", "control_start": "control_start",
+    "control_end": "control_end", "mask_blur": "mask_blur", "padding_mask_crop": "padding_mask_crop",
+    "outpaint": "outpaint",
 }
+LIST_OPTIONS = ("sigmas", "control_start", "control_end", "outpaint")  # comma separated on the command line
 
 
 def _apply_from(args: argparse.Namespace) -> tuple[dict, dict]:
@@ -81,12 +100,18 @@ def _apply_from(args: argparse.Namespace) -> tuple[dict, dict]:
     for option, key in FROM_FIELDS.items():
         if getattr(args, option, None) is None and meta.get(key) is not None:
             value = meta[key]
-            setattr(args, option, ",".join(map(str, value)) if option == "sigmas" else value)
+            setattr(args, option, ",".join(map(str, value)) if option in LIST_OPTIONS else value)
     if args.no_t5 is None and meta.get("t5") is False:
         args.no_t5 = True
-    if meta.get("image_sha256") and args.image is None:
-        raise ValueError(f"{args.from_image} was made by img2img from an image with sha256 "
-                         f"{meta['image_sha256'][:12]}...; pass that image again with --image.")
+    if args.controlnet is None and meta.get("controlnets"):
+        args.controlnet = [f"{net['name']}:{net['scale']}" for net in meta["controlnets"]]
+    for key, option, what in (("image_sha256", "image", "img2img from an image"),
+                              ("control_sha256", "control_image", "ControlNets from control images"),
+                              ("mask_sha256", "mask", "inpainting with a mask")):
+        if meta.get(key) and getattr(args, option) is None:
+            digest = meta[key] if isinstance(meta[key], str) else ", ".join(d[:12] for d in meta[key])
+            raise ValueError(f"{args.from_image} was made by {what} (sha256 {digest[:40]}...); pass it again with "
+                             f"--{option.replace('_', '-')}.")
     slg = meta.get("skip_layer_guidance")
     return {"skip_layer_guidance": False if slg is None else _slg(slg)}, meta
 
@@ -97,13 +122,26 @@ def _slg(fields: dict):
     return SkipLayerGuidance(**{**fields, "layers": tuple(fields["layers"])})
 
 
-def _sigmas(text: str | None) -> list[float] | None:
+def _numbers(text: str | None, option: str, example: str, kind: type = float) -> list | None:
     if text is None:
         return None
     try:
-        return [float(s) for s in text.split(",")]
+        return [kind(s) for s in str(text).split(",")]
     except ValueError:
-        raise ValueError(f"--sigmas must be comma-separated numbers (e.g. 1.0,0.75,0.5,0.25), got {text!r}.") from None
+        raise ValueError(f"--{option} must be comma-separated numbers (e.g. {example}), got {text!r}.") from None
+
+
+def _sigmas(text: str | None) -> list[float] | None:
+    return _numbers(text, "sigmas", "1.0,0.75,0.5,0.25")
+
+
+def _controlnet(spec: str) -> tuple[str, float]:
+    """`PATH_OR_REPO[:SCALE]` -> (path or repo, scale)."""
+    name, _, scale = spec.rpartition(":")
+    try:
+        return (name, float(scale)) if name else (spec, 1.0)
+    except ValueError:
+        return spec, 1.0
 
 
 def generate(args: argparse.Namespace) -> None:
@@ -134,8 +172,13 @@ def generate(args: argparse.Namespace) -> None:
         if taken:
             raise FileExistsError(f"{taken[0]} already exists; pass --force to overwrite it or choose another --output.")
 
+    for path in [*(args.control_image or ()), *([args.mask] if args.mask else [])]:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such image file; check the path.")
+    outpaint = _numbers(args.outpaint, "outpaint", "0,0,256,0 (LEFT,TOP,RIGHT,BOTTOM pixels)", int)
     pipe = load_pipeline(args.model or DEFAULT_MODEL, dtype=args.dtype, quantize=args.quantize,
-                         use_t5=not args.no_t5, base=args.base)
+                         use_t5=not args.no_t5, base=args.base,
+                         controlnets=[_controlnet(spec) for spec in args.controlnet or ()])
     same = ("model_revision", "model_fingerprint")
     if meta and any(meta.get(k) != pipe.identity.get(k) for k in same if k in meta or k in pipe.identity):
         logging.getLogger("mlx_flash").warning(
@@ -145,7 +188,11 @@ def generate(args: argparse.Namespace) -> None:
         prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
         height=args.height, width=args.width, seed=args.seed, image=args.image, strength=args.strength,
         num_images=num_images, sampler=args.sampler, shift=args.shift, sigmas=_sigmas(args.sigmas),
-        max_sequence_length=getattr(args, "max_sequence_length", None), **extra,
+        max_sequence_length=getattr(args, "max_sequence_length", None),
+        control_image=args.control_image, control_type=args.control_type,
+        control_start=_numbers(args.control_start, "control-start", "0,0.5"),
+        control_end=_numbers(args.control_end, "control-end", "1,0.8"), mask=args.mask, mask_blur=args.mask_blur,
+        padding_mask_crop=args.padding_mask_crop, outpaint=outpaint, **extra,
     )
     cancel = Cancel()
     previous = signal.signal(signal.SIGINT, lambda *_: cancel.cancel())  # stop after the running step

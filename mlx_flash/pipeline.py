@@ -396,10 +396,11 @@ class Pipeline:
         budget, else MemoryError naming a setting that would fit."""
         height, width, images, cfg = request.height, request.width, request.batch, request.cfg
         budget = memory.memory_budget()
+        with_nets = {"controlnets": True} if request.control_images else {}
 
         def need(low_memory: bool = self.low_memory, h: int = height, w: int = width, **changes) -> int:
-            stages = self.estimate_memory(h, w, images, cfg, request.max_sequence_length, steps,
-                                          controlnets=bool(request.control_images), **changes)
+            stages = self.estimate_memory(h, w, images, cfg, request.max_sequence_length, steps, **with_nets,
+                                          **changes)
             if low_memory:
                 return max(s.peak for s in stages)
             return sum(s.weights for s in stages) + max(s.activations for s in stages)
