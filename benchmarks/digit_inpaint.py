@@ -22,7 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import preload_openblas  # noqa: E402
 from mlx_flash import load_pipeline  # noqa: E402
-from training.digits_data import IMAGE_SIZE, grid, held_out_classifier, prompts, to_digits  # noqa: E402
+from training.digits_data import (  # noqa: E402
+    IMAGE_SIZE,
+    grid,
+    held_out_classifier,
+    prompts,
+    to_digits,
+)
 
 THREE, EIGHT = prompts(3)[0], prompts(8)[0]
 

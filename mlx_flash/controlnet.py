@@ -19,6 +19,7 @@ from typing import Mapping, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
+from .mmdit import DIFFUSERS_RULES as TRANSFORMER_RULES
 from .mmdit import (
     AdaNorm,
     Attention,
@@ -30,7 +31,6 @@ from .mmdit import (
     layer_norm,
     modulate,
 )
-from .mmdit import DIFFUSERS_RULES as TRANSFORMER_RULES
 from .weights import (
     Rule,
     WeightsError,
@@ -43,6 +43,7 @@ from .weights import (
     remap,
     save_component,
 )
+
 
 @dataclass(frozen=True)
 class ControlNetConfig:

@@ -31,7 +31,14 @@ from .denoise import (
     seeded_noise,
 )
 from .image_io import load_image, numpy_to_pil
-from .inpaint import blur_mask, crop_region, image_pixels, latent_mask, mask_pixels, overlay
+from .inpaint import (
+    blur_mask,
+    crop_region,
+    image_pixels,
+    latent_mask,
+    mask_pixels,
+    overlay,
+)
 from .layout import dtype_name, model_identity, read_json, read_manifest
 from .mmdit import MMDiT, MMDiTConfig, load_mmdit
 from .presets import Preset, SkipLayerGuidance

@@ -8,10 +8,10 @@ import pytest
 import torch
 from diffusers import SD3ControlNetModel
 from PIL import Image, ImageDraw
+from tiny import make_tiny_controlnet, randomize
 
 from mlx_flash import cli
 from mlx_flash.image_io import read_metadata
-from tiny import make_tiny_controlnet, randomize
 
 BASE = ["--steps", "2", "--guidance", "2.0", "--seed", "3", "--dtype", "float32"]
 

@@ -22,12 +22,12 @@ from diffusers import (
 )
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image, ImageDraw
+from tiny import make_tiny_controlnet
 
 import mlx_flash
 from mlx_flash.inpaint import blur_mask, outpaint
 from mlx_flash.memory import model_bytes
 from mlx_flash.quantization import is_quantized
-from tiny import make_tiny_controlnet
 
 HEIGHT, WIDTH = 48, 64  # latents 6 x 8
 TOLERANCE = 1e-3  # max abs error on [0, 1] images

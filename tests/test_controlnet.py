@@ -9,6 +9,7 @@ import torch
 from diffusers import SD3ControlNetModel, SD3MultiControlNetModel, SD3Transformer2DModel
 from mlx.utils import tree_flatten
 from safetensors.torch import save_file
+from tiny import randomize
 
 from mlx_flash.controlnet import (
     DIFFUSERS_RULES,
@@ -24,7 +25,6 @@ from mlx_flash.controlnet import (
 from mlx_flash.mmdit import load_mmdit
 from mlx_flash.quantization import Quantization, quantize_model, quantized
 from mlx_flash.weights import WeightsError, check_weights, remap
-from tiny import randomize
 
 TRANSFORMER = dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=4, attention_head_dim=8,
                    num_attention_heads=3, joint_attention_dim=40, caption_projection_dim=24, pooled_projection_dim=20,
