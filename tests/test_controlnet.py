@@ -181,7 +181,8 @@ def test_transformer_adds_residuals_at_diffusers_interval(transformer, count, sk
                     pooled_projections=torch.from_numpy(x["pooled"]), timestep=torch.from_numpy(x["t"]),
                     block_controlnet_hidden_states=[torch.from_numpy(r) for r in residuals],
                     skip_layers=skip_layers).sample.numpy()
-        plain = model(hidden_states=torch.from_numpy(x["latents"]), encoder_hidden_states=torch.from_numpy(x["context"]),
+        plain = model(hidden_states=torch.from_numpy(x["latents"]),
+                      encoder_hidden_states=torch.from_numpy(x["context"]),
                       pooled_projections=torch.from_numpy(x["pooled"]), timestep=torch.from_numpy(x["t"]),
                       skip_layers=skip_layers).sample.numpy()
     got = load_mmdit(path)(nhwc(x["latents"]), mx.array(x["t"]), mx.array(x["context"]), mx.array(x["pooled"]),
