@@ -7,7 +7,8 @@ For each seed it generates "a handwritten digit three" with the model's defaults
 (mask white from the middle row down) with "a handwritten digit eight" from the same seed (guidance: the model's
 unless given), and classifies both.
 Prints the rate of threes among the generated images and of eights among the inpainted ones (over the threes),
-and writes digit_inpaint.png (row 1: the threes, row 2: inpainted, first 10 seeds).
+and writes digit_inpaint.md (those lines) and digit_inpaint.png (row 1: the threes, row 2: inpainted, first 10
+seeds).
 """
 
 from __future__ import annotations
@@ -69,11 +70,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     shown = min(10, args.seeds)
     grid(np.concatenate([threes[:shown], eights[:shown]]), shown).save(args.out / "digit_inpaint.png")
-    print(f"generated threes read as 3: {were_three.mean():.1%} of {args.seeds} seeds")
     guidance = "the model's" if args.guidance is None else f"{args.guidance:g}"
-    print(f"inpainted with 'eight' (strength {args.strength:g}, guidance {guidance}), read as 8: {(after == 8).mean():.1%} of all, "
-          f"{rate:.1%} of the threes")
-    print(f"eight rate: {rate:.3f}")
+    lines = [f"generated threes read as 3: {were_three.mean():.1%} of {args.seeds} seeds",
+             f"inpainted with 'eight' (strength {args.strength:g}, guidance {guidance}), read as 8: "
+             f"{(after == 8).mean():.1%} of all, {rate:.1%} of the threes",
+             f"eight rate: {rate:.3f}"]
+    (args.out / "digit_inpaint.md").write_text("\n\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":
