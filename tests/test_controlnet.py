@@ -11,6 +11,7 @@ from mlx.utils import tree_flatten
 from safetensors.torch import save_file
 from tiny import randomize
 
+from mlx_flash import hub
 from mlx_flash.controlnet import (
     DIFFUSERS_RULES,
     SINGLE_FILE_CONFIG,
@@ -258,3 +259,22 @@ def test_full_size_keys_and_shapes(repo):
         single = {k: mx.zeros(tuple(v.shape)) for k, v in single_file_state(reference_model).items()}
         assert ControlNetConfig.infer(single, SINGLE_FILE_CONFIG) == config
         check_weights(ControlNet(config), remap(single, SINGLE_FILE_RULES), "ControlNet")
+
+
+def test_hub_controlnet_resolution(tmp_path, monkeypatch):
+    """A repo id resolves to its diffusers folder, or to the one single file it holds; anything else: one line."""
+    folders = {"org/diffusers": tmp_path / "a", "org/single": tmp_path / "b", "org/several": tmp_path / "c"}
+    for folder in folders.values():
+        folder.mkdir()
+    (folders["org/diffusers"] / "config.json").write_text("{}")
+    (folders["org/single"] / "sd3.5_large_controlnet_canny.safetensors").write_bytes(b"")
+    for name in ("blur", "depth"):
+        (folders["org/several"] / f"{name}.safetensors").write_bytes(b"")
+    monkeypatch.setattr(hub, "snapshot_download", lambda repo, **kwargs: str(folders[repo]))
+    assert hub.resolve_controlnet("org/diffusers") == folders["org/diffusers"]
+    assert hub.resolve_controlnet("org/single").name == "sd3.5_large_controlnet_canny.safetensors"
+    with pytest.raises(hub.ModelNotFoundError, match="2 ControlNet weight files"):
+        hub.resolve_controlnet("org/several")
+    with pytest.raises(hub.ModelNotFoundError, match="not a Hugging Face repo id"):
+        hub.resolve_controlnet("no such thing")
+    assert hub.resolve_controlnet(tmp_path / "a") == tmp_path / "a"
