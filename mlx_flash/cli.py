@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import signal
 import sys
 from pathlib import Path
@@ -57,7 +58,14 @@ def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
     gen.add_argument("--no-t5", action="store_const", const=True, default=None,
                      help="do not load T5-XXL (less memory, weaker text following)")
-    gen.add_argument("--output", type=Path, default=None, help="PNG path (default: image.png, numbered if taken)")
+    gen.add_argument("--prompt-file", type=Path, default=None, metavar="FILE",
+                     help="a job: one prompt a line, or JSON Lines with per-line settings (prompt, negative_prompt, "
+                          "seed, steps, guidance, size, sampler, shift, num_images); runs data-parallel under mlx.launch")
+    gen.add_argument("--resume", action="store_true",
+                     help="with --prompt-file: skip images whose file exists with the same settings")
+    gen.add_argument("--output", type=Path, default=None,
+                     help="PNG path (default: image.png, numbered if taken); with --prompt-file a pattern with the "
+                          "fields {index}, {seed}, {line}, {n}, {prompt} (default {index:05d}-{seed}.png)")
     gen.add_argument("--force", action="store_true", help="overwrite existing output files")
     gen.add_argument("--verbose", action="store_true", help="print per-stage time and peak memory")
 
@@ -144,12 +152,56 @@ def _controlnet(spec: str) -> tuple[str, float]:
         return spec, 1.0
 
 
+def _stop_on_ctrl_c(cancel) -> object:
+    """Ctrl-C stops the run after the running step (the previous handler is returned)."""
+    return signal.signal(signal.SIGINT, lambda *_: cancel.cancel())
+
+
+def generate_job(args: argparse.Namespace) -> None:
+    """`generate --prompt-file`: every image of the job, data-parallel over the ranks of an mlx.launch job."""
+    from .batch import DEFAULT_PATTERN, expand, read_prompt_file, run_job
+    from .callbacks import Cancel
+    from .denoise import GenerationStopped
+    from .loading import load_pipeline
+
+    if args.prompt is not None or args.prompt_text is not None or args.from_image is not None:
+        raise ValueError("--prompt-file takes the prompts from the file; drop the prompt argument (and --from).")
+    if args.image is not None:
+        raise ValueError("--prompt-file does not take --image; run img2img images one at a time.")
+    for option in ("controlnet", "control_image", "mask", "outpaint"):
+        if getattr(args, option) is not None:
+            raise ValueError(f"--prompt-file does not take --{option.replace('_', '-')}; run ControlNet, inpainting "
+                             "and outpainting images one at a time.")
+    lines = read_prompt_file(args.prompt_file)
+    defaults = {"negative_prompt": args.negative_prompt, "steps": args.steps, "guidance": args.guidance,
+                "width": args.width, "height": args.height, "sampler": args.sampler, "shift": args.shift,
+                "num_images": args.num_images or 1}
+    images = expand(lines, defaults, args.seed or 0, str(args.output or DEFAULT_PATTERN))
+    pipe = load_pipeline(args.model or DEFAULT_MODEL, dtype=args.dtype, quantize=args.quantize,
+                         use_t5=not args.no_t5, base=args.base)
+    cancel = Cancel()
+    previous = _stop_on_ctrl_c(cancel)
+    try:
+        written = run_job(pipe, images, source=args.prompt_file, resume=args.resume, force=args.force,
+                          callbacks=[cancel])
+    except GenerationStopped:
+        raise KeyboardInterrupt from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    for path in written:
+        print(path)
+
+
 def generate(args: argparse.Namespace) -> None:
     from .callbacks import Cancel, ProgressBar
     from .denoise import GenerationStopped
     from .image_io import next_free_path, save_png
     from .loading import load_pipeline
 
+    if args.prompt_file is not None:
+        return generate_job(args)
+    if args.resume:
+        raise ValueError("--resume applies to --prompt-file jobs; add --prompt-file, or drop --resume.")
     extra, meta = _apply_from(args) if args.from_image is not None else ({}, {})
     prompt = args.prompt if args.prompt is not None else args.prompt_text
     if prompt is None:
@@ -195,7 +247,7 @@ def generate(args: argparse.Namespace) -> None:
         padding_mask_crop=args.padding_mask_crop, outpaint=outpaint, **extra,
     )
     cancel = Cancel()
-    previous = signal.signal(signal.SIGINT, lambda *_: cancel.cancel())  # stop after the running step
+    previous = _stop_on_ctrl_c(cancel)
     try:
         result = pipe.run(request, callbacks=[cancel, ProgressBar()])
     except GenerationStopped:
@@ -211,10 +263,19 @@ def generate(args: argparse.Namespace) -> None:
             print(f"{stage.name:15} {stage.seconds:8.2f} s  peak {stage.peak_memory / 1e9:6.2f} GB", file=sys.stderr)
 
 
+def _json_ready(value):
+    """NaN and infinities (which older files may hold) as strings, so that `info` prints valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    return [_json_ready(v) for v in value] if isinstance(value, list) else value
+
+
 def info(args: argparse.Namespace) -> None:
     from .image_io import read_metadata
 
-    print(json.dumps(read_metadata(args.image), indent=2, ensure_ascii=False))
+    print(json.dumps(_json_ready(read_metadata(args.image)), indent=2, ensure_ascii=False, allow_nan=False))
 
 
 def main(argv: list[str] | None = None) -> int:

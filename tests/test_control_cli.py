@@ -27,6 +27,7 @@ def files(tmp_path_factory):
     Image.new("L", (64, 48)).save(root / "empty.png")
     mask.resize((32, 24)).save(root / "small_mask.png")
     (root / "notes.png").write_text("not an image")
+    (root / "prompts.txt").write_text("a cat\n")
     make_tiny_controlnet(root / "controlnet", "instantx")
     torch.manual_seed(0)
     wide = SD3ControlNetModel(sample_size=16, num_layers=1, attention_head_dim=8, num_attention_heads=4,
@@ -100,6 +101,7 @@ BAD = [
     (["--controlnet", "{wide}", "--control-image", "{photo}"], "a ControlNet for another architecture"),
     (["--controlnet", "{transformer}", "--control-image", "{photo}"], "is this an SD3 / SD3.5 ControlNet"),
     (["--controlnet", "{photo}", "--control-image", "{photo}"], "not a readable safetensors file"),
+    (["--prompt-file", "{prompts}", "--mask", "{mask}"], "--prompt-file does not take --mask"),
 ]
 
 
@@ -107,8 +109,10 @@ BAD = [
 def test_bad_input_gives_one_clear_line(tiny_pipeline_dir, files, tmp_path, capsys, extra, message):
     names = dict(photo=files / "photo.png", notes=files / "notes.png", empty=files / "empty.png",
                  missing=files / "missing.png", mask=files / "mask.png", controlnet=files / "controlnet",
-                 wide=files / "wide_controlnet", transformer=tiny_pipeline_dir / "transformer")
-    code, err = generate(capsys, "a cat", "--model", tiny_pipeline_dir, "--steps", "1",
+                 wide=files / "wide_controlnet", transformer=tiny_pipeline_dir / "transformer",
+                 prompts=files / "prompts.txt")
+    prompt = [] if "--prompt-file" in extra else ["a cat"]
+    code, err = generate(capsys, *prompt, "--model", tiny_pipeline_dir, "--steps", "1",
                          *[e.format(**names) for e in extra], "--output", tmp_path / "o.png")
     lines = err.strip().splitlines()
     assert code == 1 and len(lines) == 1 and message in lines[0], err
