@@ -63,6 +63,22 @@ def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--lora", action="append", default=None, metavar="PATH_OR_REPO_FILE[:SCALE]",
                      help="apply a LoRA (a .safetensors file, or ORG/REPO/FILE.safetensors on the hub) at SCALE "
                           "(default 1); repeatable")
+    gen.add_argument("--controlnet", action="append", default=None, metavar="PATH_OR_REPO[:SCALE]",
+                     help="an SD3 / SD3.5 ControlNet (folder, .safetensors file or repo id) and its conditioning "
+                          "scale (default 1); repeat for several")
+    gen.add_argument("--control-image", action="append", type=Path, default=None,
+                     help="the ControlNets' control image: one for all, or repeated, one per --controlnet")
+    gen.add_argument("--control-type", choices=["canny", "blur", "none"], default=None,
+                     help="compute Canny edges or a Gaussian blur of the control image first (default none)")
+    gen.add_argument("--control-start", default=None, help="fraction of the steps each ControlNet starts at "
+                                                           "(default 0; comma separated, one per ControlNet)")
+    gen.add_argument("--control-end", default=None, help="fraction of the steps each ControlNet ends at (default 1)")
+    gen.add_argument("--mask", type=Path, default=None, help="inpainting mask for --image (white repaints)")
+    gen.add_argument("--mask-blur", type=float, default=None, help="blur the mask by this radius in pixels first")
+    gen.add_argument("--padding-mask-crop", type=int, default=None,
+                     help="inpaint only a crop around the mask, grown by this many pixels, and paste it back")
+    gen.add_argument("--outpaint", default=None, metavar="LEFT,TOP,RIGHT,BOTTOM",
+                     help="pad --image by these pixel counts and paint the new border (strength default 1)")
     gen.add_argument("--quantize", type=int, choices=[2, 3, 4, 5, 6, 8], default=None, help="quantize the transformer")
     gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
     gen.add_argument("--no-t5", action="store_const", const=True, default=None,
@@ -106,8 +122,11 @@ FROM_FIELDS = {
     "prompt": "prompt", "negative_prompt": "negative_prompt", "model": "model", "steps": "steps",
     "guidance": "guidance", "sampler": "sampler", "shift": "shift", "sigmas": "sigmas", "width": "width",
     "height": "height", "seed": "seed", "dtype": "dtype", "quantize": "quantize", "strength": "strength",
-    "max_sequence_length": "max_sequence_length", "vae": "vae",
+    "max_sequence_length": "max_sequence_length", "vae": "vae", "control_type": "control_type", "control_start": "control_start",
+    "control_end": "control_end", "mask_blur": "mask_blur", "padding_mask_crop": "padding_mask_crop",
+    "outpaint": "outpaint",
 }
+LIST_OPTIONS = ("sigmas", "control_start", "control_end", "outpaint")  # comma separated on the command line
 
 
 def _apply_from(args: argparse.Namespace) -> tuple[dict, dict]:
@@ -121,12 +140,18 @@ def _apply_from(args: argparse.Namespace) -> tuple[dict, dict]:
     for option, key in FROM_FIELDS.items():
         if getattr(args, option, None) is None and meta.get(key) is not None:
             value = meta[key]
-            setattr(args, option, ",".join(map(str, value)) if option == "sigmas" else value)
+            setattr(args, option, ",".join(map(str, value)) if option in LIST_OPTIONS else value)
     if args.no_t5 is None and meta.get("t5") is False:
         args.no_t5 = True
-    if meta.get("image_sha256") and args.image is None:
-        raise ValueError(f"{args.from_image} was made by img2img from an image with sha256 "
-                         f"{meta['image_sha256'][:12]}...; pass that image again with --image.")
+    if args.controlnet is None and meta.get("controlnets"):
+        args.controlnet = [f"{net['name']}:{net['scale']}" for net in meta["controlnets"]]
+    for key, option, what in (("image_sha256", "image", "img2img from an image"),
+                              ("control_sha256", "control_image", "ControlNets from control images"),
+                              ("mask_sha256", "mask", "inpainting with a mask")):
+        if meta.get(key) and getattr(args, option) is None:
+            digest = meta[key] if isinstance(meta[key], str) else ", ".join(d[:12] for d in meta[key])
+            raise ValueError(f"{args.from_image} was made by {what} (sha256 {digest[:40]}...); pass it again with "
+                             f"--{option.replace('_', '-')}.")
     slg = meta.get("skip_layer_guidance")
     return {"skip_layer_guidance": False if slg is None else _slg(slg)}, meta
 
@@ -137,21 +162,35 @@ def _slg(fields: dict):
     return SkipLayerGuidance(**{**fields, "layers": tuple(fields["layers"])})
 
 
-def _load(args: argparse.Namespace, loras: list) -> Pipeline:
-    """The model the generate options name, with `loras` (a preset's own T5 choice unless --no-t5)."""
+def _load(args: argparse.Namespace, loras: list, controlnets: list = ()) -> Pipeline:
+    """The model the generate options name, with `loras` and `controlnets` (a preset's own T5 choice unless
+    --no-t5)."""
     from .loading import load_pipeline
 
     return load_pipeline(args.model or DEFAULT_MODEL, dtype=args.dtype, quantize=args.quantize,
-                         use_t5=False if args.no_t5 else None, base=args.base, loras=loras)
+                         use_t5=False if args.no_t5 else None, base=args.base, loras=loras, controlnets=controlnets)
 
 
-def _sigmas(text: str | None) -> list[float] | None:
+def _numbers(text: str | None, option: str, example: str, kind: type = float) -> list | None:
     if text is None:
         return None
     try:
-        return [float(s) for s in text.split(",")]
+        return [kind(s) for s in str(text).split(",")]
     except ValueError:
-        raise ValueError(f"--sigmas must be comma-separated numbers (e.g. 1.0,0.75,0.5,0.25), got {text!r}.") from None
+        raise ValueError(f"--{option} must be comma-separated numbers (e.g. {example}), got {text!r}.") from None
+
+
+def _sigmas(text: str | None) -> list[float] | None:
+    return _numbers(text, "sigmas", "1.0,0.75,0.5,0.25")
+
+
+def _controlnet(spec: str) -> tuple[str, float]:
+    """`PATH_OR_REPO[:SCALE]` -> (path or repo, scale)."""
+    name, _, scale = spec.rpartition(":")
+    try:
+        return (name, float(scale)) if name else (spec, 1.0)
+    except ValueError:
+        return spec, 1.0
 
 
 def _loras(texts: list[str]) -> list[tuple[str, float]]:
@@ -177,6 +216,10 @@ def generate_job(args: argparse.Namespace) -> None:
         raise ValueError("--prompt-file takes the prompts from the file; drop the prompt argument (and --from).")
     if args.image is not None:
         raise ValueError("--prompt-file does not take --image; run img2img images one at a time.")
+    for option in ("controlnet", "control_image", "mask", "outpaint"):
+        if getattr(args, option) is not None:
+            raise ValueError(f"--prompt-file does not take --{option.replace('_', '-')}; run ControlNet, inpainting "
+                             "and outpainting images one at a time.")
     lines = read_prompt_file(args.prompt_file)
     defaults = {"negative_prompt": args.negative_prompt, "steps": args.steps, "guidance": args.guidance,
                 "width": args.width, "height": args.height, "sampler": args.sampler, "shift": args.shift,
@@ -258,9 +301,13 @@ def generate(args: argparse.Namespace) -> None:
     paths = _output_paths(args.output, num_images, args.force)
     preview_paths = _preview_paths(args.preview, args.force) if args.preview is not None else None
 
+    for path in [*(args.control_image or ()), *([args.mask] if args.mask else [])]:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such image file; check the path.")
+    outpaint = _numbers(args.outpaint, "outpaint", "0,0,256,0 (LEFT,TOP,RIGHT,BOTTOM pixels)", int)
     loras = (_loras(args.lora) if args.lora is not None
              else [(entry["source"], entry["scale"]) for entry in meta.get("loras", [])])
-    pipe = _load(args, loras)
+    pipe = _load(args, loras, [_controlnet(spec) for spec in args.controlnet or ()])
     same = ("model_revision", "model_fingerprint")
     if meta and any(meta.get(k) != pipe.identity.get(k) for k in same if k in meta or k in pipe.identity):
         logging.getLogger("mlx_flash").warning(
@@ -270,7 +317,11 @@ def generate(args: argparse.Namespace) -> None:
         prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
         height=args.height, width=args.width, seed=args.seed, image=args.image, strength=args.strength,
         num_images=num_images, sampler=args.sampler, shift=args.shift, sigmas=_sigmas(args.sigmas),
-        max_sequence_length=getattr(args, "max_sequence_length", None), vae=args.vae or "full", **extra,
+        max_sequence_length=getattr(args, "max_sequence_length", None), vae=args.vae or "full",
+        control_image=args.control_image, control_type=args.control_type,
+        control_start=_numbers(args.control_start, "control-start", "0,0.5"),
+        control_end=_numbers(args.control_end, "control-end", "1,0.8"), mask=args.mask, mask_blur=args.mask_blur,
+        padding_mask_crop=args.padding_mask_crop, outpaint=outpaint, **extra,
     )
     cancel = Cancel()
     callbacks = [cancel, ProgressBar()]

@@ -258,3 +258,29 @@ def resolve_weights_dir(
     if not path.is_dir() or not any(path.glob("*.safetensors")):
         raise ModelNotFoundError(f"{where}; pass a folder of diffusers-named .safetensors weights.")
     return path
+
+
+def _snapshot(repo: str, patterns: list[str], revision: str | None, token: str | None) -> Path:
+    """Fetch `patterns` of a hub repo into the HF cache; every failure is one ModelNotFoundError line."""
+    with _hub_errors(repo, revision):
+        return Path(snapshot_download(repo, revision=revision, token=token, allow_patterns=patterns,
+                                      ignore_patterns=IGNORE_PATTERNS))
+
+
+def resolve_controlnet(name: str | Path, *, revision: str | None = None, token: str | None = None) -> Path:
+    """A local ControlNet for `name`: an existing folder or .safetensors file, or a repo id whose config.json
+    and safetensors weights are fetched into the HF cache (a repo of single files: the one file it holds)."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    if isinstance(name, Path) or not is_repo_id(str(name)):
+        raise ModelNotFoundError(f"{name}: no such ControlNet folder or file, and not a Hugging Face repo id; pass "
+                                 "a diffusers ControlNet folder, a .safetensors file or a repo id.")
+    folder = _snapshot(str(name), ["*.json", "*.safetensors"], revision, token)
+    if (folder / "config.json").is_file():
+        return folder
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) != 1:
+        raise ModelNotFoundError(f"{name}: {'no' if not files else len(files)} ControlNet weight files at the top "
+                                 "of the repo and no config.json; download the one you want and pass its path.")
+    return files[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -10,7 +11,7 @@ from typing import Sequence
 import mlx.core as mx
 
 from .configs import check_model_folder
-from .hub import resolve_model_dir, resolve_weights_dir
+from .hub import resolve_controlnet, resolve_model_dir, resolve_weights_dir
 from .layout import dtype_name, parse_dtype, read_json
 from .lora import LoRAs
 from .memory import memory_budget
@@ -55,6 +56,7 @@ def load_pipeline(
     base: str | Path | None = None,
     loras: Sequence[tuple[str | Path, float] | str | Path] = (),
     transformer: str | Path | None = None,
+    controlnets: Sequence[str | Path | tuple[str | Path, float]] = (),
 ) -> Pipeline:
     """Load a model for generation.
 
@@ -72,7 +74,10 @@ def load_pipeline(
     the presets; one naming a LoRA or a replacement transformer loads its base with it.
     `loras`: (file, scale) pairs, a file being a .safetensors path or ORG/REPO/FILE.safetensors on the hub, in any
     common naming (diffusers / PEFT, kohya, ComfyUI, OneTrainer); applied unfused to the transformer and text
-    encoders, their scales changeable with `pipe.set_lora_scales`. A LoRA that does not fit raises LoRAError."""
+    encoders, their scales changeable with `pipe.set_lora_scales`. A LoRA that does not fit raises LoRAError.
+    `controlnets`: SD3 / SD3.5 ControlNets, each a diffusers folder, a Stability single file (.safetensors) or a
+    repo id, alone (scale 1) or as (path_or_repo, conditioning scale); loaded, quantized and freed with the
+    transformer."""
     name = str(model)
     named = PRESETS.get(name) if not Path(name).exists() else None
     if (PACKAGED_MODELS / name).is_dir() and not Path(name).exists():
@@ -95,10 +100,16 @@ def load_pipeline(
         Quantization(quantize)  # raises for unsupported bits
     low_memory = memory_budget() < LOW_MEMORY_BELOW if low_memory is None else low_memory
     preset = named or default_preset(MMDiTConfig.from_diffusers(Pipeline.read_transformer_config(root)), name)
+    nets = []
+    for spec in controlnets:
+        net, scale = spec if isinstance(spec, tuple) else (spec, 1.0)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ValueError(f"{net}: the ControlNet's conditioning scale must be a number, got {scale!r}.")
+        nets.append((str(net), resolve_controlnet(net), float(scale)))
     pipe = Pipeline(root, name=name, dtype=dtype, quantize=quantize, use_t5=use_t5, low_memory=low_memory,
                     preset=preset, shift=named.shift if named is not None else None,
                     transformer=None if transformer is None else replacement_transformer(transformer, root),
-                    loras=LoRAs(loras))
+                    loras=LoRAs(loras), controlnets=nets)
     pipe.check_loras()
     return pipe
 

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .clip import CLIP_G, CLIP_L, CLIPConfig, CLIPTextModel
+from .controlnet import ControlNet, ControlNetConfig
 from .mmdit import MMDiT, MMDiTConfig
 from .t5 import T5_XXL, T5Config, T5Encoder, keeps_float32
 from .vae import Autoencoder, VAEConfig
@@ -102,13 +103,16 @@ def estimate(
     vae_tiled: bool = False,
     drop_modulation: bool = False,
     adapters: Mapping[str, int] | None = None,
+    controlnets: Sequence[ControlNetConfig] = (),
     device: mx.Device | None = None,
 ) -> list[StageEstimate]:
     """Peak bytes of the text-encoder, transformer and VAE-decoder stages of one `generate` call.
 
     `quantize(model)` and `quantize_t5(model)` quantize the transformer and T5 in place as they will be loaded
     (`t5=None`: run without T5). `vae_tiled` with the VAE config's tile size. `drop_modulation`: the adaLN
-    weights are freed before the transformer blocks load (few-step runs in low-memory mode). `adapters`: bytes of
+    weights are freed before the transformer blocks load (few-step runs in low-memory mode). `controlnets` run
+    in the transformer stage: their weights (quantized like the transformer's) and their residuals, one image
+    stream per block, held while the transformer runs (each ControlNet runs before it, within its peak). `adapters`: bytes of
     the unfused LoRA adapters per component ("transformer", "text_encoder", ...), added to its weights."""
     adapters = adapters or {}
     gpu = (device or mx.default_device()) == mx.gpu
@@ -138,6 +142,9 @@ def estimate(
     if drop_modulation:
         model.drop_modulation_weights()
     denoise_weights = _weights(lambda: model, dtype, quantize) + adapters.get("transformer", 0)
+    for config in controlnets:
+        denoise_weights += _weights(lambda: ControlNet(config), dtype, quantize)
+        denoise_act += batch * config.num_layers * tokens * d * act
 
     vae_weights = _weights(lambda: Autoencoder(vae), dtype, None)
     side = vae.tile_size * vae.factor

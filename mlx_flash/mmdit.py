@@ -7,7 +7,7 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -365,8 +365,11 @@ class MMDiT(nn.Module):
         pooled: mx.array | None = None,
         skip_layers: Iterable[int] = (),
         modulation: list | None = None,
+        controlnet_residuals: Sequence[mx.array] | None = None,
     ) -> mx.array:
-        """Velocity prediction. `modulation` (from `modulation()`) may replace `timesteps` and `pooled`."""
+        """Velocity prediction. `modulation` (from `modulation()`) may replace `timesteps` and `pooled`.
+        `controlnet_residuals` (a ControlNet's outputs, image tokens) are added after the blocks, skipped or
+        not, except the last: residual int(i / (blocks / residuals)) after block i, as diffusers does."""
         b, height, width, _ = latents.shape
         self.check_latent_size(height, width)
         dtype = self.compute_dtype
@@ -379,9 +382,12 @@ class MMDiT(nn.Module):
         x = self.pos_embed(latents).astype(stream)
         c = self.context_embedder(context).astype(stream)
         skip = set(skip_layers)
-        for i, (block, block_mod) in enumerate(zip(self.transformer_blocks, block_mods)):
+        blocks = self.transformer_blocks
+        for i, (block, block_mod) in enumerate(zip(blocks, block_mods)):
             if i not in skip:
                 c, x = block(x, c, block_mod)
+            if controlnet_residuals and not block.last:
+                x = x + controlnet_residuals[int(i / (len(blocks) / len(controlnet_residuals)))].astype(x.dtype)
 
         x = self.proj_out(modulate(x, shift, scale).astype(dtype))
         p, out = self.config.patch_size, self.config.out_channels

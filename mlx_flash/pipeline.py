@@ -13,11 +13,14 @@ from typing import Callable, Iterator, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from PIL import Image
 
 from . import memory
 from .callbacks import ProgressBar
 from .clip import CLIPConfig, CLIPTextModel, load_clip
-from .conditionings import Img2Img
+from .conditionings import ControlInput, ControlNets, Img2Img, Inpaint
+from .control_images import control_image
+from .controlnet import ControlNet, ControlNetConfig, load_controlnet
 from .denoise import (
     Callback,
     Conditioning,
@@ -28,6 +31,14 @@ from .denoise import (
     seeded_noise,
 )
 from .image_io import load_image, numpy_to_pil
+from .inpaint import (
+    blur_mask,
+    crop_region,
+    image_pixels,
+    latent_mask,
+    mask_pixels,
+    overlay,
+)
 from .layout import dtype_name, fingerprint, model_identity, read_json, read_manifest
 from .lora import LoRAs
 from .mmdit import MMDiT, MMDiTConfig, load_mmdit
@@ -67,14 +78,17 @@ class Pipeline:
 
     def __init__(self, root: Path, *, name: str, dtype: mx.Dtype, quantize: int | None, use_t5: bool,
                  low_memory: bool, preset: Preset | None = None, shift: float | None = None,
-                 transformer: Path | None = None, loras: LoRAs | None = None):
+                 transformer: Path | None = None, loras: LoRAs | None = None,
+                 controlnets: Sequence[tuple[str, Path, float]] = ()):
         """`shift` overrides the scheduler config's (a named preset's); `transformer` is a folder replacing
         root/transformer (without a config.json it takes the base's); `loras` are applied to the transformer and
-        text encoders on every load."""
+        text encoders on every load; `controlnets` are (name as given, local path, scale)."""
         self.root, self.name, self.dtype, self.quantize = root, name, dtype, quantize
         self.low_memory, self.preset, self.transformer_dir = low_memory, preset, transformer
         self.loras = loras or LoRAs()
         self.transformer_config = MMDiTConfig.from_diffusers(self.read_transformer_config(root))
+        self.controlnet_specs = list(controlnets)  # (name as given, local path, scale)
+        self.controlnet_configs = [self._check_controlnet(spec_name, path) for spec_name, path, _ in controlnets]
         self.vae_config = VAEConfig.from_dict(read_json(root / "vae" / "config.json"))
         self.vae_factor = self.vae_config.factor
         self.manifest = read_manifest(root)
@@ -98,6 +112,7 @@ class Pipeline:
         self.transformer_transforms: list[Callable[[MMDiT], MMDiT]] = [
             lambda m: quantized(m, self.quantize), lambda m: self.loras.apply(m, "transformer")]
         self._transformer: MMDiT | None = None
+        self._controlnets: list[ControlNet] | None = None
         self._vae: Autoencoder | None = None
         self._tiny: TinyAutoencoder | bool | None = None  # False: the model has none
         self._identity: dict | None = None
@@ -125,6 +140,24 @@ class Pipeline:
                 model = transform(model)
             self._transformer = model
         return self._transformer
+
+    @property
+    def controlnets(self) -> list[ControlNet]:
+        """The ControlNets given at load time, quantized like the transformer."""
+        if self._controlnets is None:
+            self._controlnets = [quantized(load_controlnet(path, self.dtype, self.transformer_config), self.quantize)
+                                 for _, path, _ in self.controlnet_specs]
+        return self._controlnets
+
+    def _check_controlnet(self, name: str, path: Path) -> ControlNetConfig:
+        """The ControlNet's configuration (its tensors are read lazily), or one line if it does not fit."""
+        config, t = load_controlnet(path, transformer=self.transformer_config).config, self.transformer_config
+        if (config.hidden_size, config.pooled_projection_dim, config.patch_size, config.in_channels) != \
+                (t.hidden_size, t.pooled_projection_dim, t.patch_size, t.in_channels) or \
+                config.joint_attention_dim not in (None, t.joint_attention_dim):
+            raise ValueError(f"{name}: a ControlNet for another architecture (width {config.hidden_size}) than this "
+                             f"model's transformer (width {t.hidden_size}); use a ControlNet made for this model.")
+        return config
 
     @property
     def vae(self) -> Autoencoder:
@@ -165,7 +198,7 @@ class Pipeline:
     def release(self) -> None:
         """Free every loaded component."""
         self.text_encoders.release()
-        self._transformer = self._vae = self._tiny = None
+        self._transformer = self._vae = self._tiny = self._controlnets = None
         mx.clear_cache()
 
     def _free(self, component: str) -> None:
@@ -184,6 +217,9 @@ class Pipeline:
             if self.transformer_dir is not None:
                 self._identity.update(transformer=str(self.transformer_dir),
                                       transformer_fingerprint=fingerprint(self.transformer_dir))
+            if self.controlnet_specs:
+                self._identity["controlnets"] = [{"name": name, "scale": scale}
+                                                 for name, _, scale in self.controlnet_specs]
         return {**self._identity, **({"loras": self.loras.metadata()} if self.loras else {})}
 
     # LoRAs ------------------------------------------------------------------------------------------------
@@ -230,6 +266,8 @@ class Pipeline:
             size=config.sample_size * self.vae_factor, multiple=multiple,
             largest=config.pos_embed_max_size * multiple, num_layers=config.num_layers,
             latent_factor=self.vae_factor, latent_channels=self.vae_config.latent_channels,
+            controlnets=len(self.controlnet_configs),
+            inpainting_controlnet=any(c.extra_conditioning_channels for c in self.controlnet_configs),
         )
 
     def request(self, prompt: str | Sequence[str], **settings) -> GenerationRequest:
@@ -259,6 +297,14 @@ class Pipeline:
         sigmas: Sequence[float] | None = None,
         vae: str = "full",
         callbacks: Sequence[Callback] = (),
+        control_image=None,
+        control_type: str | None = None,
+        control_start: float | Sequence[float] | None = None,
+        control_end: float | Sequence[float] | None = None,
+        mask=None,
+        mask_blur: float | None = None,
+        padding_mask_crop: int | None = None,
+        outpaint: Sequence[int] | None = None,
     ):
         """Generate `num_images` images per prompt.
 
@@ -276,7 +322,9 @@ class Pipeline:
             guidance_scale=guidance_scale, height=height, width=width, seed=seed, latents=latents, image=image,
             strength=strength, num_images=num_images, max_sequence_length=max_sequence_length,
             skip_layer_guidance=skip_layer_guidance, output_type=output_type, sampler=sampler, shift=shift,
-            sigmas=sigmas, vae=vae,
+            sigmas=sigmas, vae=vae, control_image=control_image, control_type=control_type,
+            control_start=control_start, control_end=control_end, mask=mask, mask_blur=mask_blur,
+            padding_mask_crop=padding_mask_crop, outpaint=outpaint,
         )
         return self.run(request, callbacks=[*callbacks, *([ProgressBar()] if progress else [])]).images
 
@@ -295,7 +343,7 @@ class Pipeline:
         sampler = request.make_sampler()
         sigmas = sampler.sigmas(request.steps, request.shift, request.sigmas)
         if request.image is not None:
-            conditionings.insert(0, self._img2img(request))
+            conditionings.insert(0, self._img2img(request) if request.mask is None else self._inpaint(request))
         first = img2img_start(request.steps, request.strength) if request.image is not None else 0
         plan = self.plan_memory(request, steps=request.steps - first)
         final_size = (request.height // self.vae_factor, request.width // self.vae_factor)
@@ -313,8 +361,10 @@ class Pipeline:
             if self.low_memory:
                 self.text_encoders.release()
 
+        if request.control_images:
+            conditionings.append(self._controlnet_conditioning(request, prompts))
         start = 0
-        if request.image is not None:
+        if request.image is not None or request.control_images:
             with self._stage("image encoder", stages):
                 for conditioning in conditionings:
                     x, start = conditioning.prepare(x, sigmas, start)
@@ -334,6 +384,7 @@ class Pipeline:
                 drop_modulation_weights=few_step and self.low_memory,
             )
             self._free("_transformer")
+            self._free("_controlnets")
         for conditioning in conditionings:
             conditioning.release()
 
@@ -349,17 +400,54 @@ class Pipeline:
                 mx.eval(pixels)
                 check_finite(pixels, "the VAE decoder")
                 self._free("_vae")
+            if request.padding_mask_crop is not None:
+                pixels = mx.array(self._paste_crops(request, np.array(pixels)))
             images = {"mlx": lambda: pixels, "np": lambda: np.array(pixels),
                       "pil": lambda: numpy_to_pil(np.array(pixels))}[request.output_type]()
         return GenerationResult(images, x, request, self.identity, list(stages))
 
+    def _encode(self, pixels: mx.array) -> mx.array:
+        """Images in [-1, 1] -> diffusion latents of the VAE's posterior mean (deterministic given the noise)."""
+        return self.vae_config.to_diffusion(self.vae.encode(pixels.astype(self.dtype))[0])
+
     def _img2img(self, request: GenerationRequest) -> Img2Img:
         pixels = mx.array(load_image(request.image, request.width, request.height))
+        return Img2Img(pixels, request.strength, self._encode)
 
-        def encode(p: mx.array) -> mx.array:  # the posterior mean: img2img is deterministic given the noise
-            return self.vae_config.to_diffusion(self.vae.encode(p.astype(self.dtype))[0])
+    def _mask(self, request: GenerationRequest) -> Image.Image:
+        return blur_mask(request.mask, request.mask_blur)
 
-        return Img2Img(pixels, request.strength, encode)
+    def _crop(self, request: GenerationRequest) -> tuple[int, int, int, int] | None:
+        if request.padding_mask_crop is None:
+            return None
+        return crop_region(self._mask(request), request.width, request.height, request.padding_mask_crop)
+
+    def _inpaint(self, request: GenerationRequest) -> Inpaint:
+        crop, mask = self._crop(request), self._mask(request)
+        pixels = mx.array(image_pixels(request.image, request.width, request.height, crop))
+        latent = latent_mask(mask_pixels(mask, request.width, request.height, crop), self.vae_factor)
+        return Inpaint(pixels, request.strength, self._encode, latent)
+
+    def _paste_crops(self, request: GenerationRequest, pixels: np.ndarray) -> np.ndarray:
+        """padding_mask_crop: each generated crop scaled back onto its box of the image, where the mask is."""
+        crop, mask = self._crop(request), self._mask(request)
+        pasted = [overlay(request.image, image, mask, crop) for image in numpy_to_pil(pixels)]
+        return np.stack([np.asarray(p, np.float32) / 255 for p in pasted])
+
+    def _controlnet_conditioning(self, request: GenerationRequest, prompts: Prompts) -> ControlNets:
+        w, h = request.width, request.height
+        inputs = []
+        for i, ((_, _, scale), config) in enumerate(zip(self.controlnet_specs, self.controlnet_configs)):
+            picture = request.control_images[i]
+            if config.extra_conditioning_channels:  # the inpainting ControlNet: the image and the mask
+                pixels, mask = image_pixels(picture, w, h), mask_pixels(self._mask(request), w, h)
+            else:
+                pixels, mask = load_image(control_image(picture, request.control_type), w, h), None
+            inputs.append(ControlInput(lambda i=i: self.controlnets[i], config, mx.array(pixels), mask, scale,
+                                       request.control_start[i], request.control_end[i]))
+        vae = self.vae_config
+        return ControlNets(inputs, prompts, lambda p: self.vae.encode(p.astype(self.dtype))[0], vae.scaling_factor,
+                           vae.shift_factor, lambda: self.transformer.pos_embed)
 
     @contextmanager
     def _stage(self, name: str, stages: list[StageReport]) -> Iterator[None]:
@@ -373,9 +461,11 @@ class Pipeline:
 
     def estimate_memory(self, height: int, width: int, images: int = 1, cfg: bool = False,
                         max_sequence_length: int = 256, steps: int | None = None, *, quantize: int | None = None,
-                        use_t5: bool | None = None, vae_tiled: bool | None = None) -> list[memory.StageEstimate]:
+                        use_t5: bool | None = None, vae_tiled: bool | None = None,
+                        controlnets: bool = False) -> list[memory.StageEstimate]:
         """Predicted peak bytes of each stage of a `generate` call of `steps` steps (default: the model's);
-        `quantize`, `use_t5` and `vae_tiled` default to this pipeline's settings."""
+        `quantize`, `use_t5` and `vae_tiled` default to this pipeline's settings; `controlnets`: with the
+        ControlNets loaded with it."""
         clips = tuple(CLIPConfig.from_dict(read_json(self.root / name / "config.json"))
                       for name in ("text_encoder", "text_encoder_2"))
         t5_config = self.root / "text_encoder_3" / "config.json"
@@ -391,6 +481,7 @@ class Pipeline:
                                             self.vae_tiling if vae_tiled is None else vae_tiled),
             drop_modulation=self.low_memory and not cfg and (steps or self.defaults()[0]) <= PRECOMPUTE_MAX_STEPS,
             adapters=self.loras.nbytes(self.dtype),
+            controlnets=self.controlnet_configs if controlnets else (),
         )
 
     def plan_memory(self, request: GenerationRequest, steps: int | None = None) -> MemoryPlan:
@@ -398,9 +489,11 @@ class Pipeline:
         budget, else MemoryError naming a setting that would fit."""
         height, width, images, cfg = request.height, request.width, request.batch, request.cfg
         budget = memory.memory_budget()
+        with_nets = {"controlnets": True} if request.control_images else {}
 
         def need(low_memory: bool = self.low_memory, h: int = height, w: int = width, **changes) -> int:
-            stages = self.estimate_memory(h, w, images, cfg, request.max_sequence_length, steps, **changes)
+            stages = self.estimate_memory(h, w, images, cfg, request.max_sequence_length, steps, **with_nets,
+                                          **changes)
             if low_memory:
                 return max(s.peak for s in stages)
             return sum(s.weights for s in stages) + max(s.activations for s in stages)

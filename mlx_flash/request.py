@@ -14,7 +14,10 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
+from .control_images import CONTROL_TYPES
 from .image_io import open_rgb
+from .inpaint import open_mask
+from .inpaint import outpaint as outpaint_canvas
 from .presets import SkipLayerGuidance
 from .sampler import NUM_TRAIN_TIMESTEPS
 from .samplers import SAMPLERS, Sampler, make_sampler
@@ -26,6 +29,7 @@ SEED_LIMIT = 2**64  # MLX's random keys take unsigned 64-bit seeds
 OUTPUT_TYPES = ("pil", "np", "mlx", "latent")
 DECODERS = ("full", "tiny")  # the VAE, or the tiny autoencoder (fast, small, lower quality)
 DEFAULT_STRENGTH = 0.6
+OUTPAINT_STRENGTH = 1.0  # the new border has no content to keep: start from noise there
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,8 @@ class ModelDefaults:
     sampler: str = "euler"
     sigmas: tuple[float, ...] | None = None
     scales: tuple[int, ...] | None = None  # the scale-wise sampler's latent sides per step
+    controlnets: int = 0  # ControlNets loaded with the model
+    inpainting_controlnet: bool = False  # one of them takes the image to inpaint and its mask
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,6 +78,16 @@ class GenerationRequest:
     output_type: str = "pil"
     vae: str = "full"  # which decoder makes the final image (DECODERS)
     scales: tuple[int, ...] | None = None  # latent sides per step (the scale-wise sampler only)
+    control_images: tuple[Image.Image, ...] = ()  # one per ControlNet, RGB, as given
+    control_hashes: tuple[str, ...] = ()
+    control_type: str = "none"  # what is computed from them: "canny" edges, "blur", or "none" (used as they are)
+    control_start: tuple[float, ...] = ()  # per ControlNet, fractions of the steps run
+    control_end: tuple[float, ...] = ()
+    mask: Image.Image | None = None  # grey, the image's size; white repaints
+    mask_hash: str | None = None  # of the mask given (None for outpainting's own)
+    mask_blur: float = 0.0  # Gaussian radius in pixels, applied to the mask first
+    padding_mask_crop: int | None = None  # inpaint only a crop around the mask, grown by this many pixels
+    outpaint: tuple[int, int, int, int] | None = None  # pixels added left, top, right, bottom
 
     @property
     def batch(self) -> int:
@@ -101,6 +117,14 @@ class GenerationRequest:
             settings.update(image_sha256=self.image_hash, strength=self.strength)
         if self.scales is not None:
             settings["scales"] = list(self.scales)
+        if self.control_images:
+            settings.update(control_sha256=list(self.control_hashes), control_type=self.control_type,
+                            control_start=list(self.control_start), control_end=list(self.control_end))
+        if self.mask is not None:
+            settings.update(mask_sha256=self.mask_hash, mask_blur=self.mask_blur,
+                            padding_mask_crop=self.padding_mask_crop)
+        if self.outpaint is not None:
+            settings["outpaint"] = list(self.outpaint)
         if self.latents is not None:
             settings["latents"] = "given"  # the pixels depend on arrays the metadata cannot hold
         return settings
@@ -227,6 +251,14 @@ def resolve(
     sigmas: Sequence[float] | None = None,
     output_type: str = "pil",
     vae: str = "full",
+    control_image: ImageInput | Sequence[ImageInput] | None = None,
+    control_type: str | None = None,
+    control_start: float | Sequence[float] | None = None,
+    control_end: float | Sequence[float] | None = None,
+    mask: ImageInput | None = None,
+    mask_blur: float | None = None,
+    padding_mask_crop: int | None = None,
+    outpaint: Sequence[int] | None = None,
 ) -> GenerationRequest:
     """A request with every unset argument taken from the model's defaults, each value checked (one line
     naming the argument and what is allowed)."""
@@ -272,13 +304,23 @@ def resolve(
         log.warning("the negative prompt is ignored: it only acts with classifier-free guidance "
                     "(guidance %g <= 1); pass a guidance above 1 to use it.", guidance)
 
+    edit = _edit(model, image, mask, mask_blur, padding_mask_crop, outpaint, control_image)
+    control_source = control_image
+    if edit.canvas is not None:
+        if image is not None:
+            image = edit.canvas
+        if model.inpainting_controlnet and (control_image is None or image is None):
+            control_source = edit.canvas  # the inpainting ControlNet sees the image it inpaints
+    control = _control(model, control_source, control_type, control_start, control_end)
+    if image is not None and strength is None and edit.outpaint is not None:
+        strength = OUTPAINT_STRENGTH
     image_hash = None
     if image is not None:
         strength = DEFAULT_STRENGTH if strength is None else _finite_number(
             strength, "strength", 0, 1, "in (0, 1] (e.g. 0.6, or 1.0 to ignore the image)")
         if strength == 0:
             raise ValueError("strength must be in (0, 1] (e.g. 0.6, or 1.0 to ignore the image), got 0.")
-        image_hash = _image_hash(image)
+        image_hash = edit.image_hash if edit.canvas is not None else _image_hash(image)
         image = open_rgb(image)
         if height is None and width is None:
             width, height = (s // model.multiple * model.multiple for s in image.size)
@@ -290,10 +332,15 @@ def resolve(
                              "choose another --sampler or drop the image.")
     elif strength is not None:
         raise ValueError("strength only applies to img2img; pass an image too, or drop strength.")
+    elif control.images and height is None and width is None:
+        width, height = (max(s // model.multiple, 1) * model.multiple for s in control.images[0].size)
     height = _side(height, "height", model.size, model)
     width = _side(width, "width", model.size, model)
     check_size(height, width, model)
     first_size = sampler_check.latent_size(0, (height // model.latent_factor, width // model.latent_factor))
+    for i, picture in enumerate(control.images):
+        if picture.size != (width, height):
+            log.info("control image %d is %dx%d: resized to %dx%d", i + 1, *picture.size, width, height)
 
     batch = len(prompts) * num_images
     if latents is not None:
@@ -306,4 +353,103 @@ def resolve(
         skip_layer_guidance=slg, height=height, width=width, seeds=image_seeds(seed, batch),
         max_sequence_length=length, sampler=sampler, shift=shift, sigmas=sigmas, image=image,
         image_hash=image_hash, strength=strength, latents=latents, output_type=output_type, scales=scales, vae=vae,
+        control_images=control.images, control_hashes=control.hashes,
+        control_type=control.type, control_start=control.start, control_end=control.end, mask=edit.mask,
+        mask_hash=edit.mask_hash, mask_blur=edit.mask_blur, padding_mask_crop=edit.padding_mask_crop,
+        outpaint=edit.outpaint,
     )
+
+
+ImageInput = str | Path | Image.Image
+
+
+@dataclass(frozen=True)
+class _Control:
+    images: tuple[Image.Image, ...] = ()
+    hashes: tuple[str, ...] = ()
+    type: str = "none"
+    start: tuple[float, ...] = ()
+    end: tuple[float, ...] = ()
+
+
+def _per_net(value: float | Sequence[float] | None, default: float, name: str, n: int) -> tuple[float, ...]:
+    values = [default] if value is None else [value] if isinstance(value, (int, float)) else list(value)
+    if len(values) == 1:
+        values *= n
+    if len(values) != n:
+        raise ValueError(f"got {len(values)} values of {name} for {n} ControlNets; pass one, or one per ControlNet.")
+    return tuple(_finite_number(v, name, 0, 1, "a fraction of the steps from 0 to 1") for v in values)
+
+
+def _control(model: ModelDefaults, images, control_type: str | None, start, end) -> _Control:
+    """The control images (one per ControlNet), what to compute from them and when each ControlNet acts."""
+    n = model.controlnets
+    if not n:
+        given = [name for name, v in (("control_image", images), ("control_type", control_type),
+                                      ("control_start", start), ("control_end", end)) if v is not None]
+        if given:
+            raise ValueError(f"{given[0]} needs a ControlNet; load one with load_pipeline(..., controlnets=[...]) "
+                             "(--controlnet).")
+        return _Control()
+    if images is None:
+        raise ValueError(f"{n} ControlNet{'s' if n > 1 else ''} loaded but no control image; pass control_image= "
+                         "(--control-image), one for all or one per ControlNet.")
+    images = [images] if isinstance(images, (str, Path, Image.Image)) else list(images)
+    if len(images) == 1:
+        images *= n
+    if len(images) != n:
+        raise ValueError(f"got {len(images)} control images for {n} ControlNets; pass one, or one per ControlNet.")
+    control_type = control_type or "none"
+    if control_type not in CONTROL_TYPES:
+        raise ValueError(f"unknown control type {control_type!r}; use one of {', '.join(CONTROL_TYPES)}.")
+    starts, ends = _per_net(start, 0.0, "control_start", n), _per_net(end, 1.0, "control_end", n)
+    for s, e in zip(starts, ends):
+        if s >= e:
+            raise ValueError(f"control_start {s:g} must be below control_end {e:g}.")
+    opened = tuple(open_rgb(i) for i in images)
+    return _Control(opened, tuple(_image_hash(i) for i in images), control_type, starts, ends)
+
+
+@dataclass(frozen=True)
+class _Edit:
+    canvas: Image.Image | None = None  # the image painted in (outpainting's padded canvas), RGB
+    image_hash: str | None = None  # of the image given
+    mask: Image.Image | None = None
+    mask_hash: str | None = None
+    mask_blur: float = 0.0
+    padding_mask_crop: int | None = None
+    outpaint: tuple[int, int, int, int] | None = None
+
+
+def _edit(model: ModelDefaults, image, mask, mask_blur, padding_mask_crop, outpaint, control_image) -> _Edit:
+    """Inpainting's mask and outpainting's canvas and mask, checked."""
+    if mask is None and outpaint is None:
+        for name, value in (("mask_blur", mask_blur), ("padding_mask_crop", padding_mask_crop)):
+            if value is not None:
+                raise ValueError(f"{name} only applies to inpainting; pass a mask too, or drop {name}.")
+        if model.inpainting_controlnet:
+            raise ValueError("the inpainting ControlNet needs a mask of what to repaint; pass mask= (--mask).")
+        return _Edit()
+    target = image if image is not None else control_image if model.inpainting_controlnet else None
+    if target is None:
+        what = "mask" if outpaint is None else "outpaint"
+        raise ValueError(f"{what} needs the image to paint in; pass image= (--image).")
+    if isinstance(target, (list, tuple)):
+        raise ValueError("inpainting takes one image; pass a single control image with an inpainting ControlNet.")
+    picture = open_rgb(target)
+    grey = open_mask(mask) if mask is not None else None
+    if grey is not None and grey.size != picture.size:
+        log.info("the mask is %dx%d, the image %dx%d: the mask is resized to the image", *grey.size, *picture.size)
+        grey = grey.resize(picture.size, resample=Image.Resampling.LANCZOS)
+    mask_hash = _image_hash(mask) if mask is not None else None
+    hashed = _image_hash(target)
+    box = None
+    if outpaint is not None:
+        box = tuple(outpaint)
+        if len(box) != 4 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in box):
+            raise ValueError(f"outpaint takes four pixel counts LEFT,TOP,RIGHT,BOTTOM, got {outpaint!r}.")
+        picture, grey = outpaint_canvas(picture, *box, mask=grey)
+    blur = _finite_number(0.0 if mask_blur is None else mask_blur, "mask_blur", 0, 1e3,
+                          "a blur radius in pixels from 0 to 1000")
+    crop = None if padding_mask_crop is None else _count(padding_mask_crop, "padding_mask_crop", 0, 10**5)
+    return _Edit(picture, hashed, grey, mask_hash, blur, crop, tuple(int(v) for v in box) if box else None)

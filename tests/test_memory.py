@@ -6,6 +6,7 @@ import pytest
 
 import mlx_flash
 from mlx_flash import memory
+from mlx_flash.controlnet import ControlNet, ControlNetConfig
 from mlx_flash.mmdit import MMDiT, MMDiTConfig
 from mlx_flash.presets import PRESETS
 from mlx_flash.vae import Autoencoder, VAEConfig
@@ -33,6 +34,28 @@ def test_transformer_activations(size):
     predicted = memory.estimate(config, VAEConfig(), dtype=mx.float32, height=size, width=size, device=mx.cpu)[1]
     print(f"\ntransformer {size}px: measured {measured / 1e6:.0f} MB, predicted {predicted.activations / 1e6:.0f} MB")
     assert abs(predicted.activations - measured) <= 0.1 * measured
+
+
+def test_controlnet_weights_and_residuals():
+    """A ControlNet step (the ControlNet, then the transformer with its residuals) against the estimate."""
+    config = MMDiTConfig(num_layers=2, num_attention_heads=4, pos_embed_max_size=64, qk_norm=True)
+    control = ControlNetConfig(num_layers=2, num_attention_heads=4, pos_embed_max_size=64, qk_norm=True)
+    model, net = MMDiT(config), ControlNet(control)
+    mx.eval(model.parameters(), net.parameters())
+    inputs = (mx.random.normal((1, 32, 32, 16)), mx.random.normal((1, 32, 32, 16)), mx.array([500.0]),
+              mx.random.normal((1, 333, 4096)), mx.random.normal((1, 2048)))
+
+    def step(x, control_latents, t, context, pooled):
+        residuals = net(x, control_latents, t, pooled, context)
+        mx.eval(residuals)
+        return model(x, t, context, pooled, controlnet_residuals=residuals)
+
+    measured = measured_activations(step, *inputs)
+    plain, with_net = (memory.estimate(config, VAEConfig(), dtype=mx.float32, height=256, width=256, device=mx.cpu,
+                                       controlnets=nets)[1] for nets in ((), (control,)))
+    print(f"\ncontrolnet step: measured {measured / 1e6:.0f} MB, predicted {with_net.activations / 1e6:.0f} MB")
+    assert with_net.weights - plain.weights == memory.model_bytes(net)
+    assert abs(with_net.activations - measured) <= 0.1 * measured
 
 
 def test_vae_decoder_activations():

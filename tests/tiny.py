@@ -149,3 +149,25 @@ def make_tiny_pipeline(path: Path, *, dual_attention_layers: tuple[int, ...] = (
         text_encoder_3=models[4], tokenizer_3=tokenizer_3)
     pipe.save_pretrained(path)  # tokenizers as the installed transformers writes them (tokenizer.json only in 5.x)
     return path
+
+
+CONTROLNET_KINDS = {  # tiny ControlNets for make_tiny_pipeline's transformer: InstantX, SD3.5 Large, inpainting
+    "instantx": dict(pos_embed_max_size=16),
+    "sd3.5-large": dict(joint_attention_dim=None, pos_embed_max_size=None, pos_embed_type=None, use_pos_embed=False,
+                        force_zeros_for_pooled_projection=False),
+    "inpainting": dict(pos_embed_max_size=16, extra_conditioning_channels=1),
+}
+
+
+def make_tiny_controlnet(path: Path, kind: str = "instantx", *, seed: int = 10, num_layers: int = 2) -> Path:
+    """Save a tiny random diffusers SD3ControlNetModel fitting make_tiny_pipeline's transformer under `path`."""
+    from diffusers import SD3ControlNetModel
+
+    torch.manual_seed(seed)
+    model = SD3ControlNetModel(**(dict(
+        sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=num_layers, attention_head_dim=8,
+        num_attention_heads=3, joint_attention_dim=96, caption_projection_dim=24, pooled_projection_dim=64)
+        | CONTROLNET_KINDS[kind]))
+    randomize(model, seed)  # its zero-initialised projections made random too, so that they matter
+    model.save_pretrained(path)
+    return Path(path)

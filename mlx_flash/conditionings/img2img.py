@@ -17,8 +17,9 @@ class Img2Img(Conditioning):
 
     def __init__(self, pixels: mx.array, strength: float, encode: Callable[[mx.array], mx.array]):
         self.pixels, self.strength, self.encode = pixels, strength, encode
+        self.latents: mx.array | None = None  # the encoded image, once prepared
 
     def prepare(self, x: mx.array, sigmas: np.ndarray, start: int) -> tuple[mx.array, int]:
         first = max(start, sampler.img2img_start(len(sigmas) - 1, self.strength))
-        init = self.encode(self.pixels)
-        return sampler.add_noise(mx.repeat(init, x.shape[0], axis=0), x, float(sigmas[first])), first
+        self.latents = self.encode(self.pixels)
+        return sampler.add_noise(mx.repeat(self.latents, x.shape[0], axis=0), x, float(sigmas[first])), first
