@@ -203,22 +203,33 @@ def test_replacement_transformer_without_config_takes_the_bases(pipelines, tiny_
 
 
 def test_presets_by_name_and_default_presets(monkeypatch):
-    with pytest.raises(ValueError, match=r"^flash-sd3 applies the LoRA jasperai/flash-sd3/adapter_model.safetensors"):
-        mlx_flash.load_pipeline("flash-sd3")
     # Defaults of an unnamed model come from its architecture's own-weights presets, or its repo id.
     assert default_preset(SD3_MEDIUM, "my-flash-model").name == "sd3-medium"
     assert default_preset(SD35_MEDIUM, "tensorart/stable-diffusion-3.5-medium-turbo").name == "sd3.5-medium-turbo"
     assert default_preset(SD35_MEDIUM, "some/flash-distill").name == "sd3.5-flash"
-    # A named preset's shift, sampler and T5 choice reach the pipeline without downloading anything.
+    # A named preset's shift, T5 choice, LoRA and transformer reach the pipeline (nothing downloaded here).
     seen = {}
     monkeypatch.setattr(loading, "resolve_model_dir", lambda model, **kw: seen.update(kw, model=model))
     monkeypatch.setattr(loading, "check_model_folder", lambda root: None)
-    monkeypatch.setattr(loading, "Pipeline", type("P", (), {
-        "read_transformer_config": staticmethod(lambda root: PRESETS["sid-medium"].transformer.to_diffusers()),
-        "__init__": lambda self, root, **kw: seen.update(kw)}))
+    monkeypatch.setattr(loading, "LoRAs", list)
+    monkeypatch.setattr(loading, "replacement_transformer", lambda location, root: f"folder of {location}")
+
+    def fake(name):
+        config = staticmethod(lambda root: PRESETS[name].transformer.to_diffusers())
+        return type("P", (), {"read_transformer_config": config, "check_loras": lambda self: None,
+                              "__init__": lambda self, root, **kw: seen.update(kw)})
+
+    monkeypatch.setattr(loading, "Pipeline", fake("sid-medium"))
     mlx_flash.load_pipeline("sid-medium")
-    assert seen["model"] == "YGu1998/SiD-DiT-SD3.5-medium" and seen["shift"] == 1.0
+    assert seen["model"] == "YGu1998/SiD-DiT-SD3.5-medium" and seen["shift"] == 1.0 and seen["loras"] == []
     assert seen["preset"] is PRESETS["sid-medium"] and seen["use_t5"] is True and seen["transformer"] is None
+    monkeypatch.setattr(loading, "Pipeline", fake("flash-sd3"))
+    mlx_flash.load_pipeline("flash-sd3", loras=[("style.safetensors", 0.5)])
+    assert seen["model"] == PRESETS["sd3-medium"].repo_id and seen["use_t5"] is False
+    assert seen["loras"] == [("jasperai/flash-sd3/adapter_model.safetensors", 1.0), ("style.safetensors", 0.5)]
+    monkeypatch.setattr(loading, "Pipeline", fake("senseflow-medium"))
+    mlx_flash.load_pipeline("senseflow-medium")
+    assert seen["transformer"] == "folder of domiso/SenseFlow/SenseFlow-SD35M" and seen["loras"] == []
 
 
 def test_cli_sampling_options_recorded_and_restored(tiny_pipeline_dir, tmp_path, capsys):
