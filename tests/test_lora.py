@@ -393,7 +393,7 @@ def _file(tmp_path: Path, keys: dict[str, tuple[int, int]]) -> Path:
 
 @pytest.mark.parametrize("make, expected", [
     (lambda: {f"transformer.transformer_blocks.{i}.attn.to_q.lora_{ab}.weight": s for i in range(38)
-              for ab, s in (("A", (4, 2432)), ("B", (2432, 4)))}, "38 blocks, width 2432 (sd3.5-large)"),
+              for ab, s in (("A", (4, 2432)), ("B", (2432, 4)))}, "38 blocks, width 2432 (sd3.5-large"),
     (lambda: {f"lora_unet_down_blocks_0_attentions_0_proj_in.lora_{ud}.weight": s
               for ud, s in (("down", (4, 320)), ("up", (320, 4)))}, "SDXL"),
     (lambda: {f"transformer.single_transformer_blocks.0.attn.to_q.lora_{ab}.weight": s
