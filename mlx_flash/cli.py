@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -47,6 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="print the generation settings stored in a PNG")
     info.add_argument("image", type=Path)
+
+    srv = commands.add_parser("serve", help="serve OpenAI's Images API, AUTOMATIC1111's API and a web page")
+    srv.add_argument("--model", action="append", default=None,
+                     help=f"a model to serve (repeat for several; the first is the default; default {DEFAULT_MODEL})")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8080)
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but "
+                                                     "/health and the page (default: the MLX_FLASH_API_KEY variable)")
+    srv.add_argument("--max-queue", type=int, default=8, help="jobs waiting behind the running one; more get 429")
+    srv.add_argument("--max-body-mb", type=float, default=16, help="largest request body (default 16 MiB)")
+    srv.add_argument("--allowed-origins", default="", help="comma-separated origins allowed by CORS (default: none)")
+    srv.add_argument("--quantize", type=int, choices=[2, 3, 4, 5, 6, 8], default=None, help="quantize the transformer")
+    srv.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
+    srv.add_argument("--no-t5", action="store_true", help="do not load T5-XXL")
+    srv.add_argument("--verbose", action="store_true", help="log every request")
 
     convert.cli.add_arguments(commands.add_parser(
         "convert", help="convert a checkpoint (hub repo, diffusers folder or single file) to an mlx-flash folder, "
@@ -103,6 +119,18 @@ def generate(args: argparse.Namespace) -> None:
             print(f"{stage.name:15} {stage.seconds:8.2f} s  peak {stage.peak_memory / 1e9:6.2f} GB", file=sys.stderr)
 
 
+def serve(args: argparse.Namespace) -> None:
+    from .server import Limits, ModelOptions, serve
+
+    if not 0 < args.max_body_mb:
+        raise ValueError(f"--max-body-mb must be > 0, got {args.max_body_mb}.")
+    limits = Limits(api_key=args.api_key or os.environ.get("MLX_FLASH_API_KEY") or None,
+                    allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
+                    max_body=int(args.max_body_mb * 2**20))
+    serve(args.model or [DEFAULT_MODEL], host=args.host, port=args.port, limits=limits, max_queue=args.max_queue,
+          options=ModelOptions(dtype=args.dtype, quantize=args.quantize, use_t5=not args.no_t5))
+
+
 def info(args: argparse.Namespace) -> None:
     from .image_io import read_metadata
 
@@ -114,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(message)s")
     try:
-        {"generate": generate, "info": info, "convert": convert.cli.run}[args.command](args)
+        {"generate": generate, "info": info, "serve": serve, "convert": convert.cli.run}[args.command](args)
     except (ValueError, OSError, KeyError, MemoryError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"mlx-flash: error: {message}", file=sys.stderr)

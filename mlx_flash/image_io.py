@@ -29,6 +29,18 @@ def save_png(image: Image.Image, path: str | Path, metadata: Metadata, *, overwr
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"{path}: images are written as PNG; use a .png file name.")
+    data = png_bytes(image, metadata)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(path, "wb" if overwrite else "xb") as f:
+            f.write(data)
+    except FileExistsError:
+        raise FileExistsError(f"{path} already exists; pass --force to overwrite it or choose a new name.") from None
+    return path
+
+
+def png_bytes(image: Image.Image, metadata: Metadata) -> bytes:
+    """`image` encoded as PNG with one text chunk per metadata field plus all of them as JSON (key "mlx_flash")."""
     if METADATA_KEY in metadata:
         raise ValueError(f"metadata key {METADATA_KEY!r} is reserved; rename that field.")
     info = PngImagePlugin.PngInfo()
@@ -37,13 +49,7 @@ def save_png(image: Image.Image, path: str | Path, metadata: Metadata, *, overwr
     info.add_text(METADATA_KEY, json.dumps(metadata))
     data = io.BytesIO()
     image.save(data, format="PNG", pnginfo=info)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(path, "wb" if overwrite else "xb") as f:
-            f.write(data.getvalue())
-    except FileExistsError:
-        raise FileExistsError(f"{path} already exists; pass --force to overwrite it or choose a new name.") from None
-    return path
+    return data.getvalue()
 
 
 def next_free_path(path: str | Path) -> Path:
