@@ -9,12 +9,14 @@ import ipaddress
 import json
 import logging
 import re
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from email import policy
 from email.parser import BytesParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
 from .. import __version__
@@ -53,11 +55,27 @@ class ImageServer(ThreadingHTTPServer):
         self.loopback = address[0] == "localhost" or _is_loopback(address[0])
         super().__init__(address, Handler)
         self.worker = Worker(pool, max_queue)
+        self._active = 0  # requests being answered
+        self._idle = threading.Condition()
 
-    def close(self, cancel_running: bool = False) -> None:
-        """Stop listening, cancel the queued jobs, let the running one finish (or cancel it)."""
+    def close(self, cancel_running: bool = False, timeout: float = 30) -> None:
+        """Stop listening, cancel the queued jobs, let the running one finish (or cancel it), and give the
+        requests being answered up to `timeout` seconds to write their answers."""
         self.server_close()
         self.worker.stop(cancel_running)
+        with self._idle:
+            self._idle.wait_for(lambda: self._active == 0, timeout)
+
+    @contextmanager
+    def answering(self) -> Iterator[None]:
+        with self._idle:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._active -= 1
+                self._idle.notify_all()
 
 
 def _is_loopback(host: str) -> bool:
@@ -112,6 +130,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         self._body_read = False
+        with self.server.answering():
+            self._answer(method)
+
+    def _answer(self, method: str) -> None:
         try:
             path = urlsplit(self.path).path
             if method == "OPTIONS":

@@ -63,6 +63,8 @@ def run(pipe: Pipeline, spec: ImageSpec, arguments: dict[str, Any], *, on_step: 
     steps, guidance, _ = pipe.defaults()
     steps = spec.steps or steps
     images = pipe.generate(**arguments, progress=False)
+    if cancel.is_set():
+        raise Cancelled()
     on_step(steps, steps, None)
     seeds = [spec.seed + i for i in range(spec.n)]
     base = {"prompt": spec.prompt, "negative_prompt": spec.negative_prompt, "steps": steps,

@@ -13,6 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+import mlx.core as mx
 from PIL import Image
 
 from ..image_io import png_bytes
@@ -180,6 +181,13 @@ class Worker:
             del self._jobs[job_id]
 
     def _loop(self) -> None:
+        try:
+            self._serve_jobs()
+        finally:  # MLX's streams of this thread: left alive, they abort the process when it exits
+            mx.synchronize()
+            mx.clear_streams()
+
+    def _serve_jobs(self) -> None:
         while (job := self._queue.get()) is not None:
             with self._lock:
                 if job.done.is_set():  # cancelled while queued
