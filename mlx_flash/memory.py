@@ -17,6 +17,7 @@ full-size SD3.5 runs at 1024x1024 on MLX's CUDA backend with Metal-like command 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -38,6 +39,15 @@ GPU_VAE_BYTES_PER_PIXEL, GPU_VAE_FIXED = 5_360, 0.55e9
 # time), fitted on a GPU (fused attention) together with GPU_PENDING_BUFFERS
 CPU_TRANSFORMER_VECTORS, GPU_TRANSFORMER_VECTORS = 13, 10
 GPU_PENDING_BUFFERS = 0.75e9  # fitted: freed buffers whose command batch has not completed yet
+
+
+def memory_budget() -> int:
+    """Bytes a run may use: Metal's recommended working set, a CUDA GPU's memory, else the machine's RAM."""
+    info = mx.device_info()
+    for key in ("max_recommended_working_set_size", "total_memory", "memory_size"):
+        if info.get(key):
+            return int(info[key])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 @dataclass(frozen=True)

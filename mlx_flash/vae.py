@@ -103,6 +103,14 @@ class VAEConfig:
         """Image pixels per latent pixel along each axis."""
         return 2 ** (len(self.block_out_channels) - 1)
 
+    def to_diffusion(self, sample: mx.array) -> mx.array:
+        """VAE latents -> the diffusion model's latents: `(sample - shift_factor) * scaling_factor`."""
+        return (sample - self.shift_factor) * self.scaling_factor
+
+    def from_diffusion(self, latents: mx.array) -> mx.array:
+        """The diffusion model's latents -> VAE latents: `latents / scaling_factor + shift_factor`."""
+        return latents / self.scaling_factor + self.shift_factor
+
 
 ATTENTION_SCORES = 2**26  # attention scores computed at once in the mid-blocks (256 MB in float32)
 
@@ -500,8 +508,7 @@ class Autoencoder(nn.Module):
 
     def latents_to_image(self, latents: mx.array, tiled: bool | None = None) -> mx.array:
         """Diffusion-space latents -> images in [-1, 1]: decode(latents / scaling_factor + shift_factor)."""
-        c = self.config
-        return self.decode(latents / c.scaling_factor + c.shift_factor, tiled)
+        return self.decode(self.config.from_diffusion(latents), tiled)
 
     def image_to_latents(
         self,
@@ -518,7 +525,7 @@ class Autoencoder(nn.Module):
         elif noise.shape != mean.shape:
             raise ValueError(f"VAE image_to_latents: noise shape {tuple(noise.shape)} != latent shape {mean.shape}.")
         sample = mean + mx.exp(0.5 * logvar) * noise
-        return (sample - self.config.shift_factor) * self.config.scaling_factor
+        return self.config.to_diffusion(sample)
 
 
 # The module names are the diffusers names; only conv weights (the 4-D ones) change layout.

@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-
 from tiny import make_tiny_pipeline
 
 

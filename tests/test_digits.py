@@ -13,7 +13,7 @@ from PIL import Image
 
 from mlx_flash import load_pipeline
 from mlx_flash.image_io import read_metadata
-from mlx_flash.pipeline import PACKAGED_MODELS
+from mlx_flash.loading import PACKAGED_MODELS
 from training.digits_data import WORDS, held_out_classifier, to_digits
 
 

@@ -66,14 +66,14 @@ def test_run_that_cannot_fit_is_refused_before_loading(tiny_pipeline_dir, monkey
     args = dict(height=128, width=64)
     stages = pipe.estimate_memory(**args)
     needed = max(s.peak for s in stages)
-    monkeypatch.setattr("mlx_flash.pipeline.memory_budget", lambda: needed - 1)
+    monkeypatch.setattr("mlx_flash.memory.memory_budget", lambda: needed - 1)
     with pytest.raises(MemoryError) as err:
         pipe.generate("a cat", **args, num_inference_steps=1, progress=False)
     message = str(err.value)
     print("\n" + message)
     assert "\n" not in message and "GB at its peak" in message and "it would fit with --width 64 --height 64" in message
     assert pipe._transformer is None and not pipe.text_encoders._models  # nothing was loaded
-    monkeypatch.setattr("mlx_flash.pipeline.memory_budget", lambda: needed)
+    monkeypatch.setattr("mlx_flash.memory.memory_budget", lambda: needed)
     pipe.generate("a cat", **args, num_inference_steps=1, progress=False)
 
 
@@ -90,12 +90,13 @@ def test_advice_names_what_would_fit(tiny_pipeline_dir, monkeypatch):
                                                                        ("vae decoder", vae))]
 
     monkeypatch.setattr(pipe, "estimate_memory", fake)
+    request = pipe.request("a cat", height=64, width=64, num_inference_steps=4, guidance_scale=1.0)
     for budget, advice in ((6e9, "--quantize 4."), (4e9, "--quantize 4 --no-t5."), (0.5e9, "more memory.")):
-        monkeypatch.setattr("mlx_flash.pipeline.memory_budget", lambda budget=budget: budget)
+        monkeypatch.setattr("mlx_flash.memory.memory_budget", lambda budget=budget: budget)
         with pytest.raises(MemoryError, match=advice):
-            pipe.check_memory(64, 64, 1, False, 256, 4)
+            pipe.plan_memory(request, steps=4)
     monkeypatch.setattr(pipe, "estimate_memory", lambda *a, vae_tiled=None, **k: [
         memory.StageEstimate("vae decoder", int((1 if vae_tiled else 9) * 1e9), 0)])
-    monkeypatch.setattr("mlx_flash.pipeline.memory_budget", lambda: 2e9)
-    pipe.check_memory(64, 64, 1, False, 256, 4)  # tiling alone makes it fit: no error, and the decode will tile
-    assert pipe._tile_decode
+    monkeypatch.setattr("mlx_flash.memory.memory_budget", lambda: 2e9)
+    plan = pipe.plan_memory(request, steps=4)  # tiling alone makes it fit: no error, and the decode will tile
+    assert plan.tile_decode

@@ -16,14 +16,14 @@ log = logging.getLogger("mlx_flash.server")
 
 
 def serve(models: list[str], *, host: str = "127.0.0.1", port: int = 8080, limits: Limits = Limits(),
-          max_queue: int = 8, options: ModelOptions = ModelOptions()) -> None:
+          max_queue: int = 8, preview_every: int = 1, options: ModelOptions = ModelOptions()) -> None:
     """Serve `models` until interrupted (Ctrl-C or SIGTERM): then stop listening, cancel queued jobs and let the
     running one finish; a second interrupt cancels it."""
     pool = ModelPool(models, options)
     for name in pool.names:  # unknown or incomplete models fail now, not at the first request
         pool.pipeline(name)
     try:
-        server = ImageServer((host, port), pool, limits=limits, max_queue=max_queue)
+        server = ImageServer((host, port), pool, limits=limits, max_queue=max_queue, preview_every=preview_every)
     except OSError as err:
         raise OSError(f"cannot listen on {host}:{port} ({err.strerror}); pick another --port or --host.") from None
     if not server.loopback and limits.api_key is None:

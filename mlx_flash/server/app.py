@@ -49,12 +49,13 @@ class ImageServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], pool: ModelPool, *, limits: Limits = Limits(), max_queue: int = 8):
+    def __init__(self, address: tuple[str, int], pool: ModelPool, *, limits: Limits = Limits(), max_queue: int = 8,
+                 preview_every: int = 1):
         self.pool, self.limits = pool, limits
         self.checkpoint = a1111.Checkpoint(pool)
         self.loopback = address[0] == "localhost" or _is_loopback(address[0])
         super().__init__(address, Handler)
-        self.worker = Worker(pool, max_queue)
+        self.worker = Worker(pool, max_queue, preview_every)
         self._active = 0  # requests being answered
         self._idle = threading.Condition()
 

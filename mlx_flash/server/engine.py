@@ -1,77 +1,101 @@
-"""The one place the server calls the pipeline: check a request against a model, run it, report its steps."""
+"""The one place the server calls the pipeline: check a request against a model, run it with progress,
+previews and cancel."""
 
 from __future__ import annotations
 
+import math
 import threading
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
+import mlx.core as mx
+import numpy as np
 from PIL import Image
 
-from .. import __version__
+from ..callbacks import Cancel, Preview
+from ..denoise import Callback, GenerationStopped, StepState
+from ..image_io import numpy_to_pil
 from ..pipeline import Pipeline
+from ..request import GenerationRequest, GenerationResult, check_size
+from ..samplers import SAMPLERS
 from .errors import ApiError
 from .spec import ImageSpec
 
-SAMPLERS = ("euler",)  # the samplers the pipeline runs
-StepHandler = Callable[[int, int, Image.Image | None], None]  # (steps done, steps in all, preview or None)
+PREVIEW_SIDE = 64  # latent pixels: larger latents are averaged down to this before the preview decode
+StepHandler = Callable[[int, int], None]  # (steps done, steps of the full schedule)
+PreviewHandler = Callable[[Image.Image], None]
 
 
 class Cancelled(Exception):
     """The job was cancelled before its images were made."""
 
 
-@dataclass(frozen=True)
-class Generated:
-    """A finished run: one image, seed and metadata (everything that determines its pixels) per image."""
-
-    images: list[Image.Image]
-    seeds: list[int]
-    metadata: list[dict[str, Any]]
-
-
-def prepare(pipe: Pipeline, spec: ImageSpec) -> dict[str, Any]:
-    """The pipeline arguments of `spec`, checked against the model before the job is queued (ApiError 400)."""
-    if spec.sampler not in (None, *SAMPLERS):
+def prepare(pipe: Pipeline, spec: ImageSpec) -> GenerationRequest:
+    """`spec` resolved against the model and checked (size, memory, every field) before it is queued: ApiError
+    400 with the pipeline's one-line reason."""
+    if spec.sampler is not None and spec.sampler not in SAMPLERS:
         raise ApiError(400, f"unknown sampler {spec.sampler!r}; use one of {', '.join(SAMPLERS)}.", param="sampler")
-    default = pipe.transformer_config.sample_size * pipe.vae_factor
-    width, height = spec.width, spec.height
-    if spec.image is not None and width is None and height is None:
-        width, height = (max(16, s // 16 * 16) for s in spec.image.size)
+    defaults = pipe.sampling_defaults()
+    if spec.width is not None or spec.height is not None:
+        width, height = spec.width or defaults.size, spec.height or defaults.size
+        try:
+            check_size(height, width, defaults)
+        except ValueError as err:
+            w, h = nearest_size(width, height, defaults.multiple, defaults.largest)
+            raise ApiError(400, f"{str(err).rstrip('.')}; the nearest size that works is {w}x{h}.",
+                           param="size") from None
     try:
-        pipe.check_size(height or default, width or default)
-    except ValueError as err:
-        w, h = nearest_size(pipe, width or default, height or default)
-        raise ApiError(400, f"{str(err).rstrip('.')}; the nearest size that works is {w}x{h}.", param="size") from None
-    return dict(prompt=spec.prompt, negative_prompt=spec.negative_prompt, num_inference_steps=spec.steps,
-                guidance_scale=spec.guidance, height=height, width=width, seed=spec.seed, image=spec.image,
-                strength=spec.strength, num_images=spec.n)
+        request = pipe.request(
+            spec.prompt, negative_prompt=spec.negative_prompt, num_inference_steps=spec.steps,
+            guidance_scale=spec.guidance, height=spec.height, width=spec.width, seed=spec.seed, image=spec.image,
+            strength=spec.strength, num_images=spec.n, sampler=spec.sampler)
+        pipe.plan_memory(request)
+    except (ValueError, MemoryError) as err:
+        raise ApiError(400, str(err)) from None
+    return request
 
 
-def nearest_size(pipe: Pipeline, width: int, height: int) -> tuple[int, int]:
-    """The size closest to width x height that the model can make (multiples of 16 within its position table)."""
-    multiple = pipe.vae_factor * pipe.transformer_config.patch_size
-    largest = pipe.transformer_config.pos_embed_max_size * multiple
-    return tuple(min(largest, max(multiple, round(side / multiple) * multiple)) for side in (width, height))
+def nearest_size(width: int, height: int, multiple: int, largest: int) -> tuple[int, int]:
+    """The size closest to width x height whose sides are multiples of `multiple`, at most `largest`."""
+    return tuple(min(largest // multiple * multiple, max(multiple, round(side / multiple) * multiple))
+                 for side in (width, height))
 
 
-def run(pipe: Pipeline, spec: ImageSpec, arguments: dict[str, Any], *, on_step: StepHandler,
-        cancel: threading.Event) -> Generated:
-    """Generate `spec`'s images; `on_step` hears of each finished step, `cancel` stops the run (Cancelled)."""
+class Progress(Callback):
+    def __init__(self, on_step: StepHandler):
+        self.on_step_done = on_step
+
+    def on_step(self, state: StepState) -> None:
+        self.on_step_done(state.index + 1, state.num_steps)
+
+
+def run(pipe: Pipeline, request: GenerationRequest, *, on_step: StepHandler, cancel: threading.Event,
+        on_preview: PreviewHandler | None = None, preview_every: int = 1) -> GenerationResult:
+    """Run `request`: `on_step` hears of each step, `on_preview` gets the first image's clean estimate every
+    `preview_every` steps; `cancel` stops the run after the step in progress (Cancelled)."""
     if cancel.is_set():
         raise Cancelled()
-    steps, guidance, _ = pipe.defaults()
-    steps = spec.steps or steps
-    images = pipe.generate(**arguments, progress=False)
-    if cancel.is_set():
-        raise Cancelled()
-    on_step(steps, steps, None)
-    seeds = [spec.seed + i for i in range(spec.n)]
-    base = {"prompt": spec.prompt, "negative_prompt": spec.negative_prompt, "steps": steps,
-            "guidance": spec.guidance if spec.guidance is not None else guidance, "model": spec.model,
-            "sampler": spec.sampler or SAMPLERS[0], "dtype": str(pipe.dtype), "quantize": pipe.quantize,
-            "t5": pipe.text_encoders.use_t5, "mlx_flash_version": __version__}
-    if spec.image is not None:
-        base.update(image="upload", strength=0.6 if spec.strength is None else spec.strength)
-    metadata = [{**base, "seed": s, "width": image.width, "height": image.height} for s, image in zip(seeds, images)]
-    return Generated(images, seeds, metadata)
+    callbacks: list[Callback] = [Cancel(cancel), Progress(on_step)]
+    if on_preview is not None:
+        callbacks.append(Preview(lambda step, images: on_preview(numpy_to_pil(np.array(images[:1]))[0]),
+                                 vae_preview(pipe), every=preview_every))
+    try:
+        return pipe.run(request, callbacks=callbacks)
+    except GenerationStopped:
+        raise Cancelled() from None
+
+
+def vae_preview(pipe: Pipeline) -> Callable[[mx.array], mx.array]:
+    """x0 latents (B, h, w, 16) -> images (B, H, W, 3) in [0, 1] through the model's own VAE, the latents first
+    averaged down to at most PREVIEW_SIDE per side so that a preview costs a small decode."""
+
+    def decode(latents: mx.array) -> mx.array:
+        latents = latents[:1]
+        factor = math.ceil(max(latents.shape[1:3]) / PREVIEW_SIDE)
+        if factor > 1:
+            b, h, w, c = latents.shape
+            latents = latents[:, : h // factor * factor, : w // factor * factor]
+            latents = latents.reshape(b, h // factor, factor, w // factor, factor, c).mean(axis=(2, 4))
+        images = pipe.vae.latents_to_image(latents.astype(pipe.dtype))
+        return mx.clip(images.astype(mx.float32) / 2 + 0.5, 0, 1)
+
+    return decode

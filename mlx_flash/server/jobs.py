@@ -11,12 +11,14 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Iterator
 
 import mlx.core as mx
 from PIL import Image
 
+from ..denoise import NonFiniteError
 from ..image_io import png_bytes
+from ..request import GenerationRequest
 from . import engine
 from .errors import ApiError
 from .models import ModelPool
@@ -33,7 +35,7 @@ class Job:
     """One request's run: its status, events (steps, previews) and, once done, its encoded images."""
 
     spec: ImageSpec
-    arguments: dict[str, Any]
+    request: GenerationRequest
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: float = field(default_factory=time.time)
     status: str = "queued"  # queued -> running -> succeeded | failed | cancelled
@@ -49,11 +51,10 @@ class Job:
     _changed: threading.Condition = field(default_factory=threading.Condition)
 
     def publish(self, name: str, data: dict) -> None:
-        """Add an event; a step's preview is kept only until the next step's arrives (bounded memory)."""
+        """Add an event; only the latest preview keeps its image (bounded memory)."""
         with self._changed:
-            if name == "step" and self.events and self.events[-1][0] == "step":
-                last = self.events[-1][1]
-                self.events[-1] = ("step", {k: v for k, v in last.items() if k != "preview"})
+            if name == "preview":
+                self.events = [(n, {"step": d["step"]} if n == "preview" else d) for n, d in self.events]
             self.events.append((name, data))
             self._changed.notify_all()
 
@@ -115,10 +116,12 @@ def preview_url(image: Image.Image) -> str:
 class Worker:
     """Runs jobs one at a time on its own thread; at most `max_queue` wait behind the running one."""
 
-    def __init__(self, pool: ModelPool, max_queue: int):
+    def __init__(self, pool: ModelPool, max_queue: int, preview_every: int = 1):
         if max_queue < 1:
             raise ValueError(f"--max-queue must be >= 1, got {max_queue}.")
-        self.pool = pool
+        if preview_every < 0:
+            raise ValueError(f"--preview-every must be >= 0 (0: no previews), got {preview_every}.")
+        self.pool, self.preview_every = pool, preview_every
         self._queue: queue.Queue[Job | None] = queue.Queue(max_queue)
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._lock = threading.Lock()
@@ -133,18 +136,23 @@ class Worker:
 
     def submit(self, spec: ImageSpec) -> Job:
         """Check `spec` against its model and queue it; a full queue is a 429 with Retry-After."""
+        if self._queue.full():  # before the checks, which cost more than this answer
+            raise self._queue_full()
         job = Job(spec, engine.prepare(self.pool.pipeline(spec.model), spec))
         with self._lock:
             try:
                 self._queue.put_nowait(job)
             except queue.Full:
-                retry = max(1, round(self._seconds * (self.waiting + 1)))
-                raise ApiError(429, f"the queue is full ({self.waiting} jobs waiting); retry in about {retry} s.",
-                               code="queue_full", headers={"Retry-After": str(retry)}) from None
+                raise self._queue_full() from None
             self._jobs[job.id] = job
             self._forget_old()
         job.publish("queued", {"id": job.id, "position": self.waiting})
         return job
+
+    def _queue_full(self) -> ApiError:
+        retry = max(1, round(self._seconds * (self.waiting + 1)))
+        return ApiError(429, f"the queue is full ({self.waiting} jobs waiting); retry in about {retry} s.",
+                        code="queue_full", headers={"Retry-After": str(retry)})
 
     def get(self, job_id: str) -> Job:
         with self._lock:
@@ -203,20 +211,26 @@ class Worker:
     def _run(self, job: Job) -> None:
         job.publish("started", {"id": job.id})
 
-        def on_step(step: int, steps: int, preview: Image.Image | None) -> None:
+        def on_step(step: int, steps: int) -> None:
             job.step, job.steps = step, steps
-            job.publish("step", {"step": step, "steps": steps, **({"preview": preview_url(preview)} if preview else {})})
+            job.publish("step", {"step": step, "steps": steps})
+
+        def on_preview(image: Image.Image) -> None:
+            job.publish("preview", {"step": job.step, "image": preview_url(image)})
 
         try:
             pipe = self.pool.acquire(job.spec.model)
-            result = engine.run(pipe, job.spec, job.arguments, on_step=on_step, cancel=job.cancel)
+            result = engine.run(pipe, job.request, on_step=on_step, cancel=job.cancel, preview_every=self.preview_every,
+                                on_preview=on_preview if self.preview_every else None)
+            job.metadata = [result.metadata(i) for i in range(len(result.images))]
             job.images = [encode(image, meta, job.spec.output_format, job.spec.compression)
-                          for image, meta in zip(result.images, result.metadata)]
-            job.seeds, job.metadata = result.seeds, result.metadata
+                          for image, meta in zip(result.images, job.metadata)]
+            job.seeds = list(result.seeds)
         except engine.Cancelled:
             job.finish("cancelled")
         except (ValueError, MemoryError) as err:
-            job.finish("failed", ApiError(400, str(err)))
+            status = 500 if isinstance(err, NonFiniteError) else 400
+            job.finish("failed", ApiError(status, str(err)))
         except Exception as err:  # a bug or a broken model: the job fails, the worker lives on
             log.exception("job %s failed", job.id)
             job.finish("failed", ApiError(500, f"generation failed: {err}"))

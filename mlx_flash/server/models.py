@@ -7,7 +7,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..pipeline import Pipeline, load_pipeline, memory_budget
+from ..loading import load_pipeline
+from ..memory import memory_budget
+from ..pipeline import Pipeline
 from .errors import ApiError
 
 log = logging.getLogger("mlx_flash.server")

@@ -15,9 +15,9 @@ from typing import Callable, Mapping
 
 import mlx.core as mx
 
-from mlx_flash.hub import resolve_model_dir
-from mlx_flash.single_file import ENCODER_KINDS
-from mlx_flash.weights import (
+from ..hub import resolve_model_dir
+from ..single_file import ENCODER_KINDS
+from ..weights import (
     PICKLE_SUFFIXES,
     WeightsError,
     is_converted,

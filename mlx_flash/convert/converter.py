@@ -18,21 +18,19 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlx_flash import __version__
-from mlx_flash.clip import clip_from_weights
-from mlx_flash.hub import TransportError, is_repo_id
-from mlx_flash.mmdit import MMDiT, mmdit_from_diffusers_weights
-from mlx_flash.quantization import Quantization, quantize_model
-from mlx_flash.t5 import t5_from_weights
-from mlx_flash.vae import vae_from_weights
-from mlx_flash.weights import WeightsError, write_component
-
+from ..clip import clip_from_weights
+from ..hub import TransportError, is_repo_id
+from ..layout import MANIFEST, parse_dtype, read_manifest
+from ..mmdit import MMDiT, mmdit_from_diffusers_weights
+from ..quantization import Quantization, quantize_model
+from ..t5 import t5_from_weights
+from ..vae import vae_from_weights
+from ..version import __version__
+from ..weights import WeightsError, write_component
 from .card import model_card
 from .sources import COMPONENTS, Source, open_source
 
 FORMAT_VERSION = 1
-MANIFEST = "mlx_flash.json"
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 DEFAULT_DTYPE = "bfloat16"  # float32's range (SD3.5 Large overflows float16), lossless from bf16 sources
 TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
 EXAMPLE_BASE = "stabilityai/stable-diffusion-3.5-medium"
@@ -90,8 +88,7 @@ def _copy_extras(folder: Path, out: Path, use_t5: bool) -> None:
 
 def _source_defaults(folder: Path) -> dict:
     """The sampling "defaults" of the source folder's own mlx_flash.json, if any, to carry over."""
-    path = folder / MANIFEST
-    defaults = json.loads(path.read_text()).get("defaults") if path.is_file() else None
+    defaults = read_manifest(folder).get("defaults")
     return {"defaults": defaults} if defaults else {}
 
 
@@ -132,8 +129,7 @@ def convert(
     "text_encoder", "text_encoder_2", "text_encoder_3") to quantization bits (0 or absent: none).
     `base` and `encoder_files`: see `open_source`. Returns `output`."""
     output = Path(output).expanduser()
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}.")
+    precision = parse_dtype(dtype)
     unknown = sorted(set(bits or {}) - set(COMPONENTS))
     if unknown:
         raise ValueError(f"unknown components {unknown}; quantize among {', '.join(COMPONENTS)}.")
@@ -150,7 +146,7 @@ def convert(
     try:
         entries = {}
         for name in components:
-            config, tensors, settings = _prepare(src, name, DTYPES[dtype], quantizations.get(name))
+            config, tensors, settings = _prepare(src, name, precision, quantizations.get(name))
             size = write_component(tmp / name, tensors, config, settings, name)
             q = quantizations.get(name)
             entries[name] = {"dtype": dtype, "bytes": size,

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from mlx_flash.quantization import BITS, GROUP_SIZES, POLICIES
+from ..quantization import BITS, GROUP_SIZES, POLICIES
 
 # Per-component options -> the component folders they set.
 COMPONENT_BITS = {

@@ -1,0 +1,106 @@
+"""From a model name to a ready `Pipeline`: presets, packaged models, hub repos, local folders and single files."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import mlx.core as mx
+
+from .hub import resolve_model_dir
+from .layout import parse_dtype
+from .memory import memory_budget
+from .mmdit import MMDiTConfig
+from .pipeline import Pipeline
+from .presets import PRESETS, Preset
+from .quantization import Quantization
+
+log = logging.getLogger("mlx_flash")
+
+PACKAGED_MODELS = Path(__file__).parent / "models"  # small models shipped with the package, loaded by name
+LOW_MEMORY_BELOW = 32 * 2**30  # machines with less memory load, run and free one component at a time
+
+
+def resolve_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype:
+    """float32 on the CPU (half-precision matmul is slow there), bfloat16 on a GPU, unless given."""
+    if dtype is None:
+        return mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
+    return parse_dtype(dtype) if isinstance(dtype, str) else dtype
+
+
+def default_preset(config: MMDiTConfig, name: str) -> Preset | None:
+    """The published model this architecture (and, between same-architecture models, the name) is."""
+    lowered = name.lower()
+    matches = [
+        p for p in PRESETS.values()
+        if MMDiTConfig(**{**vars(config), "sample_size": p.transformer.sample_size}) == p.transformer
+    ]
+    few_step = any(word in lowered for word in ("turbo", "flash"))
+    for preset in matches:
+        if preset.few_step == few_step:
+            return preset
+    return matches[0] if matches else None
+
+
+def load_pipeline(
+    model: str | Path,
+    *,
+    dtype: str | mx.Dtype | None = None,
+    quantize: int | None = None,
+    use_t5: bool = True,
+    low_memory: bool | None = None,
+    revision: str | None = None,
+    base: str | Path | None = None,
+) -> Pipeline:
+    """Load a model for generation.
+
+    `model`: a preset name (`sd3.5-medium`, `sd3.5-large`, `sd3.5-large-turbo`, `sd3-medium`), a model shipped
+    with the package (a folder of mlx_flash/models, by its name), a Hugging Face repo id, a local model folder
+    (diffusers or mlx-flash layout), or a Stability single-file checkpoint (.safetensors): that is converted once
+    into MLX_FLASH_CACHE (default ~/.cache/mlx-flash), taking the tokenizers, scheduler and any text encoder it
+    lacks from `base` (a folder or repo id; default: the preset repo of its architecture). `dtype`: "float32" |
+    "float16" | "bfloat16" (None: the best for the device). `quantize`: bits (2 to 8) to quantize the
+    transformer and T5 on load, as `mlx-flash convert -q --bits N` does (mixed policy, group size 64);
+    components stored quantized load as they are. `use_t5=False` never loads T5.
+    `low_memory` (default: on below 32 GB of memory) loads, runs and frees one component at a time."""
+    name = str(model)
+    if (PACKAGED_MODELS / name).is_dir() and not Path(name).exists():
+        model = PACKAGED_MODELS / name
+    elif name in PRESETS:
+        if PRESETS[name].repo_id is None:
+            raise ValueError(f"{name}: its weights are not published on the hub yet; pass a local folder.")
+        model = PRESETS[name].repo_id
+    dtype = resolve_dtype(dtype)
+    if Path(name).suffix == ".safetensors" and Path(name).is_file():
+        root = converted_single_file(Path(name), base, use_t5, dtype)
+    else:
+        root = resolve_model_dir(model, use_t5=use_t5, revision=revision)
+    if quantize is not None:
+        Quantization(quantize)  # raises for unsupported bits
+    low_memory = memory_budget() < LOW_MEMORY_BELOW if low_memory is None else low_memory
+    preset = default_preset(MMDiTConfig.from_diffusers(Pipeline.read_transformer_config(root)), name)
+    return Pipeline(root, name=name, dtype=dtype, quantize=quantize, use_t5=use_t5, low_memory=low_memory,
+                    preset=preset)
+
+
+def converted_single_file(path: Path, base: str | Path | None, use_t5: bool, dtype: mx.Dtype) -> Path:
+    """The mlx-flash folder a single-file checkpoint converts to, converting it on first use."""
+    from .convert import convert
+    from .single_file import read_single_file
+
+    stat = path.stat()
+    precision = "float32" if dtype == mx.float32 else "bfloat16"
+    cache = Path(os.environ.get("MLX_FLASH_CACHE", Path.home() / ".cache" / "mlx-flash"))
+    folder = cache / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}-{precision}{'' if use_t5 else '-no-t5'}"
+    if not folder.exists():
+        if base is None:
+            config, _ = read_single_file(path)["transformer"]
+            preset = default_preset(MMDiTConfig.from_diffusers(config), path.name)
+            if preset is None or preset.repo_id is None:
+                raise ValueError(f"{path}: no published model has this architecture; pass base= (a diffusers "
+                                 "folder or repo id with its tokenizers).")
+            base = preset.repo_id
+        log.warning("converting %s once into %s", path, folder)
+        convert(path, folder, dtype=precision, base=base, use_t5=use_t5)
+    return folder
