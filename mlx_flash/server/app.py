@@ -324,7 +324,7 @@ def create_job(h: Handler) -> None:
     body = h.read_json()
     image = fields.base64_image(body["image"], "image") if isinstance(body, dict) and body.get("image") else None
     spec, _ = openai_api.image_spec(body, h.server.pool, image)
-    job = h.server.worker.submit(spec)
+    job = h.server.worker.submit(spec, previews=True)
     h.send_json(202, job.describe(h.base_url), {"Location": f"/v1/jobs/{job.id}"})
 
 

@@ -36,6 +36,7 @@ class Job:
 
     spec: ImageSpec
     request: GenerationRequest
+    previews: bool = False  # decode previews (for jobs someone may watch; not for requests that wait)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: float = field(default_factory=time.time)
     status: str = "queued"  # queued -> running -> succeeded | failed | cancelled
@@ -122,6 +123,7 @@ class Worker:
         if preview_every < 0:
             raise ValueError(f"--preview-every must be >= 0 (0: no previews), got {preview_every}.")
         self.pool, self.preview_every = pool, preview_every
+        self._fits: set[tuple] = set()  # request shapes whose memory check passed
         self._queue: queue.Queue[Job | None] = queue.Queue(max_queue)
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._lock = threading.Lock()
@@ -134,11 +136,11 @@ class Worker:
     def waiting(self) -> int:
         return self._queue.qsize()
 
-    def submit(self, spec: ImageSpec) -> Job:
+    def submit(self, spec: ImageSpec, previews: bool = False) -> Job:
         """Check `spec` against its model and queue it; a full queue is a 429 with Retry-After."""
         if self._queue.full():  # before the checks, which cost more than this answer
             raise self._queue_full()
-        job = Job(spec, engine.prepare(self.pool.pipeline(spec.model), spec))
+        job = Job(spec, engine.prepare(self.pool.pipeline(spec.model), spec, self._fits), previews)
         with self._lock:
             try:
                 self._queue.put_nowait(job)
@@ -221,7 +223,7 @@ class Worker:
         try:
             pipe = self.pool.acquire(job.spec.model)
             result = engine.run(pipe, job.request, on_step=on_step, cancel=job.cancel, preview_every=self.preview_every,
-                                on_preview=on_preview if self.preview_every else None)
+                                on_preview=on_preview if job.previews and self.preview_every else None)
             job.metadata = [result.metadata(i) for i in range(len(result.images))]
             job.images = [encode(image, meta, job.spec.output_format, job.spec.compression)
                           for image, meta in zip(result.images, job.metadata)]
