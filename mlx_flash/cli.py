@@ -195,7 +195,8 @@ def serve(args: argparse.Namespace) -> None:
                     allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
                     max_body=int(args.max_body_mb * 2**20))
     serve(args.model or [DEFAULT_MODEL], host=args.host, port=args.port, limits=limits, max_queue=args.max_queue,
-          preview_every=args.preview_every, options=ModelOptions(dtype=args.dtype, quantize=args.quantize, use_t5=not args.no_t5))
+          preview_every=args.preview_every,
+          options=ModelOptions(dtype=args.dtype, quantize=args.quantize, use_t5=not args.no_t5))
 
 
 def info(args: argparse.Namespace) -> None:

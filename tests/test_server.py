@@ -18,15 +18,13 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import pytest
+from chromium import Chromium, find_chromium
 from PIL import Image
 
-from chromium import Chromium, find_chromium
 from mlx_flash import load_pipeline
-from mlx_flash.image_io import read_metadata
 from mlx_flash.server import ImageServer, Limits, ModelOptions, ModelPool
 
 KEY = "test-key"
@@ -263,9 +261,10 @@ def test_fifty_requests_from_ten_threads(reference):
         with ThreadPoolExecutor(10) as pool:
             answers = list(pool.map(request, range(50)))
         assert call(small, "GET", "/health")[2]["queued"] == 0
+        assert small.worker.kept == 0  # answered with their images: nothing held after
     statuses = [status for tries in answers for status, _, _ in tries]
     assert set(statuses) == {200, 429} and statuses.count(200) == 50
-    for status, headers, body in (a for tries in answers for a in tries if a[0] == 429):
+    for _, headers, body in (a for tries in answers for a in tries if a[0] == 429):
         assert int(headers["retry-after"]) >= 1 and body["error"]["code"] == "queue_full"
     for i, tries in enumerate(answers):
         (item,) = tries[-1][2]["data"]
@@ -288,6 +287,8 @@ BAD = [
     ("path in the model field", {**GOOD, "model": "/etc/passwd"}, 400, "looks like a path"),
     ("relative path in the model field", {**GOOD, "model": "../models/digits"}, 400, "looks like a path"),
     ("unknown sampler", {**GOOD, "sampler": "ddim"}, 400, "unknown sampler 'ddim'"),
+    ("LoRAs the server does not serve", {**GOOD, "loras": [{"name": "x", "scale": 1}]}, 400, "serves no LoRAs"),
+    ("steps beyond the limit", {**GOOD, "steps": 100000}, 400, "'steps' must be from 1 to 500"),
     ("a body that is not an object", [1, 2], 400, "must be a JSON object"),
 ]
 

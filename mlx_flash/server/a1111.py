@@ -44,7 +44,8 @@ def image_spec(body: Any, checkpoint: Checkpoint, img2img: bool = False) -> Imag
     if not isinstance(override, dict):
         raise ApiError(400, "'override_settings' must be a JSON object.", param="override_settings")
     model = checkpoint.pool.resolve(override.get("sd_model_checkpoint") or checkpoint.name)
-    batch, iterations = fields.integer(body, "batch_size", 1, MAX_IMAGES, 1), fields.integer(body, "n_iter", 1, MAX_IMAGES, 1)
+    batch = fields.integer(body, "batch_size", 1, MAX_IMAGES, 1)
+    iterations = fields.integer(body, "n_iter", 1, MAX_IMAGES, 1)
     if batch * iterations > MAX_IMAGES:
         raise ApiError(400, f"batch_size x n_iter is {batch * iterations} images; the limit is {MAX_IMAGES}.",
                        param="batch_size")

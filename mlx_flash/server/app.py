@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import gc
 import hmac
 import ipaddress
 import json
@@ -66,6 +67,7 @@ class ImageServer(ThreadingHTTPServer):
         self.worker.stop(cancel_running)
         with self._idle:
             self._idle.wait_for(lambda: self._active == 0, timeout)
+        gc.collect()  # MLX arrays in reference cycles, freed now: at the interpreter's exit they can abort it
 
     @contextmanager
     def answering(self) -> Iterator[None]:
@@ -279,8 +281,11 @@ class Handler(BaseHTTPRequestHandler):
     def base_url(self) -> str:
         return f"http://{self.headers.get('Host') or '%s:%d' % self.server.server_address[:2]}"
 
-    def wait(self, job: Job) -> Job:
+    def wait(self, job: Job, keep: bool = False) -> Job:
+        """The job once finished (ApiError if it failed); forgotten then unless `keep` (its images have URLs)."""
         job.done.wait()
+        if not keep:
+            self.server.worker.forget(job)
         if job.status != "succeeded":
             raise job.error or ApiError(409, f"job {job.id} was cancelled.")
         return job
@@ -308,14 +313,14 @@ def models(h: Handler) -> None:
 @route("POST", "/v1/images/generations")
 def generations(h: Handler) -> None:
     spec, response_format = openai_api.image_spec(h.read_json(), h.server.pool)
-    job = h.wait(h.server.worker.submit(spec))
+    job = h.wait(h.server.worker.submit(spec), keep=response_format == "url")
     h.send_json(200, openai_api.images_response(job, response_format, h.base_url))
 
 
 @route("POST", "/v1/images/edits")
 def edits(h: Handler) -> None:
     spec, response_format = openai_api.edit_spec(h.read_form(), h.server.pool)
-    job = h.wait(h.server.worker.submit(spec))
+    job = h.wait(h.server.worker.submit(spec), keep=response_format == "url")
     h.send_json(200, openai_api.images_response(job, response_format, h.base_url))
 
 

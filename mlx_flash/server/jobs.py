@@ -27,7 +27,9 @@ from .spec import OUTPUT_FORMATS, ImageSpec
 log = logging.getLogger("mlx_flash.server")
 
 FINISHED = ("succeeded", "failed", "cancelled")
-KEEP_FINISHED = 64  # finished jobs (with their images) kept for GET /v1/jobs/{id}; older ones are forgotten
+# Finished jobs kept (with their images) for GET /v1/jobs/{id}: the newest, up to both limits.
+KEEP_FINISHED = 64
+KEEP_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -124,6 +126,7 @@ class Worker:
             raise ValueError(f"--preview-every must be >= 0 (0: no previews), got {preview_every}.")
         self.pool, self.preview_every = pool, preview_every
         self._fits: set[tuple] = set()  # request shapes whose memory check passed
+        self._stopping = False
         self._queue: queue.Queue[Job | None] = queue.Queue(max_queue)
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._lock = threading.Lock()
@@ -142,6 +145,8 @@ class Worker:
             raise self._queue_full()
         job = Job(spec, engine.prepare(self.pool.pipeline(spec.model), spec, self._fits), previews)
         with self._lock:
+            if self._stopping:
+                raise ApiError(503, "the server is shutting down; send the request again later.")
             try:
                 self._queue.put_nowait(job)
             except queue.Full:
@@ -171,29 +176,47 @@ class Worker:
                 job.finish("cancelled")
 
     def stop(self, cancel_running: bool = False) -> None:
-        """Cancel every queued job, let the running one finish (or cancel it), and end the thread."""
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None and not job.done.is_set():
-                job.cancel.set()
-                job.finish("cancelled", ApiError(503, "the server is shutting down; send the request again later."))
+        """Refuse new jobs, cancel the queued ones, let the running one finish (or cancel it), end the thread."""
+        with self._lock:
+            self._stopping = True
+            while True:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None and not job.done.is_set():
+                    job.cancel.set()
+                    job.finish("cancelled", ApiError(503, "the server is shutting down; send the request again later."))
         if cancel_running and self.running is not None:
             self.running.cancel.set()
         self._queue.put(None)
         self._thread.join()
 
+    @property
+    def kept(self) -> int:
+        """Jobs held: queued, running, and finished ones not yet forgotten."""
+        return len(self._jobs)
+
+    def forget(self, job: Job) -> None:
+        """Drop a finished job whose images were sent and need no URL."""
+        with self._lock:
+            self._jobs.pop(job.id, None)
+
     def _forget_old(self) -> None:
-        finished = [i for i, j in self._jobs.items() if j.done.is_set()]
-        for job_id in finished[: max(0, len(finished) - KEEP_FINISHED)]:
-            del self._jobs[job_id]
+        kept, size = 0, 0
+        for job_id, job in reversed(list(self._jobs.items())):
+            if job.done.is_set():
+                kept, size = kept + 1, size + sum(map(len, job.images))
+                if kept > KEEP_FINISHED or size > KEEP_BYTES:
+                    del self._jobs[job_id]
 
     def _loop(self) -> None:
         try:
             self._serve_jobs()
-        finally:  # MLX's streams of this thread: left alive, they abort the process when it exits
+        finally:
+            # The weights loaded and the streams made on this thread go with it (MLX streams left for the
+            # interpreter's exit abort it).
+            self.pool.release()
             mx.synchronize()
             mx.clear_streams()
 
@@ -226,7 +249,7 @@ class Worker:
                                 on_preview=on_preview if job.previews and self.preview_every else None)
             job.metadata = [result.metadata(i) for i in range(len(result.images))]
             job.images = [encode(image, meta, job.spec.output_format, job.spec.compression)
-                          for image, meta in zip(result.images, job.metadata)]
+                          for image, meta in zip(result.images, job.metadata, strict=True)]
             job.seeds = list(result.seeds)
         except engine.Cancelled:
             job.finish("cancelled")

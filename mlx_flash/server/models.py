@@ -93,6 +93,14 @@ class ModelPool:
         return pipe
 
 
+    def release(self) -> None:
+        """Free every model's weights (the pipelines stay, to load again when next run)."""
+        with self._lock:
+            for name in self._ran:
+                self._pipes[name].release()
+            self._ran.clear()
+
+
 def _weights(pipe: Pipeline) -> int:
     """Bytes of a pipeline's weights (at its default size)."""
     side = pipe.transformer_config.sample_size * pipe.vae_factor

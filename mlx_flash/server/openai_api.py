@@ -59,7 +59,7 @@ def edit_spec(form: dict[str, Any], pool: ModelPool) -> tuple[ImageSpec, str]:
 def images_response(job: Job, response_format: str, base_url: str) -> dict[str, Any]:
     """OpenAI's ImagesResponse; each item also carries the `seed` that reproduces it."""
     data = []
-    for i, (image, seed) in enumerate(zip(job.images, job.seeds)):
+    for i, (image, seed) in enumerate(zip(job.images, job.seeds, strict=True)):
         item = {"b64_json": base64.b64encode(image).decode()} if response_format == "b64_json" else \
             {"url": image_url(base_url, job, i)}
         data.append({**item, "revised_prompt": None, "seed": seed})
