@@ -6,15 +6,27 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
 from pathlib import Path
 
+from .files import first_line
 from .version import __version__
 
 DEFAULT_MODEL = "sd3.5-medium"
 INTERRUPTED = 130  # the shell's exit status for a run stopped by Ctrl-C
+BROKEN_PIPE = 141  # the status of a command killed by SIGPIPE, as other command line tools report it
+TEXT_ARGUMENTS = {"prompt_text": "the prompt", "prompt": "--prompt", "negative_prompt": "--negative-prompt"}
+DEBUG = "MLX_FLASH_DEBUG"  # set to 1 to get the traceback of an unexpected error
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line pointing to `--help` (not the whole usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`.\n")
 
 
 def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
@@ -43,7 +55,14 @@ def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
     gen.add_argument("--no-t5", action="store_const", const=True, default=None,
                      help="do not load T5-XXL (less memory, weaker text following)")
-    gen.add_argument("--output", type=Path, default=None, help="PNG path (default: image.png, numbered if taken)")
+    gen.add_argument("--prompt-file", type=Path, default=None, metavar="FILE",
+                     help="a job: one prompt a line, or JSON Lines with per-line settings (prompt, negative_prompt, "
+                          "seed, steps, guidance, size, sampler, shift, num_images); runs data-parallel under mlx.launch")
+    gen.add_argument("--resume", action="store_true",
+                     help="with --prompt-file: skip images whose file exists with the same settings")
+    gen.add_argument("--output", type=Path, default=None,
+                     help="PNG path (default: image.png, numbered if taken); with --prompt-file a pattern with the "
+                          "fields {index}, {seed}, {line}, {n}, {prompt} (default {index:05d}-{seed}.png)")
     gen.add_argument("--force", action="store_true", help="overwrite existing output files")
     gen.add_argument("--verbose", action="store_true", help="print per-stage time and peak memory")
 
@@ -69,7 +88,7 @@ def _add_serve_arguments(srv: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .convert import cli as convert_cli
 
-    parser = argparse.ArgumentParser(prog="mlx-flash", description="Stable Diffusion 3.5 / SD3.5-Flash in MLX.")
+    parser = Parser(prog="mlx-flash", description="Stable Diffusion 3.5 / SD3.5-Flash in MLX.")
     parser.add_argument("--version", action="version", version=f"mlx-flash {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_generate_arguments(commands.add_parser("generate", help="generate images from a prompt"))
@@ -128,12 +147,52 @@ def _sigmas(text: str | None) -> list[float] | None:
         raise ValueError(f"--sigmas must be comma-separated numbers (e.g. 1.0,0.75,0.5,0.25), got {text!r}.") from None
 
 
+def _stop_on_ctrl_c(cancel) -> object:
+    """Ctrl-C stops the run after the running step (the previous handler is returned)."""
+    return signal.signal(signal.SIGINT, lambda *_: cancel.cancel())
+
+
+def generate_job(args: argparse.Namespace) -> None:
+    """`generate --prompt-file`: every image of the job, data-parallel over the ranks of an mlx.launch job."""
+    from .batch import DEFAULT_PATTERN, expand, read_prompt_file, run_job
+    from .callbacks import Cancel
+    from .denoise import GenerationStopped
+    from .loading import load_pipeline
+
+    if args.prompt is not None or args.prompt_text is not None or args.from_image is not None:
+        raise ValueError("--prompt-file takes the prompts from the file; drop the prompt argument (and --from).")
+    if args.image is not None:
+        raise ValueError("--prompt-file does not take --image; run img2img images one at a time.")
+    lines = read_prompt_file(args.prompt_file)
+    defaults = {"negative_prompt": args.negative_prompt, "steps": args.steps, "guidance": args.guidance,
+                "width": args.width, "height": args.height, "sampler": args.sampler, "shift": args.shift,
+                "num_images": args.num_images or 1}
+    images = expand(lines, defaults, args.seed or 0, str(args.output or DEFAULT_PATTERN))
+    pipe = load_pipeline(args.model or DEFAULT_MODEL, dtype=args.dtype, quantize=args.quantize,
+                         use_t5=not args.no_t5, base=args.base)
+    cancel = Cancel()
+    previous = _stop_on_ctrl_c(cancel)
+    try:
+        written = run_job(pipe, images, source=args.prompt_file, resume=args.resume, force=args.force,
+                          callbacks=[cancel])
+    except GenerationStopped:
+        raise KeyboardInterrupt from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    for path in written:
+        print(path)
+
+
 def generate(args: argparse.Namespace) -> None:
     from .callbacks import Cancel, ProgressBar
     from .denoise import GenerationStopped
-    from .image_io import next_free_path, save_png
+    from .image_io import check_writable, next_free_path, save_png
     from .loading import load_pipeline
 
+    if args.prompt_file is not None:
+        return generate_job(args)
+    if args.resume:
+        raise ValueError("--resume applies to --prompt-file jobs; add --prompt-file, or drop --resume.")
     extra, meta = _apply_from(args) if args.from_image is not None else ({}, {})
     prompt = args.prompt if args.prompt is not None else args.prompt_text
     if prompt is None:
@@ -155,6 +214,7 @@ def generate(args: argparse.Namespace) -> None:
         taken = [p for p in paths if p.exists()]
         if taken:
             raise FileExistsError(f"{taken[0]} already exists; pass --force to overwrite it or choose another --output.")
+    check_writable(paths)
 
     pipe = load_pipeline(args.model or DEFAULT_MODEL, dtype=args.dtype, quantize=args.quantize,
                          use_t5=not args.no_t5, base=args.base)
@@ -170,7 +230,7 @@ def generate(args: argparse.Namespace) -> None:
         max_sequence_length=getattr(args, "max_sequence_length", None), **extra,
     )
     cancel = Cancel()
-    previous = signal.signal(signal.SIGINT, lambda *_: cancel.cancel())  # stop after the running step
+    previous = _stop_on_ctrl_c(cancel)
     try:
         result = pipe.run(request, callbacks=[cancel, ProgressBar()])
     except GenerationStopped:
@@ -199,27 +259,69 @@ def serve(args: argparse.Namespace) -> None:
           options=ModelOptions(dtype=args.dtype, quantize=args.quantize, use_t5=not args.no_t5))
 
 
+def _json_ready(value):
+    """NaN and infinities (which older files may hold) as strings, so that `info` prints valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    return [_json_ready(v) for v in value] if isinstance(value, list) else value
+
+
 def info(args: argparse.Namespace) -> None:
     from .image_io import read_metadata
 
-    print(json.dumps(read_metadata(args.image), indent=2, ensure_ascii=False))
+    print(json.dumps(_json_ready(read_metadata(args.image)), indent=2, ensure_ascii=False, allow_nan=False))
+
+
+def check_text(args: argparse.Namespace) -> None:
+    """Raise ValueError for a text argument that is not valid UTF-8 (undecodable bytes reach Python as
+    surrogates)."""
+    for name, label in TEXT_ARGUMENTS.items():
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{label} is not valid UTF-8 text; type it again in a UTF-8 terminal or "
+                                 "convert it with iconv.") from None
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe (`mlx-flash info x.png | head -c1`): send what is left to /dev/null, so that the
+    interpreter's final flush does not fail too."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
-                        format="%(message)s")
+    """Run the command line; every failure is one line on stderr (exit 1; 2 for usage, 130 for Ctrl-C)."""
     try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                            format="%(message)s")
+        check_text(args)
         if args.command == "convert":
             from .convert.cli import run as command
         else:
             command = {"generate": generate, "info": info, "serve": serve}[args.command]
         command(args)
+        sys.stdout.flush()
     except KeyboardInterrupt:
         print("mlx-flash: interrupted; nothing was written.", file=sys.stderr)
         return INTERRUPTED
+    except BrokenPipeError:
+        _silence_stdout()
+        return BROKEN_PIPE
     except (ValueError, OSError, KeyError, MemoryError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"mlx-flash: error: {message}", file=sys.stderr)
+        return 1
+    except Exception as err:
+        if os.environ.get(DEBUG):
+            raise
+        print(f"mlx-flash: error: unexpected {type(err).__name__}: {first_line(err)} (a bug: please report it; "
+              f"set {DEBUG}=1 for the traceback)", file=sys.stderr)
         return 1
     return 0

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import logging
+from pathlib import Path, PurePosixPath
 
-from huggingface_hub import snapshot_download
+from huggingface_hub import HfApi, snapshot_download, try_to_load_from_cache
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
@@ -13,18 +14,28 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.utils import filter_repo_objects, validate_repo_id
+
+from .files import first_line
+from .weights import VARIANT, pick_variant, weight_variant
 
 try:  # the HTTP client of huggingface_hub 2.x, then 1.x
     from httpx2 import TransportError
 except ImportError:
     from httpx import TransportError
 
+log = logging.getLogger("mlx_flash")
+
 WEIGHT_FOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2")
 TOKENIZER_FOLDERS = ("tokenizer", "tokenizer_2")
-# Pickled weights are never fetched; diffusers' fp16 variants would duplicate the default weights.
-IGNORE_PATTERNS = ["*.bin", "*.ckpt", "*.pt", "*.pth", "*.fp16.*", "*.fp16-*"]
+# Pickled weights are never fetched; diffusers' fp16 variants would duplicate the default weights (when the
+# repo's listing cannot be read: with the listing, one variant is chosen per component, see `plan_download`).
+PICKLE_PATTERNS = ["*.bin", "*.ckpt", "*.pt", "*.pth"]
+IGNORE_PATTERNS = [*PICKLE_PATTERNS, "*.fp16.*", "*.fp16-*"]
 EXAMPLE_REPO = "stabilityai/stable-diffusion-3.5-medium"
+# Variants preferred for each requested dtype, best first (the default files come next, then any variant).
+PREFERRED_VARIANTS = {"float16": ("fp16",), "bfloat16": ("bf16",), "float32": ()}
+LARGE_DOWNLOAD = 2**30  # bytes; a download this large is listed before it starts
 
 
 class ModelNotFoundError(ValueError):
@@ -60,19 +71,59 @@ def _local_dir(path: Path) -> Path:
     return path
 
 
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+def repo_files(repo: str, revision: str | None, token: str | None) -> dict[str, int | None]:
+    """{file name: size in bytes (None if unknown)} of a Hub repo at `revision`."""
+    info = HfApi().model_info(repo, revision=revision, token=token, files_metadata=True)
+    return {sibling.rfilename: sibling.size for sibling in info.siblings or []}
 
 
-def _download(repo: str, use_t5: bool, revision: str | None, token: str | None) -> Path:
+def plan_download(files: dict[str, int | None], use_t5: bool, dtype: str | None) -> list[str]:
+    """The files of a repo listing that a run needs: those of `allow_patterns`, no pickles, and in each weight
+    folder one set of weights: the variant matching `dtype` where there is one, else the default files,
+    else the only variant there is (repos that publish only `*.fp16.safetensors`)."""
+    needed = list(filter_repo_objects(list(files), allow_patterns=allow_patterns(use_t5),
+                                      ignore_patterns=PICKLE_PATTERNS))
+    weights: dict[str, list[str]] = {}
+    for name in needed:
+        path = PurePosixPath(name)
+        if VARIANT.fullmatch(path.name):
+            weights.setdefault(str(path.parent), []).append(name)
+    preferred = PREFERRED_VARIANTS.get(dtype or "", ())
+    for names in weights.values():
+        variant = pick_variant({weight_variant(PurePosixPath(n).name) for n in names}, preferred)
+        needed = [n for n in needed if n not in names or weight_variant(PurePosixPath(n).name) == variant]
+    return needed
+
+
+def _announce(repo: str, files: dict[str, int | None], needed: list[str], revision: str | None) -> None:
+    """Log the files still to download (and their total size) when that is LARGE_DOWNLOAD or more."""
+    missing = [n for n in needed if not isinstance(try_to_load_from_cache(repo, n, revision=revision), str)]
+    total = sum(files[n] or 0 for n in missing)
+    if total >= LARGE_DOWNLOAD:
+        biggest = sorted(missing, key=lambda n: -(files[n] or 0))
+        listed = ", ".join(f"{n} ({(files[n] or 0) / 1e9:.2f} GB)" for n in biggest if (files[n] or 0) >= 10**6)
+        log.warning("downloading %d files, %.1f GB, from %s: %s", len(missing), total / 1e9, repo, listed)
+
+
+def _fetch(repo: str, use_t5: bool, revision: str | None, token: str | None, dtype: str | None) -> str:
+    """snapshot_download of what a run needs; with the repo's listing (online), exactly `plan_download`'s
+    files, listed first when large; offline, the default files from the cache."""
     try:
-        folder = snapshot_download(
-            repo,
-            revision=revision,
-            token=token,
-            allow_patterns=allow_patterns(use_t5),
-            ignore_patterns=IGNORE_PATTERNS,
-        )
+        files = repo_files(repo, revision, token)
+    except (LocalEntryNotFoundError, ConnectionError, TransportError):  # incl. OfflineModeIsEnabled
+        files = None  # offline: the cache decides
+    if files is None:
+        return snapshot_download(repo, revision=revision, token=token, allow_patterns=allow_patterns(use_t5),
+                                 ignore_patterns=IGNORE_PATTERNS)
+    needed = plan_download(files, use_t5, dtype)
+    _announce(repo, files, needed, revision)
+    return snapshot_download(repo, revision=revision, token=token, allow_patterns=needed,
+                             ignore_patterns=PICKLE_PATTERNS)
+
+
+def _download(repo: str, use_t5: bool, revision: str | None, token: str | None, dtype: str | None) -> Path:
+    try:
+        folder = _fetch(repo, use_t5, revision, token, dtype)
     except GatedRepoError as err:
         raise ModelNotFoundError(
             f"{repo} is gated: accept its licence at https://huggingface.co/{repo}, "
@@ -95,7 +146,7 @@ def _download(repo: str, use_t5: bool, revision: str | None, token: str | None) 
         ) from err
     except HfHubHTTPError as err:
         raise ModelNotFoundError(
-            f"{repo}: the Hugging Face Hub answered with an error ({_first_line(err)}); retry later or pass a "
+            f"{repo}: the Hugging Face Hub answered with an error ({first_line(err)}); retry later or pass a "
             "local model folder."
         ) from err
     folder = Path(folder)
@@ -117,12 +168,15 @@ def is_repo_id(name: str) -> bool:
 
 
 def resolve_model_dir(
-    model: str | Path, *, use_t5: bool = True, revision: str | None = None, token: str | None = None
+    model: str | Path, *, use_t5: bool = True, revision: str | None = None, token: str | None = None,
+    dtype: str | None = None,
 ) -> Path:
     """A local diffusers-layout folder for `model`: an existing folder, or a repo id fetched into the HF cache.
 
-    Only the files a run needs are downloaded (no T5 files when `use_t5` is False). `token` defaults to
-    huggingface_hub's own (HF_TOKEN or `hf auth login`); HF_HUB_OFFLINE and the HF cache are honoured.
+    Only the files a run needs are downloaded (no T5 files when `use_t5` is False; of precision variants,
+    the one matching `dtype` ("float16", ...), see `plan_download`), listed first when large. `token`
+    defaults to huggingface_hub's own (HF_TOKEN or `hf auth login`); HF_HUB_OFFLINE and the HF cache are
+    honoured.
     """
     path = Path(model).expanduser()
     if path.exists():
@@ -135,4 +189,4 @@ def resolve_model_dir(
             f"{name!r} is neither an existing folder nor a Hugging Face repo id; pass a diffusers-layout "
             f"model folder or a repo id such as {EXAMPLE_REPO}."
         )
-    return _download(name, use_t5, revision, token)
+    return _download(name, use_t5, revision, token, dtype)

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from .configs import check_model_folder
 from .hub import resolve_model_dir
-from .layout import parse_dtype
+from .layout import dtype_name, parse_dtype
 from .memory import memory_budget
 from .mmdit import MMDiTConfig
 from .pipeline import Pipeline
@@ -75,7 +76,8 @@ def load_pipeline(
     if Path(name).suffix == ".safetensors" and Path(name).is_file():
         root = converted_single_file(Path(name), base, use_t5, dtype)
     else:
-        root = resolve_model_dir(model, use_t5=use_t5, revision=revision)
+        root = resolve_model_dir(model, use_t5=use_t5, revision=revision, dtype=dtype_name(dtype))
+    check_model_folder(root)
     if quantize is not None:
         Quantization(quantize)  # raises for unsupported bits
     low_memory = memory_budget() < LOW_MEMORY_BELOW if low_memory is None else low_memory

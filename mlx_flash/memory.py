@@ -138,8 +138,8 @@ def estimate(
     side = vae.tile_size * vae.factor
     pixels = min(height, side) * min(width, side) if vae_tiled else height * width
     per_pixel, fixed = (GPU_VAE_BYTES_PER_PIXEL, GPU_VAE_FIXED) if gpu else (CPU_VAE_BYTES_PER_PIXEL, 0)
-    output = images * height * width * 3 * 4 * 2  # the float32 image and its [0, 1] copy
-    decode_act = images * per_pixel * pixels + int(fixed) + output
+    output = images * height * width * 3 * 4 * (2 if images == 1 else 3)  # images (joined) and a [0, 1] copy
+    decode_act = per_pixel * pixels + int(fixed) + output  # one image at a time (Autoencoder.latents_to_image)
 
     return [
         max(text, key=lambda stage: stage.peak),

@@ -507,8 +507,16 @@ class Autoencoder(nn.Module):
         return mean, mx.clip(logvar, -30.0, 20.0)
 
     def latents_to_image(self, latents: mx.array, tiled: bool | None = None) -> mx.array:
-        """Diffusion-space latents -> images in [-1, 1]: decode(latents / scaling_factor + shift_factor)."""
-        return self.decode(self.config.from_diffusion(latents), tiled)
+        """Diffusion-space latents -> images in [-1, 1]: decode(latents / scaling_factor + shift_factor),
+        one image at a time (each computed before the next), so a batch needs one image's activations."""
+        latents = self.config.from_diffusion(latents)
+        if latents.shape[0] == 1:
+            return self.decode(latents, tiled)
+        images = []
+        for i in range(latents.shape[0]):
+            images.append(self.decode(latents[i : i + 1], tiled))
+            mx.eval(images[-1])
+        return mx.concatenate(images)
 
     def image_to_latents(
         self,

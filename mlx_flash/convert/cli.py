@@ -77,12 +77,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m convert`."""
-    parser = add_arguments(argparse.ArgumentParser(prog="python -m convert", description=__doc__))
-    args = parser.parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, OSError) as err:
-        print(f"convert: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    """`python -m convert`: the same as `mlx-flash convert`."""
+    from ..cli import main as cli_main
+
+    return cli_main(["convert", *(sys.argv[1:] if argv is None else argv)])

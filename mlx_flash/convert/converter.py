@@ -8,9 +8,10 @@ interrupted run leaves nothing behind.
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
@@ -29,6 +30,9 @@ from ..version import __version__
 from ..weights import WeightsError, write_component
 from .card import model_card
 from .sources import COMPONENTS, Source, open_source
+
+log = logging.getLogger("mlx_flash")
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG)
 
 FORMAT_VERSION = 1
 DEFAULT_DTYPE = "bfloat16"  # float32's range (SD3.5 Large overflows float16), lossless from bf16 sources
@@ -55,12 +59,20 @@ def _prepare(source: Source, component: str, dtype: mx.Dtype, quantization: Quan
     return model_config, dict(tree_flatten(model.parameters())), settings
 
 
-def _check_output(output: Path, source: str | Path, force: bool) -> None:
+def _check_output(output: Path, sources: list[str | Path | None], force: bool) -> None:
+    """Refuse to replace an existing output without `force`, and to write into, over or around a source."""
     if output.exists() and not force:
         raise FileExistsError(f"{output} already exists; pass --force to replace it, or choose another output.")
-    source_path = Path(source).expanduser().resolve()
-    if output.resolve() == source_path or output.resolve() in source_path.parents:
-        raise ValueError(f"{output} holds the source; write the conversion to another folder.")
+    target = output.resolve()
+    for source in sources:
+        path = Path(source).expanduser() if source is not None else None
+        if path is None or not path.exists():
+            continue  # a hub repo id: its files are in the HF cache
+        path = path.resolve()
+        if target == path or target in path.parents:
+            raise ValueError(f"{output} holds the source {source}; write the conversion to another folder.")
+        if path in target.parents:
+            raise ValueError(f"{output} is inside the source {source}; write the conversion to a folder outside it.")
 
 
 def _check_complete(source: Source, components: list[str], description: str) -> None:
@@ -90,6 +102,18 @@ def _source_defaults(folder: Path) -> dict:
     """The sampling "defaults" of the source folder's own mlx_flash.json, if any, to carry over."""
     defaults = read_manifest(folder).get("defaults")
     return {"defaults": defaults} if defaults else {}
+
+
+def _partial_folder(output: Path) -> Path:
+    """The folder a conversion into `output` is written to, beside it, with the user's usual permissions;
+    the leftover of a killed conversion into the same place is removed first."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.partial")
+    if tmp.exists():
+        log.warning("removing %s, left by an interrupted conversion", tmp)
+        shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink()
+    tmp.mkdir()  # mode 0o777 & ~umask, as any folder the user creates
+    return tmp
 
 
 def _replace(tmp: Path, output: Path) -> None:
@@ -136,13 +160,12 @@ def convert(
     quantizations = {name: Quantization(b, group_size, policy) for name, b in (bits or {}).items() if b}
     if upload_repo is not None:
         check_repo_id(upload_repo)
-    _check_output(output, source, force)
+    _check_output(output, [source, base, *(encoder_files or {}).values()], force)
     src = open_source(source, use_t5=use_t5, revision=revision, base=base, encoder_files=encoder_files)
     components = [name for name in COMPONENTS if use_t5 or name != "text_encoder_3"]
     _check_complete(src, components, str(source))
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}-", suffix=".partial", dir=output.parent))
+    tmp = _partial_folder(output)
     try:
         entries = {}
         for name in components:
@@ -158,6 +181,11 @@ def convert(
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         (tmp / "README.md").write_text(model_card(manifest, upload_repo or str(output)))
         _replace(tmp, output)
+    except OSError as err:
+        if err.errno not in WRITE_ERRORS:
+            raise
+        raise OSError(f"writing {output} failed ({err.strerror}); nothing was changed: free some space or "
+                      "choose another output.") from err
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
