@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..image_io import MAX_INPUT_PIXELS
 from .errors import ApiError
 
 MAX_IMAGES = 10  # images per request
@@ -125,10 +126,14 @@ def size(value: Any, key: str = "size") -> tuple[int | None, int | None]:
 
 
 def image_bytes(data: bytes, key: str) -> Image.Image:
-    """An uploaded image, decoded and converted to RGB."""
+    """An uploaded image, decoded (the pipeline makes it RGB, EXIF orientation applied, as for files)."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.convert("RGB")
+        image = Image.open(io.BytesIO(data))
+        if image.width * image.height > MAX_INPUT_PIXELS:
+            raise ApiError(400, f"'{key}' is {image.width}x{image.height} pixels; send at most {MAX_INPUT_PIXELS} "
+                                "pixels (it is resized to the model's size anyway).", param=key)
+        image.load()
+        return image
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
         raise ApiError(400, f"'{key}' is not an image PIL can read; send a PNG, JPEG or WebP image.",
                        param=key) from None
