@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import gc
 import hmac
 import ipaddress
 import json
@@ -67,7 +66,6 @@ class ImageServer(ThreadingHTTPServer):
         self.worker.stop(cancel_running)
         with self._idle:
             self._idle.wait_for(lambda: self._active == 0, timeout)
-        gc.collect()  # MLX arrays in reference cycles, freed now: at the interpreter's exit they can abort it
 
     @contextmanager
     def answering(self) -> Iterator[None]:

@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -30,6 +31,7 @@ FINISHED = ("succeeded", "failed", "cancelled")
 # Finished jobs kept (with their images) for GET /v1/jobs/{id}: the newest, up to both limits.
 KEEP_FINISHED = 64
 KEEP_BYTES = 256 * 2**20
+SHUTTING_DOWN = ApiError(503, "the server is shutting down; send the request again later.")
 
 
 @dataclass
@@ -116,6 +118,12 @@ def preview_url(image: Image.Image) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(data.getvalue()).decode()
 
 
+def free_streams() -> None:
+    """End the MLX streams of this thread (left for the interpreter's exit, they abort it)."""
+    mx.synchronize()
+    mx.clear_streams()
+
+
 class Worker:
     """Runs jobs one at a time on its own thread; at most `max_queue` wait behind the running one."""
 
@@ -132,6 +140,9 @@ class Worker:
         self._lock = threading.Lock()
         self._seconds = 1.0  # running mean of a job's time, for Retry-After
         self.running: Job | None = None
+        # The checks build lazy MLX modules (the memory estimate): on one thread of their own, as the runs are on
+        # the worker's, so that the request threads never hold MLX streams.
+        self._checker = ThreadPoolExecutor(1, thread_name_prefix="mlx-flash-checks")
         self._thread = threading.Thread(target=self._loop, name="mlx-flash-worker", daemon=True)
         self._thread.start()
 
@@ -143,10 +154,16 @@ class Worker:
         """Check `spec` against its model and queue it; a full queue is a 429 with Retry-After."""
         if self._queue.full():  # before the checks, which cost more than this answer
             raise self._queue_full()
-        job = Job(spec, engine.prepare(self.pool.pipeline(spec.model), spec, self._fits), previews)
+        try:
+            request = self._checker.submit(engine.prepare, self.pool.pipeline(spec.model), spec, self._fits).result()
+        except RuntimeError:  # the checker was shut down
+            if self._stopping:
+                raise SHUTTING_DOWN from None
+            raise
+        job = Job(spec, request, previews)
         with self._lock:
             if self._stopping:
-                raise ApiError(503, "the server is shutting down; send the request again later.")
+                raise SHUTTING_DOWN
             try:
                 self._queue.put_nowait(job)
             except queue.Full:
@@ -186,11 +203,13 @@ class Worker:
                     break
                 if job is not None and not job.done.is_set():
                     job.cancel.set()
-                    job.finish("cancelled", ApiError(503, "the server is shutting down; send the request again later."))
+                    job.finish("cancelled", SHUTTING_DOWN)
         if cancel_running and self.running is not None:
             self.running.cancel.set()
         self._queue.put(None)
         self._thread.join()
+        self._checker.submit(free_streams).result()
+        self._checker.shutdown()
 
     @property
     def kept(self) -> int:
@@ -214,11 +233,9 @@ class Worker:
         try:
             self._serve_jobs()
         finally:
-            # The weights loaded and the streams made on this thread go with it (MLX streams left for the
-            # interpreter's exit abort it).
+            # The weights loaded and the streams made on this thread go with it.
             self.pool.release()
-            mx.synchronize()
-            mx.clear_streams()
+            free_streams()
 
     def _serve_jobs(self) -> None:
         while (job := self._queue.get()) is not None:
