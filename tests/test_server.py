@@ -400,3 +400,16 @@ def test_serve_command_warns_and_shuts_down_gracefully():
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--port", "99999"], "--port must be from 0 to 65535"),
+    (["--model", MODEL, "--model", MODEL], "two --model values have the same name"),
+    (["--model", "no-such-model"], "'no-such-model' is neither an existing folder nor a Hugging Face repo id"),
+])
+def test_serve_command_refuses_bad_flags(flags, message):
+    result = subprocess.run([sys.executable, "-m", "mlx_flash", "serve", *(flags if "--model" in flags else
+                             ["--model", MODEL, *flags])], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 1 and result.stderr.startswith("mlx-flash: error: ") and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

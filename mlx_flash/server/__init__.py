@@ -19,6 +19,8 @@ def serve(models: list[str], *, host: str = "127.0.0.1", port: int = 8080, limit
           max_queue: int = 8, preview_every: int = 1, options: ModelOptions = ModelOptions()) -> None:
     """Serve `models` until interrupted (Ctrl-C or SIGTERM): then stop listening, cancel queued jobs and let the
     running one finish; a second interrupt cancels it."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be from 0 to 65535 (0: any free port), got {port}.")
     pool = ModelPool(models, options)
     for name in pool.names:  # unknown or incomplete models fail now, not at the first request
         pool.pipeline(name)
