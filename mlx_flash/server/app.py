@@ -159,6 +159,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         except Exception as err:  # a bug: answer 500 and keep serving
             log.exception("%s %s failed", method, self.path)
+            self.close_connection = True  # whatever of the body is unread cannot be told from the next request
             self.send_json(500, ApiError(500, f"internal error: {err}").body())
 
     def _check_host_header(self) -> None:

@@ -31,7 +31,10 @@ FINISHED = ("succeeded", "failed", "cancelled")
 # Finished jobs kept (with their images) for GET /v1/jobs/{id}: the newest, up to both limits.
 KEEP_FINISHED = 64
 KEEP_BYTES = 256 * 2**20
-SHUTTING_DOWN = ApiError(503, "the server is shutting down; send the request again later.")
+
+
+def shutting_down() -> ApiError:
+    return ApiError(503, "the server is shutting down; send the request again later.")
 
 
 @dataclass
@@ -158,12 +161,12 @@ class Worker:
             request = self._checker.submit(engine.prepare, self.pool.pipeline(spec.model), spec, self._fits).result()
         except RuntimeError:  # the checker was shut down
             if self._stopping:
-                raise SHUTTING_DOWN from None
+                raise shutting_down() from None
             raise
         job = Job(spec, request, previews)
         with self._lock:
             if self._stopping:
-                raise SHUTTING_DOWN
+                raise shutting_down()
             try:
                 self._queue.put_nowait(job)
             except queue.Full:
@@ -203,7 +206,7 @@ class Worker:
                     break
                 if job is not None and not job.done.is_set():
                     job.cancel.set()
-                    job.finish("cancelled", SHUTTING_DOWN)
+                    job.finish("cancelled", shutting_down())
         if cancel_running and self.running is not None:
             self.running.cancel.set()
         self._queue.put(None)
