@@ -12,6 +12,8 @@ import signal
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from .files import first_line
 from .version import __version__
 
@@ -64,6 +66,12 @@ def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
                      help="PNG path (default: image.png, numbered if taken); with --prompt-file a pattern with the "
                           "fields {index}, {seed}, {line}, {n}, {prompt} (default {index:05d}-{seed}.png)")
     gen.add_argument("--force", action="store_true", help="overwrite existing output files")
+    gen.add_argument("--vae", choices=["full", "tiny"], default=None,
+                     help="decoder of the final image: full (the VAE, default) or tiny (the tiny autoencoder: fast and "
+                          "small, lower quality)")
+    gen.add_argument("--preview", type=Path, default=None, metavar="DIR",
+                     help="write the clean-image estimate of every step into DIR (tiny autoencoder, else a linear map)")
+    gen.add_argument("--preview-every", type=int, default=1, metavar="K", help="with --preview: every K-th step")
     gen.add_argument("--verbose", action="store_true", help="print per-stage time and peak memory")
 
 
@@ -107,7 +115,7 @@ FROM_FIELDS = {
     "prompt": "prompt", "negative_prompt": "negative_prompt", "model": "model", "steps": "steps",
     "guidance": "guidance", "sampler": "sampler", "shift": "shift", "sigmas": "sigmas", "width": "width",
     "height": "height", "seed": "seed", "dtype": "dtype", "quantize": "quantize", "strength": "strength",
-    "max_sequence_length": "max_sequence_length",
+    "max_sequence_length": "max_sequence_length", "vae": "vae",
 }
 
 
@@ -157,6 +165,7 @@ def generate_job(args: argparse.Namespace) -> None:
     from .batch import DEFAULT_PATTERN, expand, read_prompt_file, run_job
     from .callbacks import Cancel
     from .denoise import GenerationStopped
+    from .image_io import check_writable
     from .loading import load_pipeline
 
     if args.prompt is not None or args.prompt_text is not None or args.from_image is not None:
@@ -168,6 +177,7 @@ def generate_job(args: argparse.Namespace) -> None:
                 "width": args.width, "height": args.height, "sampler": args.sampler, "shift": args.shift,
                 "num_images": args.num_images or 1}
     images = expand(lines, defaults, args.seed or 0, str(args.output or DEFAULT_PATTERN))
+    check_writable({image.path.parent: image.path for image in images}.values())  # one per folder, before loading
     pipe = load_pipeline(args.model or DEFAULT_MODEL, dtype=args.dtype, quantize=args.quantize,
                          use_t5=not args.no_t5, base=args.base)
     cancel = Cancel()
@@ -183,10 +193,48 @@ def generate_job(args: argparse.Namespace) -> None:
         print(path)
 
 
+def _output_paths(output: Path | None, num_images: int, force: bool) -> list[Path]:
+    """The files a generation writes (image.png, numbered when taken, unless --output names them), checked for
+    being free and writable before anything loads."""
+    from .image_io import check_writable
+
+    path = output or Path("image.png")
+    if output is not None and path.suffix.lower() != ".png":
+        raise ValueError(f"{path}: images are written as PNG; use a .png file name.")
+    paths = [path] if num_images == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(num_images)]
+    if output is not None and not force:
+        taken = [p for p in paths if p.exists()]
+        if taken:
+            raise FileExistsError(f"{taken[0]} already exists; pass --force to overwrite it or choose another --output.")
+    check_writable(paths)
+    return paths
+
+
+def _preview_paths(folder: Path, force: bool) -> Path:
+    """The --preview folder, checked: previews of an earlier run in it are only replaced with --force."""
+    from .image_io import check_writable
+
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"--preview {folder} is a file; pass a folder for the step previews.")
+    if not force and folder.is_dir() and any(folder.glob("step-*.png")):
+        raise FileExistsError(f"{folder} already holds step previews; pass --force to replace them or choose "
+                              "another --preview folder.")
+    check_writable([folder / "step-001.png"])
+    return folder
+
+
+def _save_previews(folder: Path, step: int, images, force: bool) -> None:
+    from .image_io import numpy_to_pil, save_png
+
+    for i, image in enumerate(numpy_to_pil(np.array(images))):
+        name = f"step-{step:03d}.png" if len(images) == 1 else f"step-{step:03d}-{i}.png"
+        save_png(image, folder / name, {"preview_step": step}, overwrite=force)
+
+
 def generate(args: argparse.Namespace) -> None:
-    from .callbacks import Cancel, ProgressBar
+    from .callbacks import Cancel, Preview, ProgressBar
     from .denoise import GenerationStopped
-    from .image_io import check_writable, next_free_path, save_png
+    from .image_io import next_free_path, save_png
     from .loading import load_pipeline
 
     if args.prompt_file is not None:
@@ -204,17 +252,8 @@ def generate(args: argparse.Namespace) -> None:
     num_images = 1 if args.num_images is None else args.num_images
     if num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {num_images}.")
-    explicit_output = args.output is not None
-    output = args.output or Path("image.png")
-    if explicit_output and output.suffix.lower() != ".png":
-        raise ValueError(f"{output}: images are written as PNG; use a .png file name.")
-    paths = [output] if num_images == 1 else [output.with_name(f"{output.stem}-{i}{output.suffix}")
-                                              for i in range(num_images)]
-    if explicit_output and not args.force:
-        taken = [p for p in paths if p.exists()]
-        if taken:
-            raise FileExistsError(f"{taken[0]} already exists; pass --force to overwrite it or choose another --output.")
-    check_writable(paths)
+    paths = _output_paths(args.output, num_images, args.force)
+    preview_paths = _preview_paths(args.preview, args.force) if args.preview is not None else None
 
     pipe = load_pipeline(args.model or DEFAULT_MODEL, dtype=args.dtype, quantize=args.quantize,
                          use_t5=not args.no_t5, base=args.base)
@@ -227,18 +266,22 @@ def generate(args: argparse.Namespace) -> None:
         prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
         height=args.height, width=args.width, seed=args.seed, image=args.image, strength=args.strength,
         num_images=num_images, sampler=args.sampler, shift=args.shift, sigmas=_sigmas(args.sigmas),
-        max_sequence_length=getattr(args, "max_sequence_length", None), **extra,
+        max_sequence_length=getattr(args, "max_sequence_length", None), vae=args.vae or "full", **extra,
     )
     cancel = Cancel()
+    callbacks = [cancel, ProgressBar()]
+    if preview_paths is not None:
+        callbacks.append(Preview(lambda step, images: _save_previews(preview_paths, step, images, args.force),
+                                 pipe.preview_decoder(), args.preview_every))
     previous = _stop_on_ctrl_c(cancel)
     try:
-        result = pipe.run(request, callbacks=[cancel, ProgressBar()])
+        result = pipe.run(request, callbacks=callbacks)
     except GenerationStopped:
         raise KeyboardInterrupt from None
     finally:
         signal.signal(signal.SIGINT, previous)
     for i, (image, path) in enumerate(zip(result.images, paths)):
-        if not explicit_output and not args.force:
+        if args.output is None and not args.force:
             path = next_free_path(path)
         print(save_png(image, path, result.metadata(i), overwrite=args.force))
     if args.verbose:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
 from huggingface_hub import HfApi, snapshot_download, try_to_load_from_cache
@@ -121,9 +123,11 @@ def _fetch(repo: str, use_t5: bool, revision: str | None, token: str | None, dty
                              ignore_patterns=PICKLE_PATTERNS)
 
 
-def _download(repo: str, use_t5: bool, revision: str | None, token: str | None, dtype: str | None) -> Path:
+@contextmanager
+def _hub_errors(repo: str, revision: str | None) -> Iterator[None]:
+    """The Hub's and the cache's errors of a download from `repo`, as one-line `ModelNotFoundError`s."""
     try:
-        folder = _fetch(repo, use_t5, revision, token, dtype)
+        yield
     except GatedRepoError as err:
         raise ModelNotFoundError(
             f"{repo} is gated: accept its licence at https://huggingface.co/{repo}, "
@@ -149,7 +153,11 @@ def _download(repo: str, use_t5: bool, revision: str | None, token: str | None, 
             f"{repo}: the Hugging Face Hub answered with an error ({first_line(err)}); retry later or pass a "
             "local model folder."
         ) from err
-    folder = Path(folder)
+
+
+def _download(repo: str, use_t5: bool, revision: str | None, token: str | None, dtype: str | None) -> Path:
+    with _hub_errors(repo, revision):
+        folder = Path(_fetch(repo, use_t5, revision, token, dtype))
     if not _is_model_dir(folder):
         raise ModelNotFoundError(
             f"{repo} has no diffusers-layout model (no model_index.json); pass a diffusers repo such as "
@@ -190,3 +198,23 @@ def resolve_model_dir(
             f"model folder or a repo id such as {EXAMPLE_REPO}."
         )
     return _download(name, use_t5, revision, token, dtype)
+
+
+def resolve_component_dir(
+    component: str | Path, patterns: list[str], *, revision: str | None = None, token: str | None = None
+) -> Path:
+    """A local folder holding one component (config.json and weights): an existing folder, or a repo id whose
+    files matching `patterns` (never pickles) are fetched into the HF cache; errors, token and offline mode as
+    `resolve_model_dir`'s."""
+    path = Path(component).expanduser()
+    if not path.exists() and not isinstance(component, Path) and is_repo_id(str(component)):
+        with _hub_errors(str(component), revision):
+            path = Path(snapshot_download(str(component), revision=revision, token=token, allow_patterns=patterns,
+                                          ignore_patterns=IGNORE_PATTERNS))
+    elif not path.exists():
+        raise ModelNotFoundError(f"{component}: no such folder, and not a Hugging Face repo id (ORG/NAME); pass "
+                                 "a component folder (config.json and safetensors weights) or a repo id.")
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(f"{component}: no config.json in {path}; pass a component folder (config.json "
+                                 "and safetensors weights) or a repo id.")
+    return path

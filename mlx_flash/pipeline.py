@@ -31,6 +31,7 @@ from .image_io import load_image, numpy_to_pil
 from .layout import dtype_name, model_identity, read_json, read_manifest
 from .mmdit import MMDiT, MMDiTConfig, load_mmdit
 from .presets import Preset, SkipLayerGuidance
+from .preview import latent_preview, model_latent_rgb
 from .quantization import quantized
 from .request import (
     GenerationRequest,
@@ -42,6 +43,7 @@ from .request import (
 from .sampler import img2img_start
 from .samplers import make_sampler
 from .t5 import T5_XXL, T5Config, load_t5
+from .taesd import TinyAutoencoder, load_tiny_autoencoder, tiny_autoencoder_source
 from .text_encoders import TextEncoders
 from .vae import Autoencoder, VAEConfig, load_vae
 from .weights import quantize_like, read_component
@@ -83,6 +85,7 @@ class Pipeline:
         self.transformer_transforms: list[Callable[[MMDiT], MMDiT]] = [lambda m: quantized(m, self.quantize)]
         self._transformer: MMDiT | None = None
         self._vae: Autoencoder | None = None
+        self._tiny: TinyAutoencoder | bool | None = None  # False: the model has none
         self._identity: dict | None = None
         self.vae_tiling: bool | None = None  # None: tiled above the VAE's size threshold or to fit the budget
         self.stages: list[StageReport] = []  # the last run's reports (GenerationResult.stages is per call)
@@ -109,10 +112,40 @@ class Pipeline:
             self._vae = load_vae(self.root / "vae", self.dtype)
         return self._vae
 
+    @property
+    def tiny_autoencoder(self) -> TinyAutoencoder | None:
+        """The model's tiny autoencoder (its own `taesd/`, else taesd3 for SD3's VAE), or None without one."""
+        if self._tiny is None:
+            source = tiny_autoencoder_source(self.root, self.vae_config)
+            self._tiny = False if source is None else load_tiny_autoencoder(source, self.dtype)
+        return self._tiny or None
+
+    def require_tiny_autoencoder(self) -> TinyAutoencoder:
+        if self.tiny_autoencoder is None:
+            raise ValueError(f"{self.name} has no tiny autoencoder (its VAE is not SD3's and the folder has no "
+                             "taesd/); use the full VAE.")
+        return self.tiny_autoencoder
+
+    def preview_decoder(self) -> Callable[[mx.array], mx.array]:
+        """Latents -> images in [0, 1] for live previews: the tiny autoencoder when the model has one and it
+        loads, else the weight-free linear map of the latents."""
+        try:
+            tiny = self.tiny_autoencoder
+        except (OSError, ValueError) as err:  # e.g. taesd3 not downloadable offline
+            log.warning("previews use the linear latent map: the tiny autoencoder did not load (%s)", err)
+            tiny = self._tiny = None
+        if tiny is not None:
+            return lambda z: mx.clip(tiny.decode(z) / 2 + 0.5, 0, 1)
+        factors = model_latent_rgb(self.manifest, self.vae_config)
+        if factors is None:
+            raise ValueError(f"{self.name} has no preview decoder: no tiny autoencoder and no \"latent_rgb\" factors "
+                             "in its mlx_flash.json.")
+        return lambda z: latent_preview(z, factors, upscale=self.vae_factor)
+
     def release(self) -> None:
         """Free every loaded component."""
         self.text_encoders.release()
-        self._transformer = self._vae = None
+        self._transformer = self._vae = self._tiny = None
         mx.clear_cache()
 
     def _free(self, component: str) -> None:
@@ -177,6 +210,7 @@ class Pipeline:
         sampler: str | None = None,
         shift: float | None = None,
         sigmas: Sequence[float] | None = None,
+        vae: str = "full",
         callbacks: Sequence[Callback] = (),
     ):
         """Generate `num_images` images per prompt.
@@ -187,14 +221,15 @@ class Pipeline:
         runs img2img: the image is encoded and noised to the `strength` level (default 0.6) and only the last
         `strength` fraction of the steps run, as in diffusers. `output_type`: "pil" (PIL images), "np" (float32
         array (B, H, W, 3) in [0, 1]), "mlx" (the same as an MLX array) or "latent" (the final latents, an MLX
-        array (B, 16, H/8, W/8)). `callbacks` watch (and may stop) the steps; `progress` adds a progress bar.
+        array (B, 16, H/8, W/8)). `vae="tiny"` decodes with the tiny autoencoder (fast, small, lower quality). `callbacks` watch (and may stop)
+        the steps; `progress` adds a progress bar.
         `Pipeline.run` is the full form, returning a `GenerationResult`."""
         request = self.request(
             prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, height=height, width=width, seed=seed, latents=latents, image=image,
             strength=strength, num_images=num_images, max_sequence_length=max_sequence_length,
             skip_layer_guidance=skip_layer_guidance, output_type=output_type, sampler=sampler, shift=shift,
-            sigmas=sigmas,
+            sigmas=sigmas, vae=vae,
         )
         return self.run(request, callbacks=[*callbacks, *([ProgressBar()] if progress else [])]).images
 
@@ -259,8 +294,11 @@ class Pipeline:
             images = x.transpose(0, 3, 1, 2)
         else:
             with self._stage("vae decoder", stages):
-                tiled = True if plan.tile_decode else self.vae_tiling
-                pixels = mx.clip(self.vae.latents_to_image(x, tiled=tiled).astype(mx.float32) / 2 + 0.5, 0, 1)
+                if request.vae == "tiny":
+                    decoded = self.require_tiny_autoencoder().decode(x)
+                else:
+                    decoded = self.vae.latents_to_image(x, tiled=True if plan.tile_decode else self.vae_tiling)
+                pixels = mx.clip(decoded.astype(mx.float32) / 2 + 0.5, 0, 1)
                 mx.eval(pixels)
                 check_finite(pixels, "the VAE decoder")
                 self._free("_vae")

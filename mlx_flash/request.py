@@ -23,6 +23,7 @@ log = logging.getLogger("mlx_flash")
 
 SEED_LIMIT = 2**64  # MLX's random keys take unsigned 64-bit seeds
 OUTPUT_TYPES = ("pil", "np", "mlx", "latent")
+DECODERS = ("full", "tiny")  # the VAE, or the tiny autoencoder (fast, small, lower quality)
 DEFAULT_STRENGTH = 0.6
 
 
@@ -67,6 +68,7 @@ class GenerationRequest:
     strength: float | None = None
     latents: mx.array | None = None  # (B, 16, H/8, W/8) replacing the seeded noise
     output_type: str = "pil"
+    vae: str = "full"  # which decoder makes the final image (DECODERS)
 
     @property
     def batch(self) -> int:
@@ -86,7 +88,7 @@ class GenerationRequest:
             "skip_layer_guidance": asdict(slg) if slg is not None and self.cfg else None,
             "width": self.width, "height": self.height, "sampler": self.sampler, "shift": self.shift,
             "sigmas": list(self.sigmas) if self.sigmas is not None else None,
-            "max_sequence_length": self.max_sequence_length,
+            "max_sequence_length": self.max_sequence_length, "vae": self.vae,
         }
         if self.image is not None:
             settings.update(image_sha256=self.image_hash, strength=self.strength)
@@ -209,6 +211,7 @@ def resolve(
     shift: float | None = None,
     sigmas: Sequence[float] | None = None,
     output_type: str = "pil",
+    vae: str = "full",
 ) -> GenerationRequest:
     """A request with every unset argument taken from the model's defaults, each value checked (one line
     naming the argument and what is allowed)."""
@@ -221,6 +224,8 @@ def resolve(
     if negatives is not None and len(negatives) != len(prompts):
         raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts; "
                          "pass one negative prompt, or one per prompt.")
+    if vae not in DECODERS:
+        raise ValueError(f"vae must be one of {', '.join(DECODERS)}, got {vae!r}.")
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}.")
     steps = _count(model.steps if num_inference_steps is None else num_inference_steps, "num_inference_steps",
@@ -273,5 +278,5 @@ def resolve(
         skip_layer_guidance=slg, height=height, width=width, seeds=image_seeds(seed, batch),
         max_sequence_length=length, sampler=model.sampler if sampler is None else sampler, shift=shift,
         sigmas=sigmas, image=image, image_hash=image_hash, strength=strength, latents=latents,
-        output_type=output_type,
+        output_type=output_type, vae=vae,
     )

@@ -112,6 +112,14 @@ class VAEConfig:
         return latents / self.scaling_factor + self.shift_factor
 
 
+def sd3_latents(config: VAEConfig) -> bool:
+    """Whether the VAE's latent space is SD3 / SD3.5's (16 channels, its scaling and shift), which
+    madebyollin/taesd3 and SD3's published preview factors are made for."""
+    sd3 = VAEConfig()
+    return (config.latent_channels, config.scaling_factor, config.shift_factor) == (
+        sd3.latent_channels, sd3.scaling_factor, sd3.shift_factor)
+
+
 ATTENTION_SCORES = 2**26  # attention scores computed at once in the mid-blocks (256 MB in float32)
 
 

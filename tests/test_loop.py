@@ -181,3 +181,26 @@ def test_no_top_level_convert_package_is_installed(tmp_path):
     assert found.stdout.strip() == "None", found.stdout
     via_module = subprocess.run([sys.executable, "-m", "convert", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert via_module.returncode == 0 and "SOURCE" in via_module.stdout.upper()
+
+
+def test_previews_of_every_step_and_the_tiny_decoder(tmp_path):
+    """digits-flash with --preview: one PNG per step, the last close to the final image; --vae tiny is recorded."""
+    out, previews = tmp_path / "seven.png", tmp_path / "previews"
+    made = cli("generate", "--model", "digits-flash", "the number 7", "--seed", "3", "--preview", str(previews),
+               "--output", str(out))
+    assert made.returncode == 0, made.stderr
+    assert sorted(p.name for p in previews.iterdir()) == [f"step-00{i}.png" for i in range(1, 5)]
+    final = np.asarray(mlx_flash.image_io.open_rgb(out), dtype=np.float64) / 255
+    last = np.asarray(mlx_flash.image_io.open_rgb(previews / "step-004.png"), dtype=np.float64) / 255
+    difference = np.abs(final - last).mean()
+    print(f"\nlast preview vs final image: mean abs difference {difference:.4f} on [0, 1]")
+    assert difference < 0.06
+    again = cli("generate", "--model", "digits-flash", "the number 7", "--preview", str(previews), "--output",
+                str(tmp_path / "x.png"))
+    assert again.returncode == 1 and "already holds step previews" in again.stderr
+    tiny = tmp_path / "tiny.png"
+    assert cli("generate", "--model", "digits-flash", "the number 7", "--seed", "3", "--vae", "tiny", "--output",
+               str(tiny)).returncode == 0
+    assert read_metadata(tiny)["vae"] == "tiny" and read_metadata(out)["vae"] == "full"
+    tiny_pixels = np.asarray(mlx_flash.image_io.open_rgb(tiny), dtype=np.float64) / 255
+    assert np.array_equal(tiny_pixels, last)  # the last x0 is the final latent; both decoded by the tiny autoencoder
