@@ -84,7 +84,7 @@ def _add_serve_arguments(srv: argparse.ArgumentParser) -> None:
                                                      "/health and the page (default: the MLX_FLASH_API_KEY variable)")
     srv.add_argument("--max-queue", type=int, default=8, help="jobs waiting behind the running one; more get 429")
     srv.add_argument("--preview-every", type=int, default=1,
-                     help="send a job's preview every N steps (0: none; previews decode with the model's VAE)")
+                     help="send a job's preview every N steps (default 1; 0: none)")
     srv.add_argument("--max-body-mb", type=float, default=16, help="largest request body (default 16 MiB)")
     srv.add_argument("--allowed-origins", default="", help="comma-separated origins allowed by CORS (default: none)")
     srv.add_argument("--quantize", type=int, choices=[2, 3, 4, 5, 6, 8], default=None, help="quantize the transformer")

@@ -3,7 +3,7 @@ previews and cancel."""
 
 from __future__ import annotations
 
-import math
+import logging
 import threading
 from typing import Callable
 
@@ -20,9 +20,10 @@ from ..samplers import SAMPLERS
 from .errors import ApiError
 from .spec import ImageSpec
 
-PREVIEW_SIDE = 64  # latent pixels: larger latents are averaged down to this before the preview decode
 StepHandler = Callable[[int, int], None]  # (steps done, steps of the full schedule)
 PreviewHandler = Callable[[Image.Image], None]
+
+log = logging.getLogger("mlx_flash.server")
 
 
 class Cancelled(Exception):
@@ -80,27 +81,20 @@ def run(pipe: Pipeline, request: GenerationRequest, *, on_step: StepHandler, can
     if cancel.is_set():
         raise Cancelled()
     callbacks: list[Callback] = [Cancel(cancel), Progress(on_step)]
-    if on_preview is not None:
-        callbacks.append(Preview(lambda step, images: on_preview(numpy_to_pil(np.array(images[:1]))[0]),
-                                 vae_preview(pipe), every=preview_every))
+    decode = preview_decoder(pipe) if on_preview is not None else None
+    if decode is not None:
+        callbacks.append(Preview(lambda step, images: on_preview(numpy_to_pil(np.array(images))[0]),
+                                 lambda latents: decode(latents[:1]), every=preview_every))
     try:
         return pipe.run(request, callbacks=callbacks)
     except GenerationStopped:
         raise Cancelled() from None
 
 
-def vae_preview(pipe: Pipeline) -> Callable[[mx.array], mx.array]:
-    """x0 latents (B, h, w, 16) -> images (B, H, W, 3) in [0, 1] through the model's own VAE, the latents first
-    averaged down to at most PREVIEW_SIDE per side so that a preview costs a small decode."""
-
-    def decode(latents: mx.array) -> mx.array:
-        latents = latents[:1]
-        factor = math.ceil(max(latents.shape[1:3]) / PREVIEW_SIDE)
-        if factor > 1:
-            b, h, w, c = latents.shape
-            latents = latents[:, : h // factor * factor, : w // factor * factor]
-            latents = latents.reshape(b, h // factor, factor, w // factor, factor, c).mean(axis=(2, 4))
-        images = pipe.vae.latents_to_image(latents.astype(pipe.dtype))
-        return mx.clip(images.astype(mx.float32) / 2 + 0.5, 0, 1)
-
-    return decode
+def preview_decoder(pipe: Pipeline) -> Callable[[mx.array], mx.array] | None:
+    """The model's preview decoder (tiny autoencoder or linear latent map), or None when it has neither."""
+    try:
+        return pipe.preview_decoder()
+    except ValueError as err:
+        log.warning("no previews for %s: %s", pipe.name, err)
+        return None
