@@ -361,6 +361,7 @@ def test_web_page_in_headless_chromium(server, reference):
             canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
             const context = canvas.getContext('2d'); context.drawImage(img, 0, 0);
             return {seed: img.dataset.seed, status: document.getElementById('status').textContent,
+                    preview: document.getElementById('preview').src.slice(0, 23),
                     caption: document.querySelector('#gallery figcaption').textContent,
                     download: document.querySelector('#gallery a').download,
                     rgba: Array.from(context.getImageData(0, 0, canvas.width, canvas.height).data)};
@@ -368,7 +369,7 @@ def test_web_page_in_headless_chromium(server, reference):
     finally:
         browser.close()
     assert shown["seed"] == "42" and shown["status"] == "succeeded" and shown["download"] == "mlx-flash-42.png"
-    assert "a handwritten digit three" in shown["caption"]
+    assert "a handwritten digit three" in shown["caption"] and shown["preview"] == "data:image/jpeg;base64,"
     rgb = np.array(shown["rgba"], np.uint8).reshape(64, 64, 4)[..., :3]
     assert np.array_equal(rgb, reference("a handwritten digit three", 42)[0])
 
