@@ -1,5 +1,5 @@
 """The `mlx-flash` command: `generate` images, print an image's generation `info`, list the preset `models`,
-`convert` a checkpoint."""
+`serve` images over HTTP, `convert` a checkpoint."""
 
 from __future__ import annotations
 
@@ -101,6 +101,24 @@ def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--verbose", action="store_true", help="print per-stage time and peak memory")
 
 
+def _add_serve_arguments(srv: argparse.ArgumentParser) -> None:
+    srv.add_argument("--model", action="append", default=None,
+                     help=f"a model to serve (repeat for several; the first is the default; default {DEFAULT_MODEL})")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but "
+                                                     "/health and the page (default: the MLX_FLASH_API_KEY variable)")
+    srv.add_argument("--max-queue", type=int, default=8, help="jobs waiting behind the running one; more get 429")
+    srv.add_argument("--preview-every", type=int, default=1,
+                     help="send a job's preview every N steps (default 1; 0: none)")
+    srv.add_argument("--max-body-mb", type=float, default=16, help="largest request body (default 16 MiB)")
+    srv.add_argument("--allowed-origins", default="", help="comma-separated origins allowed by CORS (default: none)")
+    srv.add_argument("--quantize", type=int, choices=[2, 3, 4, 5, 6, 8], default=None, help="quantize the transformer")
+    srv.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
+    srv.add_argument("--no-t5", action="store_true", help="do not load T5-XXL")
+    srv.add_argument("--verbose", action="store_true", help="log every request")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .convert import cli as convert_cli
 
@@ -111,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     info_parser = commands.add_parser("info", help="print the generation settings stored in a PNG")
     info_parser.add_argument("image", type=Path)
     commands.add_parser("models", help="list the presets: architecture, weights, default sampling, licence")
+    _add_serve_arguments(commands.add_parser(
+        "serve", help="serve OpenAI's Images API, AUTOMATIC1111's API and a web page"))
     convert_cli.add_arguments(commands.add_parser(
         "convert", help="convert a checkpoint (hub repo, diffusers folder or single file) to an mlx-flash folder, "
                         "optionally quantized"))
@@ -344,6 +364,19 @@ def generate(args: argparse.Namespace) -> None:
             print(f"{stage.name:15} {stage.seconds:8.2f} s  peak {stage.peak_memory / 1e9:6.2f} GB", file=sys.stderr)
 
 
+def serve(args: argparse.Namespace) -> None:
+    from .server import Limits, ModelOptions, serve
+
+    if not args.max_body_mb > 0:
+        raise ValueError(f"--max-body-mb must be > 0, got {args.max_body_mb}.")
+    limits = Limits(api_key=args.api_key or os.environ.get("MLX_FLASH_API_KEY") or None,
+                    allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
+                    max_body=int(args.max_body_mb * 2**20))
+    serve(args.model or [DEFAULT_MODEL], host=args.host, port=args.port, limits=limits, max_queue=args.max_queue,
+          preview_every=args.preview_every,
+          options=ModelOptions(dtype=args.dtype, quantize=args.quantize, use_t5=not args.no_t5))
+
+
 def _json_ready(value):
     """NaN and infinities (which older files may hold) as strings, so that `info` prints valid JSON."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -418,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "convert":
             from .convert.cli import run as command
         else:
-            command = {"generate": generate, "info": info, "models": models}[args.command]
+            command = {"generate": generate, "info": info, "models": models, "serve": serve}[args.command]
         command(args)
         sys.stdout.flush()
     except KeyboardInterrupt:

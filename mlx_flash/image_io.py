@@ -38,6 +38,11 @@ def save_png(image: Image.Image, path: str | Path, metadata: Metadata, *, overwr
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"{path}: images are written as PNG; use a .png file name.")
+    return write_atomic(path, png_bytes(image, metadata), overwrite=overwrite)
+
+
+def png_bytes(image: Image.Image, metadata: Metadata) -> bytes:
+    """`image` encoded as PNG with one text chunk per metadata field plus all of them as JSON (key "mlx_flash")."""
     if METADATA_KEY in metadata:
         raise ValueError(f"metadata key {METADATA_KEY!r} is reserved; rename that field.")
     info = PngImagePlugin.PngInfo()
@@ -46,7 +51,7 @@ def save_png(image: Image.Image, path: str | Path, metadata: Metadata, *, overwr
     info.add_text(METADATA_KEY, json.dumps(metadata))
     data = io.BytesIO()
     image.save(data, format="PNG", pnginfo=info)
-    return write_atomic(path, data.getvalue(), overwrite=overwrite)
+    return data.getvalue()
 
 
 def check_writable(paths: Iterable[str | Path]) -> None:

@@ -1,0 +1,416 @@
+"""`mlx-flash serve` on a free loopback port with the packaged digit model: the real `openai` client, the bodies
+Open WebUI's OpenAI and AUTOMATIC1111 engines send, jobs with events and cancel, concurrency, bad requests, the
+web page in headless Chromium, and the command's shutdown. Every image is compared pixel for pixel with the
+in-process Python API's for the same seed."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+from chromium import Chromium, find_chromium
+from PIL import Image
+
+from mlx_flash import load_pipeline
+from mlx_flash.server import ImageServer, Limits, ModelOptions, ModelPool
+
+KEY = "test-key"
+MODEL = "digits-flash"
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+@contextmanager
+def running_server(*, max_queue: int = 8, **limits):
+    server = ImageServer(("127.0.0.1", 0), ModelPool([MODEL], ModelOptions()),
+                         limits=Limits(**{"api_key": KEY, **limits}), max_queue=max_queue)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    server.url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.close(cancel_running=True)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with running_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The in-process API's pixels (uint8) for (prompt, seed, n, image, strength); call only while the server idles."""
+    pipe = load_pipeline(MODEL)
+
+    def generate(prompt: str, seed: int, n: int = 1, **kwargs) -> list[np.ndarray]:
+        return [np.asarray(i) for i in pipe.generate(prompt, seed=seed, num_images=n, progress=False, **kwargs)]
+    return generate
+
+
+def call(server, method: str, path: str, body=None, headers: dict | None = None, key: str | None = KEY):
+    """(status, headers, parsed JSON or raw bytes) of one request."""
+    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=300)
+    sent = {"Authorization": f"Bearer {key}"} if key else {}
+    if isinstance(body, (dict, list)):
+        body, sent["Content-Type"] = json.dumps(body).encode(), "application/json"
+    sent.update(headers or {})
+    connection.request(method, path, body=body, headers=sent)
+    response = connection.getresponse()
+    data = response.read()
+    connection.close()
+    if response.getheader("Content-Type", "").startswith("application/json"):
+        data = json.loads(data)
+    return response.status, {k.lower(): v for k, v in response.getheaders()}, data
+
+
+def pixels(data: bytes | str) -> np.ndarray:
+    raw = base64.b64decode(data) if isinstance(data, str) else data
+    return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+
+
+def png(image: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, format="PNG")
+    return out.getvalue()
+
+
+def multipart(fields: dict[str, str], files: list[tuple[str, str, bytes, str]]) -> tuple[bytes, str]:
+    """A multipart/form-data body as aiohttp.FormData writes one: text fields, then files."""
+    boundary = uuid.uuid4().hex
+    parts = [f'--{boundary}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Disposition: form-data; '
+             f'name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields.items()]
+    parts += [f'--{boundary}\r\nContent-Type: {ctype}\r\nContent-Disposition: form-data; name="{name}"; '
+              f'filename="{filename}"\r\n\r\n'.encode() + data + b"\r\n" for name, filename, data, ctype in files]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+# The openai client -------------------------------------------------------------------------------------
+
+def test_openai_client_images_equal_the_api_and_the_cli(server, reference, tmp_path):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key=KEY)
+    prompt = "a handwritten digit four"
+    response = client.images.generate(model=MODEL, prompt=prompt, n=2, size="64x64", response_format="b64_json",
+                                      extra_body={"seed": 21})
+    images = [pixels(item.b64_json) for item in response.data]
+    assert [item.seed for item in response.data] == [21, 22]
+    expected = reference(prompt, 21, 2)
+    assert all(np.array_equal(a, b) for a, b in zip(images, expected, strict=True))
+    assert read_metadata_bytes(base64.b64decode(response.data[1].b64_json))["seed"] == 22
+
+    result = subprocess.run(["mlx-flash", "generate", "--model", MODEL, prompt, "--seed", "21", "--num-images", "2",
+                             "--output", str(tmp_path / "cli.png")], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    for i, image in enumerate(images):
+        assert np.array_equal(image, np.asarray(Image.open(tmp_path / f"cli-{i}.png").convert("RGB")))
+
+
+def read_metadata_bytes(data: bytes) -> dict:
+    return json.loads(Image.open(io.BytesIO(data)).text["mlx_flash"])
+
+
+def test_openai_client_models_and_url_responses(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key=KEY)
+    assert [m.id for m in client.models.list()] == [MODEL]
+    response = client.images.generate(model=MODEL, prompt="a handwritten digit nine", response_format="url",
+                                      extra_body={"seed": 3, "output_format": "webp"})
+    url = response.data[0].url
+    assert url.startswith(server.url + "/v1/jobs/") and url.endswith("/images/0.webp")
+    status, headers, data = call(server, "GET", url.removeprefix(server.url))
+    assert status == 200 and headers["content-type"] == "image/webp"
+    assert Image.open(io.BytesIO(data)).format == "WEBP"
+    assert call(server, "GET", url.removeprefix(server.url), key=None)[0] == 401
+
+
+def test_quality_sets_the_steps(server):
+    for quality, steps in [("low", 2), ("high", 8)]:
+        status, _, body = call(server, "POST", "/v1/images/generations",
+                               {"prompt": "a handwritten digit one", "quality": quality, "seed": 1})
+        assert status == 200, body
+        assert read_metadata_bytes(base64.b64decode(body["data"][0]["b64_json"]))["steps"] == steps
+
+
+# Open WebUI's engines, their requests as its images router builds them -----------------------------------
+
+def test_open_webui_openai_engine(server, reference):
+    prompt = "a handwritten digit seven"
+    status, _, body = call(server, "POST", "/v1/images/generations",  # generate: json=data, Bearer key
+                           {"model": MODEL, "prompt": prompt, "n": 1, "size": "64x64", "response_format": "b64_json"})
+    assert status == 200, body
+    (item,) = body["data"]
+    assert np.array_equal(pixels(item["b64_json"]), reference(prompt, item["seed"])[0])
+
+    source = reference("a handwritten digit three", 5)[0]  # edit: aiohttp.FormData, every field str(value)
+    form, content_type = multipart({"model": MODEL, "prompt": prompt, "n": "1", "size": "64x64",
+                                    "response_format": "b64_json"},
+                                   [("image", f"{uuid.uuid4()}.png", png(source), "image/png")])
+    status, _, body = call(server, "POST", "/v1/images/edits", form, {"Content-Type": content_type})
+    assert status == 200, body
+    (item,) = body["data"]
+    expected = reference(prompt, item["seed"], image=Image.fromarray(source), height=64, width=64)[0]
+    assert np.array_equal(pixels(item["b64_json"]), expected)
+
+
+def test_open_webui_automatic1111_engine(server, reference):
+    auth = {"authorization": "Basic " + base64.b64encode(f"user:{KEY}".encode()).decode()}
+    status, _, options = call(server, "GET", "/sdapi/v1/options", headers=auth, key=None)
+    assert status == 200 and options["sd_model_checkpoint"] == MODEL
+    status, _, models = call(server, "GET", "/sdapi/v1/sd-models", headers=auth, key=None)
+    assert [{"id": m["title"], "name": m["model_name"]} for m in models] == [{"id": MODEL, "name": MODEL}]
+    status, _, _ = call(server, "POST", "/sdapi/v1/options", {**options, "sd_model_checkpoint": models[0]["title"]},
+                        headers=auth, key=None)
+    assert status == 200
+
+    prompt = "a handwritten digit two"
+    data = {"prompt": prompt, "batch_size": 2, "width": 64, "height": 64, "steps": 4, "negative_prompt": "blurry"}
+    status, _, res = call(server, "POST", "/sdapi/v1/txt2img", data, headers=auth, key=None)
+    assert status == 200, res
+    info = json.loads(res["info"])
+    assert res["parameters"] == data and len(info["all_seeds"]) == 2
+    expected = reference(prompt, info["all_seeds"][0], 2, negative_prompt="blurry", num_inference_steps=4)
+    assert all(np.array_equal(pixels(a), b) for a, b in zip(res["images"], expected, strict=True))
+
+    source = expected[0]
+    status, _, res = call(server, "POST", "/sdapi/v1/img2img",
+                          {"init_images": [base64.b64encode(png(source)).decode()], "prompt": "a handwritten digit six",
+                           "denoising_strength": 0.75, "seed": 8}, headers=auth, key=None)
+    assert status == 200, res
+    expected = reference("a handwritten digit six", 8, image=Image.fromarray(source), strength=0.75)[0]
+    assert np.array_equal(pixels(res["images"][0]), expected)
+
+
+# Jobs ------------------------------------------------------------------------------------------------------
+
+def events(server, job_id: str) -> list[tuple[str, dict]]:
+    status, _, raw = call(server, "GET", f"/v1/jobs/{job_id}/events")
+    assert status == 200
+    blocks = [b for b in raw.decode().split("\n\n") if b.startswith("id:")]
+    return [(b.split("event: ")[1].split("\n")[0], json.loads(b.split("data: ")[1])) for b in blocks]
+
+
+def test_job_events_status_and_image(server, reference):
+    status, headers, job = call(server, "POST", "/v1/jobs", {"prompt": "a handwritten digit five", "seed": 11})
+    assert status == 202 and headers["location"] == f"/v1/jobs/{job['id']}"
+    stream = events(server, job["id"])
+    names = [name for name, _ in stream]
+    assert names[:2] == ["queued", "started"] and names[-1] == "succeeded"
+    assert [d["step"] for n, d in stream if n == "step"] == [1, 2, 3, 4] == [d["step"] for n, d in stream
+                                                                           if n == "preview"]
+    preview = Image.open(io.BytesIO(base64.b64decode(stream[-2][1]["image"].split(",", 1)[1])))
+    assert stream[-2][0] == "preview" and preview.size == (64, 64)
+    replay = events(server, job["id"])  # a late subscriber: every event again, only the latest preview's image
+    assert [n for n, _ in replay] == names and [("image" in d) for n, d in replay if n == "preview"] == [0, 0, 0, 1]
+    _, _, done = call(server, "GET", f"/v1/jobs/{job['id']}")
+    assert done["status"] == "succeeded" and done["progress"] == {"step": 4, "steps": 4}
+    status, _, image = call(server, "GET", done["images"][0]["url"].removeprefix(server.url))
+    assert np.array_equal(pixels(image), reference("a handwritten digit five", 11)[0])
+
+
+def test_cancel_frees_the_worker(server):
+    def submit(steps: int) -> str:
+        status, _, job = call(server, "POST", "/v1/jobs", {"prompt": "a handwritten digit eight", "steps": steps})
+        assert status == 202, job
+        return job["id"]
+
+    long, queued = submit(200), submit(4)
+    deadline = time.monotonic() + 60
+    while call(server, "GET", f"/v1/jobs/{long}")[2]["status"] == "queued" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    status, _, answer = call(server, "DELETE", f"/v1/jobs/{queued}")
+    assert status == 200 and answer["status"] == "cancelled"  # at once: it never runs
+    call(server, "DELETE", f"/v1/jobs/{long}")
+    assert [name for name, _ in events(server, long)][-1] == "cancelled"
+    _, _, cancelled = call(server, "GET", f"/v1/jobs/{long}")
+    assert cancelled["status"] == "cancelled" and cancelled["images"] == []
+    assert cancelled["progress"]["step"] < 200  # stopped after the step in progress
+    status, _, after = call(server, "POST", "/v1/images/generations", {"prompt": "a handwritten digit one"})
+    assert status == 200 and len(after["data"]) == 1
+
+
+def test_fifty_requests_from_ten_threads(reference):
+    """Every answer is 200 or 429 (queue of 2; a 429 is retried shortly after), and each of the 50 requests ends
+    with its own seed's image: none lost or swapped."""
+    with running_server(max_queue=2) as small:
+        def request(i: int):
+            answers = []
+            while not answers or answers[-1][0] == 429:
+                answers.append(call(small, "POST", "/v1/images/generations",
+                                    {"prompt": f"a handwritten digit {WORDS[i % 10]}", "seed": 1000 + i}))
+                time.sleep(0.2 * (answers[-1][0] == 429))
+            return answers
+
+        with ThreadPoolExecutor(10) as pool:
+            answers = list(pool.map(request, range(50)))
+        assert call(small, "GET", "/health")[2]["queued"] == 0
+        assert small.worker.kept == 0  # answered with their images: nothing held after
+    statuses = [status for tries in answers for status, _, _ in tries]
+    assert set(statuses) == {200, 429} and statuses.count(200) == 50
+    for _, headers, body in (a for tries in answers for a in tries if a[0] == 429):
+        assert int(headers["retry-after"]) >= 1 and body["error"]["code"] == "queue_full"
+    for i, tries in enumerate(answers):
+        (item,) = tries[-1][2]["data"]
+        assert item["seed"] == 1000 + i
+        assert np.array_equal(pixels(item["b64_json"]), reference(f"a handwritten digit {WORDS[i % 10]}", 1000 + i)[0])
+
+
+# Bad requests ----------------------------------------------------------------------------------------------
+
+GOOD = {"model": MODEL, "prompt": "a handwritten digit one"}
+BAD = [
+    ("malformed JSON", b'{"prompt": "a digit",', 400, "not valid JSON"),
+    ("missing prompt", {"model": MODEL}, 400, "'prompt' is required"),
+    ("n = 0", {**GOOD, "n": 0}, 400, "'n' must be from 1 to 10, got 0"),
+    ("n = 100", {**GOOD, "n": 100}, 400, "'n' must be from 1 to 10, got 100"),
+    ("size abc", {**GOOD, "size": "abc"}, 400, "'size' must be \"WIDTHxHEIGHT\""),
+    ("size beyond the position table", {**GOOD, "size": "100x512"}, 400, "the nearest size that works is 64x64"),
+    ("size not a multiple of 16", {**GOOD, "size": "40x48"}, 400, "not a multiple of 16"),
+    ("unknown model", {**GOOD, "model": "dall-e-3"}, 404, "model 'dall-e-3' is not served here; use one of"),
+    ("path in the model field", {**GOOD, "model": "/etc/passwd"}, 400, "looks like a path"),
+    ("relative path in the model field", {**GOOD, "model": "../models/digits"}, 400, "looks like a path"),
+    ("unknown sampler", {**GOOD, "sampler": "ddim"}, 400, "unknown sampler 'ddim'"),
+    ("LoRAs the server does not serve", {**GOOD, "loras": [{"name": "x", "scale": 1}]}, 400, "serves no LoRAs"),
+    ("steps beyond the limit", {**GOOD, "steps": 100000}, 400, "'steps' must be from 1 to 500"),
+    ("a body that is not an object", [1, 2], 400, "must be a JSON object"),
+]
+
+
+@pytest.mark.parametrize("body, status, message", [case[1:] for case in BAD], ids=[case[0] for case in BAD])
+def test_bad_request(server, body, status, message):
+    headers = {"Content-Type": "application/json"} if isinstance(body, bytes) else None
+    got, _, answer = call(server, "POST", "/v1/images/generations", body, headers)
+    assert got == status, answer
+    assert message in answer["error"]["message"] and "\n" not in answer["error"]["message"]
+    assert set(answer["error"]) == {"message", "type", "param", "code"}
+
+
+def test_fifty_megabyte_body_is_refused(server):
+    status, _, answer = call(server, "POST", "/v1/images/generations", b" " * (50 * 2**20),
+                             {"Content-Type": "application/json"})
+    assert status == 413 and "the limit is 16 MiB" in answer["error"]["message"]
+    assert call(server, "GET", "/health")[0] == 200  # and the server goes on
+
+
+@pytest.mark.parametrize("key, message", [(None, "missing API key"), ("wrong", "invalid API key")])
+def test_api_key_is_checked(server, key, message):
+    for method, path, body in [("POST", "/v1/images/generations", GOOD), ("GET", "/v1/models", None),
+                               ("GET", "/sdapi/v1/options", None), ("POST", "/v1/jobs", GOOD)]:
+        status, _, answer = call(server, method, path, body, key=key)
+        assert status == 401 and message in answer["error"]["message"], (path, answer)
+    assert call(server, "GET", "/health", key=None)[0] == 200
+
+
+def test_host_cors_and_routes(server):
+    assert call(server, "GET", "/v1/models", headers={"Host": "rebound.example:80"})[0] == 403
+    status, headers, _ = call(server, "OPTIONS", "/v1/models", headers={"Origin": "http://elsewhere.example"})
+    assert status == 204 and "access-control-allow-origin" not in headers  # CORS off by default
+    with running_server(allowed_origins=("http://app.example",)) as open_server:
+        status, headers, _ = call(open_server, "OPTIONS", "/v1/models", headers={"Origin": "http://app.example"})
+        assert headers["access-control-allow-origin"] == "http://app.example"
+        assert "Authorization" in headers["access-control-allow-headers"]
+    assert call(server, "GET", "/v1/nothing")[0] == 404
+    status, headers, _ = call(server, "GET", "/v1/images/generations")
+    assert status == 405 and headers["allow"] == "POST"
+    assert call(server, "POST", "/v1/images/generations", b"prompt=x",
+                {"Content-Type": "application/x-www-form-urlencoded"})[0] == 415
+
+
+# The web page ----------------------------------------------------------------------------------------------
+
+def test_web_page_in_headless_chromium(server, reference):
+    executable = find_chromium()
+    if executable is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("chromium is not installed; .ci/run installs Debian's chromium package (apt-get install -y "
+                        "chromium) for this test.")
+        pytest.skip("chromium is not installed (apt-get install -y chromium); CI installs it and runs this test.")
+    browser = Chromium(executable)
+    try:
+        browser.navigate(server.url + "/")
+        browser.wait_for("document.readyState === 'complete' && document.getElementById('key') !== null")
+        browser.evaluate("document.getElementById('key').focus()")
+        browser.type(KEY)
+        browser.evaluate("document.getElementById('key').dispatchEvent(new Event('change'))")
+        browser.wait_for(f"document.getElementById('model').value === '{MODEL}'")
+        browser.evaluate("document.getElementById('seed').focus()")
+        browser.type("42")
+        browser.evaluate("document.getElementById('prompt').focus()")
+        browser.type("a handwritten digit three")
+        browser.evaluate("document.getElementById('generate').click()")
+        browser.wait_for("(i => i && i.complete && i.naturalWidth)(document.querySelector('#gallery img'))", 120)
+        shown = browser.evaluate("""(() => {
+            const img = document.querySelector('#gallery img'), canvas = document.createElement('canvas');
+            canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+            const context = canvas.getContext('2d'); context.drawImage(img, 0, 0);
+            return {seed: img.dataset.seed, status: document.getElementById('status').textContent,
+                    preview: document.getElementById('preview').src.slice(0, 23),
+                    caption: document.querySelector('#gallery figcaption').textContent,
+                    download: document.querySelector('#gallery a').download,
+                    rgba: Array.from(context.getImageData(0, 0, canvas.width, canvas.height).data)};
+        })()""")
+    finally:
+        browser.close()
+    assert shown["seed"] == "42" and shown["status"] == "succeeded" and shown["download"] == "mlx-flash-42.png"
+    assert "a handwritten digit three" in shown["caption"] and shown["preview"] == "data:image/jpeg;base64,"
+    rgb = np.array(shown["rgba"], np.uint8).reshape(64, 64, 4)[..., :3]
+    assert np.array_equal(rgb, reference("a handwritten digit three", 42)[0])
+
+
+# The command -----------------------------------------------------------------------------------------------
+
+def test_serve_command_warns_and_shuts_down_gracefully():
+    """Bound beyond loopback without a key it warns; SIGTERM lets the running job finish and answer 200."""
+    process = subprocess.Popen([sys.executable, "-m", "mlx_flash", "serve", "--model", MODEL, "--host", "0.0.0.0",
+                                "--port", "0"], stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        warning = process.stderr.readline()
+        assert "without an API key" in warning and "--api-key" in warning, warning
+        serving = process.stderr.readline()
+        port = int(serving.rsplit(":", 1)[1].strip(" /\n"))
+        local = type("Local", (), {"server_address": ("127.0.0.1", port)})
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(call, local, "POST", "/v1/images/generations",
+                                 {"prompt": "a handwritten digit zero", "steps": 40}, key=None)
+            deadline = time.monotonic() + 120
+            while call(local, "GET", "/health")[2]["running"] is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            process.send_signal(signal.SIGTERM)
+            status, _, body = answer.result(timeout=300)
+        assert status == 200 and len(body["data"]) == 1
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--port", "99999"], "--port must be from 0 to 65535"),
+    (["--model", MODEL, "--model", MODEL], "two --model values have the same name"),
+    (["--model", "no-such-model"], "'no-such-model' is neither an existing folder nor a Hugging Face repo id"),
+])
+def test_serve_command_refuses_bad_flags(flags, message):
+    result = subprocess.run([sys.executable, "-m", "mlx_flash", "serve", *(flags if "--model" in flags else
+                             ["--model", MODEL, *flags])], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 1 and result.stderr.startswith("mlx-flash: error: ") and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
