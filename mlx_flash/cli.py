@@ -13,6 +13,7 @@ import numpy as np
 import convert.cli
 
 from . import __version__
+from .blas import ensure_openblas
 
 DEFAULT_MODEL = "sd3.5-medium"
 
@@ -110,6 +111,9 @@ def info(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line `argv` (None: this process's, with OpenBLAS preloaded on Linux, see mlx_flash.blas)."""
+    if argv is None:
+        ensure_openblas()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(message)s")
