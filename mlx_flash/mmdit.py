@@ -12,6 +12,8 @@ from typing import Iterable, Mapping
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import cpu_ops
+from .cpu_ops import on_cpu
 from .weights import (
     Fuse,
     Rule,
@@ -34,7 +36,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
     all heads' (24x less memory for SD3.5), and MLX's q k^T products (K = 64) run at about three quarters of the
     float32 matmul peak instead of a quarter for all heads batched (benchmarks/mmdit_step.py)."""
     scale = q.shape[-1] ** -0.5
-    if mx.default_device() != mx.cpu:
+    if not on_cpu():
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
     heads = []
     for i in range(q.shape[1]):
@@ -235,7 +237,8 @@ class FeedForward(nn.Module):
         self.fc2 = nn.Linear(4 * dim, dim)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(nn.gelu_approx(self.fc1(x)))
+        gelu = cpu_ops.gelu_approx if on_cpu() else nn.gelu_approx  # MLX's CPU tanh is slow
+        return self.fc2(gelu(self.fc1(x)))
 
 
 class AdaNorm(nn.Module):
