@@ -142,12 +142,13 @@ def shifted_matmul_conv(x: mx.array, weight: mx.array) -> mx.array:
 
 class Conv2d(nn.Conv2d):
     """nn.Conv2d with an optional residual added to its output. On the CPU backend, whose convolutions unfold
-    their input, the stride-1 'same' ones run as BLAS matmuls (`shifted_matmul_conv`), their bias and residual
-    added in the pass that crops the result."""
+    their input, the float32 stride-1 'same' ones run as BLAS matmuls (`shifted_matmul_conv`), their bias and
+    residual added in the pass that crops the result."""
 
     def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
         k = self.weight.shape[1]
-        if not (on_cpu() and self.stride == (1, 1) and k % 2 and self.padding == ((k - 1) // 2,) * 2):
+        same = self.stride == (1, 1) and k % 2 and self.padding == ((k - 1) // 2,) * 2
+        if not (on_cpu() and same and x.dtype == mx.float32):
             y = super().__call__(x)
             return y if residual is None else residual + y
         y = shifted_matmul_conv(x, self.weight)
