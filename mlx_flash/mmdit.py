@@ -34,14 +34,14 @@ def attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
     """Scaled dot-product attention of (B, heads, tokens, head_dim) arrays. On the CPU, where attention is not
     fused, one head at a time, each evaluated before the next: the scores of one head exist at once instead of
     all heads' (24x less memory for SD3.5), and MLX's q k^T products (K = 64) run at about three quarters of the
-    float32 matmul peak instead of a quarter for all heads batched (benchmarks/mmdit_step.py)."""
+    float32 matmul peak instead of a quarter for all heads batched (benchmarks/mmdit_step.py); the softmax's
+    exponentials are `cpu_ops.exp_below` (MLX's CPU exp is scalar)."""
     scale = q.shape[-1] ** -0.5
     if not on_cpu():
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
     heads = []
     for i in range(q.shape[1]):
-        heads.append(mx.fast.scaled_dot_product_attention(q[:, i : i + 1], k[:, i : i + 1], v[:, i : i + 1],
-                                                          scale=scale))
+        heads.append(cpu_ops.softmax_attention(q[:, i : i + 1], k[:, i : i + 1], v[:, i : i + 1], scale))
         mx.eval(heads[-1])
     return mx.concatenate(heads, axis=1)
 

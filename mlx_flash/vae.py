@@ -219,12 +219,12 @@ class Attention(nn.Module):
         B, H, W, C = x.shape
         h = self.group_norm(x).reshape(B, 1, H * W, C)
         q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)
+        attention = cpu_ops.softmax_attention if on_cpu() else mx.fast.scaled_dot_product_attention
         if (H * W) ** 2 <= ATTENTION_SCORES:
-            h = mx.fast.scaled_dot_product_attention(q, k, v, scale=C**-0.5)
+            h = attention(q, k, v, scale=C**-0.5)
         else:  # large images: queries in chunks, each evaluated before the next so that one set of scores exists
             chunk = ATTENTION_SCORES // (H * W)
-            h = [mx.fast.scaled_dot_product_attention(q[:, :, i : i + chunk], k, v, scale=C**-0.5)
-                 for i in range(0, H * W, chunk)]
+            h = [attention(q[:, :, i : i + chunk], k, v, scale=C**-0.5) for i in range(0, H * W, chunk)]
             for part in h:
                 mx.eval(part)
             h = mx.concatenate(h, axis=2)
