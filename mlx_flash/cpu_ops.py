@@ -26,6 +26,11 @@ def on_cpu() -> bool:
     return mx.default_device() == mx.cpu
 
 
+def fast_path(x: mx.array) -> bool:
+    """Whether the functions here replace MLX's for x: float32 on the CPU backend (half precision keeps MLX's)."""
+    return on_cpu() and x.dtype == mx.float32
+
+
 def _horner(coefficients: tuple[float, ...], x: mx.array) -> mx.array:
     result = coefficients[-1]
     for c in coefficients[-2::-1]:
@@ -50,11 +55,11 @@ def exp_below(x: mx.array, top: mx.array) -> mx.array:
     return y
 
 
-def softmax_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-    """softmax(q k^T * scale) v for (..., tokens, head_dim) arrays, the exponentials from `exp_below`."""
+def softmax_attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float) -> mx.array:
+    """softmax(q k^T * scale) v for float32 (..., tokens, head_dim) arrays, the exponentials from `exp_below`."""
     scores = (q * scale) @ k.swapaxes(-1, -2)
     p = exp_below(scores, scores.max(axis=-1, keepdims=True))
-    return ((p @ v.astype(mx.float32)) / p.sum(axis=-1, keepdims=True)).astype(q.dtype)
+    return (p @ v) / p.sum(axis=-1, keepdims=True)
 
 
 @mx.compile

@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import cpu_ops
-from .cpu_ops import on_cpu
+from .cpu_ops import fast_path, on_cpu
 from .weights import (
     Fuse,
     Rule,
@@ -39,9 +39,10 @@ def attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
     scale = q.shape[-1] ** -0.5
     if not on_cpu():
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+    attend = cpu_ops.softmax_attention if fast_path(q) else mx.fast.scaled_dot_product_attention
     heads = []
     for i in range(q.shape[1]):
-        heads.append(cpu_ops.softmax_attention(q[:, i : i + 1], k[:, i : i + 1], v[:, i : i + 1], scale))
+        heads.append(attend(q[:, i : i + 1], k[:, i : i + 1], v[:, i : i + 1], scale=scale))
         mx.eval(heads[-1])
     return mx.concatenate(heads, axis=1)
 
@@ -237,7 +238,7 @@ class FeedForward(nn.Module):
         self.fc2 = nn.Linear(4 * dim, dim)
 
     def __call__(self, x: mx.array) -> mx.array:
-        gelu = cpu_ops.gelu_approx if on_cpu() else nn.gelu_approx  # MLX's CPU tanh is slow
+        gelu = cpu_ops.gelu_approx if fast_path(x) else nn.gelu_approx  # MLX's CPU tanh is slow
         return self.fc2(gelu(self.fc1(x)))
 
 

@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import cpu_ops
-from .cpu_ops import on_cpu
+from .cpu_ops import fast_path, on_cpu
 from .weights import (
     Rule,
     conv_to_nhwc,
@@ -148,7 +148,7 @@ class Conv2d(nn.Conv2d):
     def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
         k = self.weight.shape[1]
         same = self.stride == (1, 1) and k % 2 and self.padding == ((k - 1) // 2,) * 2
-        if not (on_cpu() and same and x.dtype == mx.float32):
+        if not (same and fast_path(x)):
             y = super().__call__(x)
             return y if residual is None else residual + y
         y = shifted_matmul_conv(x, self.weight)
@@ -176,7 +176,7 @@ class GroupNorm(nn.Module):
         B, H, W, C = x.shape
         g = x.astype(mx.float32).reshape(B, H, W, self.groups, C // self.groups)
         mean, var = group_moments(g) if self.shared is None else self.shared(g)
-        if on_cpu():  # one pass: per-channel statistics and affine parameters broadcast over the pixels
+        if fast_path(x):  # one pass: per-channel statistics and affine parameters broadcast over the pixels
             grouped = (B, 1, 1, self.groups, C // self.groups)
             scale = mx.rsqrt(var + self.eps) * self.weight.reshape(grouped[3:])
             mean, scale = (mx.broadcast_to(a, grouped).reshape(B, 1, 1, C) for a in (mean, scale))
@@ -219,7 +219,7 @@ class Attention(nn.Module):
         B, H, W, C = x.shape
         h = self.group_norm(x).reshape(B, 1, H * W, C)
         q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)
-        attention = cpu_ops.softmax_attention if on_cpu() else mx.fast.scaled_dot_product_attention
+        attention = cpu_ops.softmax_attention if fast_path(q) else mx.fast.scaled_dot_product_attention
         if (H * W) ** 2 <= ATTENTION_SCORES:
             h = attention(q, k, v, scale=C**-0.5)
         else:  # large images: queries in chunks, each evaluated before the next so that one set of scores exists
