@@ -2,7 +2,7 @@
 against diffusers, tiled and untiled, as a markdown table.
 
     python benchmarks/vae_decode.py [--size 1024] [--tile-size 64] [--tile-overlap 16] [--device cpu|gpu]
-                                    [--dtype float32]
+                                    [--dtype float32] [--modes untiled,tiled]
 
 Each row runs in a fresh process. Memory columns:
 - "peak RSS": peak resident memory of the process during the decode (Linux VmHWM, reset just before)
@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("--tile-overlap", type=int, default=16, help="tile overlap in latent pixels")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="gpu: Metal/CUDA MLX and CUDA torch")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    parser.add_argument("--modes", default="untiled,tiled", help="comma-separated: untiled, tiled (default both)")
     parser.add_argument("--part", help=argparse.SUPPRESS)
     args = parser.parse_args()
     tiling = (str(args.tile_size), str(args.tile_overlap))
@@ -143,7 +144,7 @@ def main() -> None:
     print("| framework | mode | time (s) | peak RSS (GiB) | framework peak (GiB) |")
     print("|---|---|---|---|---|")
     seconds = {}
-    for mode in ("untiled", "tiled"):
+    for mode in args.modes.split(","):
         for framework in ("mlx", "diffusers"):  # interleaved: a shared machine's load changes over the run
             need, free = CPU_VAE_BYTES_PER_PIXEL * args.size**2, available_memory()
             if (framework, mode) == ("mlx", "untiled") and mx.default_device() == mx.cpu and need > 0.8 * free:
