@@ -1,26 +1,14 @@
-"""Shared benchmark plumbing: OpenBLAS preloading on Linux, timing, one process per framework."""
+"""Shared benchmark plumbing: OpenBLAS preloading on Linux (mlx_flash.blas), timing, one process per framework."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Callable
 
-OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/libopenblas.so.0")
-
-
-def preload_openblas() -> None:
-    """Re-execute this script with OpenBLAS preloaded (REFERENCE.md, Linux CPU note) when it is installed.
-
-    MLX's Linux CPU wheel bundles a slow reference BLAS; OpenBLAS makes float32 matmul ~30x faster."""
-    if sys.platform == "linux" and OPENBLAS.exists() and str(OPENBLAS) not in os.environ.get("LD_PRELOAD", ""):
-        env = {**os.environ, "LD_PRELOAD": f"{OPENBLAS} {os.environ.get('LD_PRELOAD', '')}".strip()}
-        print(f"[re-executing with LD_PRELOAD={OPENBLAS}]", file=sys.stderr, flush=True)
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+from mlx_flash.blas import ensure_openblas as preload_openblas  # noqa: F401  (the benchmarks' name)
 
 
 def best_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:

@@ -2,10 +2,16 @@
 MLX against diffusers in the same run, with the step's matmul throughput and the time outside matmuls.
 
     python benchmarks/mmdit_step.py [--size 512] [--batch 1] [--repeats 2] [--device cpu|gpu] [--dtype float32]
+                                    [--quantize 4]
 
 Each framework runs in its own process. On Linux the script re-executes itself with OpenBLAS preloaded
 (REFERENCE.md, Linux CPU note). Matmul time is measured by running the step's matrix multiplications alone
 (same shapes, same counts) in each framework; the rest of the step is softmax, activations, norms and copies.
+
+--quantize BITS compares MLX with itself instead: the step of the model quantized as `mlx-flash convert --quantize
+BITS` makes it (4-bit mixed by default) against the float step, each in its own process, with MLX's peak memory
+during the step beside that of the weights and of the largest layer's weight in full precision (on the CPU each
+quantized layer is dequantized just before its matmul, see mlx_flash.quantization).
 """
 
 from __future__ import annotations
@@ -65,32 +71,53 @@ def flops(mm: Counter) -> float:
     return sum(2.0 * b * m * k * n * count for (b, m, k, n), count in mm.items())
 
 
-def mlx_part(args) -> dict:
+def mlx_matmul_times(args, dtype) -> tuple[float, float]:
+    """MLX's float matmul peak (FLOP/s) and the time of the step's matmuls alone (0 with --quantize)."""
     import mlx.core as mx
 
-    from mlx_flash.mmdit import MMDiT
-
-    mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
-    dtype = getattr(mx, args.dtype)
-    mx.random.seed(0)
     a, b = (mx.random.normal((4096, 4096)).astype(dtype) for _ in range(2))
     mx.eval(a, b)
     peak = 2 * 4096**3 / best_time(lambda: mx.eval(a @ b), repeats=5)
     matmul_time = 0.0
     for (bt, m, k, n), count in step_matmuls(args.size, args.batch, per_head=args.device == "cpu").items():
+        if args.quantize:
+            break
         x, w = mx.random.normal((bt, m, k)).astype(dtype), mx.random.normal((bt, k, n)).astype(dtype)
         mx.eval(x, w)
         matmul_time += count * best_time(lambda: mx.eval(x @ w), repeats=3)
+    return peak, matmul_time
+
+
+def mlx_part(args) -> dict:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlx_flash.mmdit import MMDiT
+    from mlx_flash.quantization import Quantization, quantize_model
+
+    mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
+    dtype = getattr(mx, args.dtype)
+    mx.random.seed(0)
+    peak, matmul_time = mlx_matmul_times(args, dtype)
     model = MMDiT(SD35_MEDIUM)
     model.set_dtype(dtype)
+    if args.part == "mlx-quantized":
+        quantize_model(model, Quantization(args.quantize))
+    for block in model.transformer_blocks:  # one block's float weights at a time when quantizing
+        mx.eval(block.parameters())
     mx.eval(model.parameters())
+    base = mx.get_active_memory()
     h = args.size // 8
     inputs = (
         mx.random.normal((args.batch, h, h, 16)).astype(dtype), mx.full((args.batch,), 500.0),
         mx.random.normal((args.batch, CONTEXT_TOKENS, 4096)).astype(dtype), mx.random.normal((args.batch, 2048)).astype(dtype),
     )
+    mx.eval(inputs)
+    mx.reset_peak_memory()
     step = best_time(lambda: mx.eval(model(*inputs)), repeats=args.repeats)
-    return {"step_s": step, "matmul_s": matmul_time, "peak_flops": peak}
+    largest = max(v.size for _, v in tree_flatten(MMDiT(SD35_MEDIUM).parameters()))
+    return {"step_s": step, "matmul_s": matmul_time, "peak_flops": peak, "weights": base,
+            "peak": mx.get_peak_memory(), "largest_layer": largest * 4}
 
 
 def torch_part(args) -> dict:
@@ -126,6 +153,20 @@ def torch_part(args) -> dict:
     return {"step_s": step, "matmul_s": matmul_time, "peak_flops": peak, "threads": torch.get_num_threads()}
 
 
+def quantized(args, extra: list[str]) -> None:
+    """The --quantize comparison: MLX quantized step against MLX float step."""
+    extra = [*extra, "--quantize", str(args.quantize)]
+    results = {name: run_part(__file__, name, *extra) for name in ("mlx", "mlx-quantized")}
+    print(f"SD3.5 Medium transformer, one step, {args.size}x{args.size}, batch {args.batch}, {args.device}: "
+          f"{args.dtype} against {args.quantize}-bit mixed weights (MLX)")
+    print(f"{'':14} {'step s':>8} {'weights GB':>11} {'step peak GB':>13} {'peak - weights GB':>18}")
+    for name, r in results.items():
+        print(f"{name:14} {r['step_s']:8.3f} {r['weights'] / 1e9:11.2f} {r['peak'] / 1e9:13.2f} "
+              f"{(r['peak'] - r['weights']) / 1e9:18.2f}")
+    print(f"largest layer's float32 weight: {results['mlx']['largest_layer'] / 1e9:.3f} GB")
+    print(f"ratio: {results['mlx-quantized']['step_s'] / results['mlx']['step_s']:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
@@ -133,16 +174,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="gpu: Metal/CUDA MLX and CUDA torch")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
-    parser.add_argument("--part", choices=["mlx", "diffusers"], help=argparse.SUPPRESS)
+    parser.add_argument("--quantize", type=int, choices=[2, 3, 4, 5, 6, 8], default=None,
+                        help="compare the step of the model quantized to this many bits with the float one (MLX)")
+    parser.add_argument("--part", choices=["mlx", "mlx-quantized", "diffusers"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.part:
-        print(json.dumps((mlx_part if args.part == "mlx" else torch_part)(args)))
+        print(json.dumps((torch_part if args.part == "diffusers" else mlx_part)(args)))
         return
     if args.device == "cpu":
         preload_openblas()
     total = flops(step_matmuls(args.size, args.batch, per_head=False))
     extra = ["--size", str(args.size), "--batch", str(args.batch), "--repeats", str(args.repeats),
              "--device", args.device, "--dtype", args.dtype]
+    if args.quantize:
+        quantized(args, extra)
+        return
     results = {name: run_part(__file__, name, *extra) for name in ("mlx", "diffusers")}
     print(f"SD3.5 Medium transformer, one step, {args.size}x{args.size}, batch {args.batch}, {args.dtype}, {args.device}, "
           f"{total / 1e12:.2f} TFLOP of matmuls")

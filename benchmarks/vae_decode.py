@@ -2,7 +2,7 @@
 against diffusers, tiled and untiled, as a markdown table.
 
     python benchmarks/vae_decode.py [--size 1024] [--tile-size 64] [--tile-overlap 16] [--device cpu|gpu]
-                                    [--dtype float32]
+                                    [--dtype float32] [--modes untiled,tiled]
 
 Each row runs in a fresh process. Memory columns:
 - "peak RSS": peak resident memory of the process during the decode (Linux VmHWM, reset just before)
@@ -12,10 +12,13 @@ Each row runs in a fresh process. Memory columns:
   this includes the unfolded inputs of convolutions, 9x the input of a 3x3 conv); on a GPU, also PyTorch's
   torch.cuda.max_memory_allocated() (on the CPU PyTorch has no such counter).
 Times: the second of two decodes (the first compiles GPU kernels); peaks: over both.
-Diffusers' tiling uses our tile size and overlap (SD3's config would tile only above 1024x1024).
+Diffusers' tiling uses our tile size and overlap (SD3's config would tile only above 1024x1024). Rows run
+MLX and diffusers alternately. The last line is the ratio of MLX's time in the mode mlx-flash picks by default at
+this size (on the CPU: untiled up to 512x512, exact tiling above) to diffusers' untiled time.
 On Linux the script re-executes itself with OpenBLAS preloaded (MLX's bundled BLAS is ~30x slower).
-MLX untiled is skipped on the CPU when its measured memory scaling (7.5 GiB at 512x512, growing with the
-pixel count) exceeds the memory available.
+MLX untiled in half precision is skipped on the CPU when its measured memory scaling (7.5 GiB at 512x512, growing
+with the pixel count: MLX's CPU convolutions unfold their input; float32 ones are matmuls here) exceeds the memory
+available.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ sys.path[:0] = [str(ROOT)]
 
 from benchmarks.common import preload_openblas, run_part  # noqa: E402
 from mlx_flash.memory import CPU_VAE_BYTES_PER_PIXEL  # noqa: E402
+from mlx_flash.vae import VAEConfig  # noqa: E402
 
 GiB = 2**30
 
@@ -119,6 +123,7 @@ def main() -> None:
     parser.add_argument("--tile-overlap", type=int, default=16, help="tile overlap in latent pixels")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="gpu: Metal/CUDA MLX and CUDA torch")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    parser.add_argument("--modes", default="untiled,tiled", help="comma-separated: untiled, tiled (default both)")
     parser.add_argument("--part", help=argparse.SUPPRESS)
     args = parser.parse_args()
     tiling = (str(args.tile_size), str(args.tile_overlap))
@@ -139,16 +144,24 @@ def main() -> None:
           f"overlap {args.tile_overlap * 8} px\n")
     print("| framework | mode | time (s) | peak RSS (GiB) | framework peak (GiB) |")
     print("|---|---|---|---|---|")
-    for framework in ("mlx", "diffusers"):
-        for mode in ("untiled", "tiled"):
+    seconds = {}
+    for mode in args.modes.split(","):
+        for framework in ("mlx", "diffusers"):  # interleaved: a shared machine's load changes over the run
             need, free = CPU_VAE_BYTES_PER_PIXEL * args.size**2, available_memory()
-            if (framework, mode) == ("mlx", "untiled") and mx.default_device() == mx.cpu and need > 0.8 * free:
+            unfolds = mx.default_device() == mx.cpu and args.dtype != "float32"  # MLX's own CPU convolutions
+            if (framework, mode) == ("mlx", "untiled") and unfolds and need > 0.8 * free:
                 print(f"| {framework} | {mode} | skipped: needs ~{need / GiB:.0f} GiB, {free / GiB:.0f} free | | |")
                 continue
             r = run_part(__file__, f"{framework}:{mode}", "--size", str(args.size), "--tile-size", tiling[0],
                          "--tile-overlap", tiling[1], "--device", args.device, "--dtype", args.dtype)
+            seconds[framework, mode] = r["seconds"]
             peak = f"{r['peak'] / GiB:.2f}" if r["peak"] is not None else "-"
             print(f"| {framework} | {mode} | {r['seconds']:.2f} | {r['rss'] / GiB:.2f} | {peak} |", flush=True)
+    latent = args.size // 8
+    tiles = VAEConfig(tile_size=args.tile_size, tile_overlap=args.tile_overlap).tiles(latent, latent)
+    default = "tiled" if tiles else "untiled"
+    print(f"\nMLX {default} (mlx-flash's default at this size) against diffusers untiled:")
+    print(f"ratio: {seconds['mlx', default] / seconds['diffusers', 'untiled']:.2f}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .blas import ensure_openblas
 from .files import first_line
 from .version import __version__
 
@@ -442,7 +443,10 @@ def models(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; every failure is one line on stderr (exit 1; 2 for usage, 130 for Ctrl-C)."""
+    """Run the command line `argv` (None: this process's, with OpenBLAS preloaded on Linux, see mlx_flash.blas);
+    every failure is one line on stderr (exit 1; 2 for usage, 130 for Ctrl-C)."""
+    if argv is None:
+        ensure_openblas()
     try:
         args = build_parser().parse_args(argv)
         logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,

@@ -12,6 +12,8 @@ from typing import Iterable, Mapping, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import cpu_ops
+from .cpu_ops import fast_path, on_cpu
 from .weights import (
     Fuse,
     Rule,
@@ -32,14 +34,15 @@ def attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
     """Scaled dot-product attention of (B, heads, tokens, head_dim) arrays. On the CPU, where attention is not
     fused, one head at a time, each evaluated before the next: the scores of one head exist at once instead of
     all heads' (24x less memory for SD3.5), and MLX's q k^T products (K = 64) run at about three quarters of the
-    float32 matmul peak instead of a quarter for all heads batched (benchmarks/mmdit_step.py)."""
+    float32 matmul peak instead of a quarter for all heads batched (benchmarks/mmdit_step.py); the softmax's
+    exponentials are `cpu_ops.exp_below` (MLX's CPU exp is scalar)."""
     scale = q.shape[-1] ** -0.5
-    if mx.default_device() != mx.cpu:
+    if not on_cpu():
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+    attend = cpu_ops.softmax_attention if fast_path(q) else mx.fast.scaled_dot_product_attention
     heads = []
     for i in range(q.shape[1]):
-        heads.append(mx.fast.scaled_dot_product_attention(q[:, i : i + 1], k[:, i : i + 1], v[:, i : i + 1],
-                                                          scale=scale))
+        heads.append(attend(q[:, i : i + 1], k[:, i : i + 1], v[:, i : i + 1], scale=scale))
         mx.eval(heads[-1])
     return mx.concatenate(heads, axis=1)
 
@@ -239,7 +242,8 @@ class FeedForward(nn.Module):
         self.fc2 = nn.Linear(4 * dim, dim)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(nn.gelu_approx(self.fc1(x)))
+        gelu = cpu_ops.gelu_approx if fast_path(x) else nn.gelu_approx  # MLX's CPU tanh is slow
+        return self.fc2(gelu(self.fc1(x)))
 
 
 class AdaNorm(nn.Module):

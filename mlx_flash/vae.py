@@ -17,6 +17,8 @@ from typing import Callable, Mapping
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import cpu_ops
+from .cpu_ops import fast_path, on_cpu
 from .weights import (
     Rule,
     conv_to_nhwc,
@@ -125,10 +127,50 @@ ATTENTION_SCORES = 2**26  # attention scores computed at once in the mid-blocks 
 
 def group_moments(g: mx.array) -> tuple[mx.array, mx.array]:
     """Mean and variance per group of g (B, H, W, groups, channels per group), each (B, 1, 1, groups, 1).
-    Each group's values are made contiguous first: GPU reductions over strided axes are slow."""
+    On a GPU each group's values are made contiguous first: GPU reductions over strided axes are slow."""
+    if on_cpu():
+        return g.mean(axis=(1, 2, 4), keepdims=True), g.var(axis=(1, 2, 4), keepdims=True)
     B, H, W, G, C = g.shape
     flat = g.transpose(0, 3, 1, 2, 4).reshape(B, G, H * W * C)
     return flat.mean(axis=-1).reshape(B, 1, 1, G, 1), flat.var(axis=-1).reshape(B, 1, 1, G, 1)
+
+
+def shifted_matmul_conv(x: mx.array, weight: mx.array) -> mx.array:
+    """Stride-1 convolution of x (B, H, W, C) with an odd k x k kernel (O, k, k, C), zero padding (k - 1) / 2,
+    as k * k accumulated matmuls. The padded input is flattened to rows; the tap (i, j) of every output pixel is
+    then the same contiguous run of rows shifted by i * padded width + j, so nothing is unfolded. Each output row
+    also gets (k - 1) wrapped-around pixels, cropped at the end (the result is a strided view)."""
+    B, H, W, C = x.shape
+    k = weight.shape[1]
+    pad = (k - 1) // 2
+    if pad:
+        x = mx.pad(x, [(0, 0), (pad, pad + 1), (pad, pad), (0, 0)])  # one more row: the last taps' overrun
+    width = W + 2 * pad
+    rows = x.reshape(B, -1, C)
+    out = None
+    for i in range(k):
+        for j in range(k):
+            start = i * width + j
+            tap, w = rows[:, start : start + H * width], weight[:, i, j].T
+            out = tap @ w if out is None else mx.addmm(out, tap, w)
+    return out.reshape(B, H, width, -1)[:, :, :W]
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d with an optional residual added to its output. On the CPU backend, whose convolutions unfold
+    their input, the float32 stride-1 'same' ones run as BLAS matmuls (`shifted_matmul_conv`), their bias and
+    residual added in the pass that crops the result."""
+
+    def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
+        k = self.weight.shape[1]
+        same = self.stride == (1, 1) and k % 2 and self.padding == ((k - 1) // 2,) * 2
+        if not (same and fast_path(x)):
+            y = super().__call__(x)
+            return y if residual is None else residual + y
+        y = shifted_matmul_conv(x, self.weight)
+        if "bias" in self:
+            y = y + self.bias
+        return y if residual is None else residual + y
 
 
 class GroupNorm(nn.Module):
@@ -145,30 +187,37 @@ class GroupNorm(nn.Module):
         self.eps = eps
         self.shared: TileStatistics | None = None
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, silu: bool = False) -> mx.array:
+        """GroupNorm(x), followed by SiLU if `silu`."""
         B, H, W, C = x.shape
         g = x.astype(mx.float32).reshape(B, H, W, self.groups, C // self.groups)
         mean, var = group_moments(g) if self.shared is None else self.shared(g)
+        if fast_path(x):  # one pass: per-channel statistics and affine parameters broadcast over the pixels
+            grouped = (B, 1, 1, self.groups, C // self.groups)
+            scale = mx.rsqrt(var + self.eps) * self.weight.reshape(grouped[3:])
+            mean, scale = (mx.broadcast_to(a, grouped).reshape(B, 1, 1, C) for a in (mean, scale))
+            y = (cpu_ops.normalize_silu if silu else cpu_ops.normalize)(x, mean, scale, self.bias)
+            return y.astype(x.dtype)
         g = ((g - mean) * mx.rsqrt(var + self.eps)).reshape(B, H, W, C)
-        return (g * self.weight + self.bias).astype(x.dtype)
+        y = (g * self.weight + self.bias).astype(x.dtype)
+        return nn.silu(y) if silu else y
 
 
 class ResnetBlock(nn.Module):
     def __init__(self, in_dims: int, out_dims: int, groups: int):
         super().__init__()
         self.norm1 = GroupNorm(in_dims, groups)
-        self.conv1 = nn.Conv2d(in_dims, out_dims, 3, padding=1)
+        self.conv1 = Conv2d(in_dims, out_dims, 3, padding=1)
         self.norm2 = GroupNorm(out_dims, groups)
-        self.conv2 = nn.Conv2d(out_dims, out_dims, 3, padding=1)
+        self.conv2 = Conv2d(out_dims, out_dims, 3, padding=1)
         if in_dims != out_dims:
-            self.conv_shortcut = nn.Conv2d(in_dims, out_dims, 1)
+            self.conv_shortcut = Conv2d(in_dims, out_dims, 1)
 
     def __call__(self, x: mx.array) -> mx.array:
-        h = self.conv1(nn.silu(self.norm1(x)))
-        h = self.conv2(nn.silu(self.norm2(h)))
+        h = self.conv1(self.norm1(x, silu=True))
         if "conv_shortcut" in self:
             x = self.conv_shortcut(x)
-        return x + h
+        return self.conv2(self.norm2(h, silu=True), residual=x)
 
 
 class Attention(nn.Module):
@@ -186,12 +235,12 @@ class Attention(nn.Module):
         B, H, W, C = x.shape
         h = self.group_norm(x).reshape(B, 1, H * W, C)
         q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)
+        attention = cpu_ops.softmax_attention if fast_path(q) else mx.fast.scaled_dot_product_attention
         if (H * W) ** 2 <= ATTENTION_SCORES:
-            h = mx.fast.scaled_dot_product_attention(q, k, v, scale=C**-0.5)
+            h = attention(q, k, v, scale=C**-0.5)
         else:  # large images: queries in chunks, each evaluated before the next so that one set of scores exists
             chunk = ATTENTION_SCORES // (H * W)
-            h = [mx.fast.scaled_dot_product_attention(q[:, :, i : i + chunk], k, v, scale=C**-0.5)
-                 for i in range(0, H * W, chunk)]
+            h = [attention(q[:, :, i : i + chunk], k, v, scale=C**-0.5) for i in range(0, H * W, chunk)]
             for part in h:
                 mx.eval(part)
             h = mx.concatenate(h, axis=2)
@@ -213,7 +262,7 @@ class Downsample(nn.Module):
 
     def __init__(self, dims: int):
         super().__init__()
-        self.conv = nn.Conv2d(dims, dims, 3, stride=2)
+        self.conv = Conv2d(dims, dims, 3, stride=2)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.conv(mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)]))
@@ -224,7 +273,7 @@ class Upsample(nn.Module):
 
     def __init__(self, dims: int):
         super().__init__()
-        self.conv = nn.Conv2d(dims, dims, 3, padding=1)
+        self.conv = Conv2d(dims, dims, 3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
         B, H, W, C = x.shape
@@ -264,14 +313,14 @@ class Encoder(nn.Module):
     def __init__(self, config: VAEConfig):
         super().__init__()
         dims, groups, levels = config.block_out_channels, config.norm_num_groups, len(config.block_out_channels)
-        self.conv_in = nn.Conv2d(config.in_channels, dims[0], 3, padding=1)
+        self.conv_in = Conv2d(config.in_channels, dims[0], 3, padding=1)
         self.down_blocks = [
             EncoderBlock(dims[max(i - 1, 0)], dims[i], config.layers_per_block, groups, i < levels - 1)
             for i in range(levels)
         ]
         self.mid_block = MidBlock(dims[-1], groups)
         self.conv_norm_out = GroupNorm(dims[-1], groups)
-        self.conv_out = nn.Conv2d(dims[-1], 2 * config.latent_channels, 3, padding=1)
+        self.conv_out = Conv2d(dims[-1], 2 * config.latent_channels, 3, padding=1)
 
     def downsample(self, x: mx.array) -> mx.array:
         """The full-resolution part: image -> features at latent resolution."""
@@ -283,7 +332,7 @@ class Encoder(nn.Module):
     def middle(self, x: mx.array) -> mx.array:
         """The latent-resolution part (global attention): features -> posterior moments."""
         x = self.mid_block(x)
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out(x, silu=True))
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.middle(self.downsample(x))
@@ -295,14 +344,14 @@ class Decoder(nn.Module):
     def __init__(self, config: VAEConfig):
         super().__init__()
         dims, groups, levels = config.block_out_channels[::-1], config.norm_num_groups, len(config.block_out_channels)
-        self.conv_in = nn.Conv2d(config.latent_channels, dims[0], 3, padding=1)
+        self.conv_in = Conv2d(config.latent_channels, dims[0], 3, padding=1)
         self.mid_block = MidBlock(dims[0], groups)
         self.up_blocks = [
             DecoderBlock(dims[max(i - 1, 0)], dims[i], config.layers_per_block + 1, groups, i < levels - 1)
             for i in range(levels)
         ]
         self.conv_norm_out = GroupNorm(dims[-1], groups)
-        self.conv_out = nn.Conv2d(dims[-1], config.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(dims[-1], config.out_channels, 3, padding=1)
 
     def middle(self, z: mx.array) -> mx.array:
         """The latent-resolution part (global attention): latents -> features."""
@@ -312,7 +361,7 @@ class Decoder(nn.Module):
         """The upsampling part: features -> image."""
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out(x, silu=True))
 
     def __call__(self, z: mx.array) -> mx.array:
         return self.upsample(self.middle(z))
@@ -461,9 +510,9 @@ class Autoencoder(nn.Module):
         self.decoder = Decoder(config)
         moments = 2 * config.latent_channels
         if config.use_quant_conv:
-            self.quant_conv = nn.Conv2d(moments, moments, 1)
+            self.quant_conv = Conv2d(moments, moments, 1)
         if config.use_post_quant_conv:
-            self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
+            self.post_quant_conv = Conv2d(config.latent_channels, config.latent_channels, 1)
 
     @property
     def dtype(self) -> mx.Dtype:

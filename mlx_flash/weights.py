@@ -20,6 +20,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .layout import read_json
+from .quantization import quantize_layers
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
@@ -228,12 +229,8 @@ def quantize_like(model: nn.Module, weights: Mapping[str, mx.array], quantizatio
     so that a quantized checkpoint loads without ever being materialised in full precision. Layers named
     in `quantization` ({path: {"group_size", "bits"}}, MLX's convention) get their own settings."""
     if quantization:
-        nn.quantize(
-            model,
-            group_size=quantization["group_size"],
-            bits=quantization["bits"],
-            class_predicate=lambda path, module: f"{path}.scales" in weights and quantization.get(path, True),
-        )
+        quantize_layers(model, quantization["group_size"], quantization["bits"],
+                        lambda path, module: f"{path}.scales" in weights and quantization.get(path, True))
     return model
 
 

@@ -1,0 +1,111 @@
+"""Encode time of one prompt by the three SD3 text encoders (random weights, float32): MLX against transformers,
+each encoder and framework in its own process, as a markdown table.
+
+    python benchmarks/text_encoders.py [--device cpu|gpu] [--t5-layers N] [--repeats 3]
+
+CLIP-L and CLIP-G encode 77 tokens, T5-XXL 256. T5-XXL has 24 layers (18.5 GB in float32); by default it runs
+with as many as fit in 60% of the available memory, said in its row. On Linux the script re-executes itself with
+OpenBLAS preloaded (mlx_flash.blas). The last line is the ratio of the summed MLX times to the summed
+transformers times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import best_time, preload_openblas, run_part  # noqa: E402
+from mlx_flash.clip import CLIP_G, CLIP_L  # noqa: E402
+from mlx_flash.t5 import T5_XXL  # noqa: E402
+
+TOKENS = {"clip_l": 77, "clip_g": 77, "t5": 256}
+T5_LAYER_BYTES = 4 * (4 * 4096 * 4096 + 3 * 4096 * 10240)
+
+
+def config(name: str, t5_layers: int):
+    return {"clip_l": CLIP_L, "clip_g": CLIP_G, "t5": replace(T5_XXL, num_layers=t5_layers)}[name]
+
+
+def mlx_part(name: str, t5_layers: int, device: str, repeats: int) -> float:
+    import mlx.core as mx
+
+    from mlx_flash.clip import CLIPTextModel
+    from mlx_flash.t5 import T5Encoder
+
+    mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
+    mx.random.seed(0)
+    model = (T5Encoder if name == "t5" else CLIPTextModel)(config(name, t5_layers))
+    mx.eval(model.parameters())
+    ids = mx.random.randint(0, 30000, (1, TOKENS[name]))
+    return best_time(lambda: mx.eval(model(ids)), repeats=repeats)
+
+
+def transformers_part(name: str, t5_layers: int, device: str, repeats: int) -> float:
+    import torch
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+        T5Config,
+        T5EncoderModel,
+    )
+
+    device = "cuda" if device == "gpu" else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    c = config(name, t5_layers)
+    if name == "t5":
+        cls, hf = T5EncoderModel, T5Config(**c.to_dict())
+    else:
+        cls, hf = CLIPTextModelWithProjection, CLIPTextConfig(**c.to_dict())
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = cls(hf).eval()
+    ids = torch.randint(0, 30000, (1, TOKENS[name]), device=device)
+    with torch.inference_mode():
+        return best_time(lambda: (model(ids), sync()), repeats=repeats)
+
+
+def available_memory() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 2**62
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="gpu: Metal/CUDA MLX, CUDA torch")
+    parser.add_argument("--t5-layers", type=int, default=None, help="T5-XXL depth (default: what fits, at most 24)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--part", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    layers = args.t5_layers or max(1, min(T5_XXL.num_layers, int(0.6 * available_memory() / T5_LAYER_BYTES)))
+    if args.part:
+        framework, name = args.part.split(":")
+        run = mlx_part if framework == "mlx" else transformers_part
+        print(json.dumps({"seconds": run(name, layers, args.device, args.repeats)}))
+        return
+    if args.device == "cpu":
+        preload_openblas()
+    print(f"SD3 text encoders, one prompt, float32, random weights, {args.device}\n")
+    print("| encoder | tokens | MLX (s) | transformers (s) | ratio |")
+    print("|---|---|---|---|---|")
+    totals = {"mlx": 0.0, "transformers": 0.0}
+    for name in TOKENS:
+        times = {}
+        for framework in totals:
+            extra = ["--device", args.device, "--t5-layers", str(layers), "--repeats", str(args.repeats)]
+            times[framework] = run_part(__file__, f"{framework}:{name}", *extra)["seconds"]
+            totals[framework] += times[framework]
+        label = f"T5-XXL ({layers} of 24 layers)" if name == "t5" else {"clip_l": "CLIP-L", "clip_g": "CLIP-G"}[name]
+        print(f"| {label} | {TOKENS[name]} | {times['mlx']:.3f} | {times['transformers']:.3f} | "
+              f"{times['mlx'] / times['transformers']:.2f} |", flush=True)
+    print(f"ratio: {totals['mlx'] / totals['transformers']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
