@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
-from huggingface_hub import snapshot_download
+from huggingface_hub import hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
+    RemoteEntryNotFoundError,
     GatedRepoError,
     HfHubHTTPError,
     HFValidationError,
@@ -64,15 +67,11 @@ def _first_line(err: Exception) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
-def _download(repo: str, use_t5: bool, revision: str | None, token: str | None) -> Path:
+@contextmanager
+def _hub_errors(repo: str, revision: str | None) -> Iterator[None]:
+    """Turn huggingface_hub's exceptions into one-line `ModelNotFoundError`s naming the fix."""
     try:
-        folder = snapshot_download(
-            repo,
-            revision=revision,
-            token=token,
-            allow_patterns=allow_patterns(use_t5),
-            ignore_patterns=IGNORE_PATTERNS,
-        )
+        yield
     except GatedRepoError as err:
         raise ModelNotFoundError(
             f"{repo} is gated: accept its licence at https://huggingface.co/{repo}, "
@@ -88,6 +87,8 @@ def _download(repo: str, use_t5: bool, revision: str | None, token: str | None) 
             f"{repo}: revision {revision or 'main'!r} not found; pass an existing branch, tag or commit, "
             "or no revision."
         ) from err
+    except RemoteEntryNotFoundError as err:  # a file missing from an existing repository
+        raise ModelNotFoundError(f"{repo}: {_first_line(err)}; check the file name in the repository.") from err
     except (LocalEntryNotFoundError, ConnectionError, TransportError) as err:  # incl. OfflineModeIsEnabled
         raise ModelNotFoundError(
             f"{repo} is not (fully) in the Hugging Face cache and the Hub cannot be reached; connect to the "
@@ -98,6 +99,17 @@ def _download(repo: str, use_t5: bool, revision: str | None, token: str | None) 
             f"{repo}: the Hugging Face Hub answered with an error ({_first_line(err)}); retry later or pass a "
             "local model folder."
         ) from err
+
+
+def _download(repo: str, use_t5: bool, revision: str | None, token: str | None) -> Path:
+    with _hub_errors(repo, revision):
+        folder = snapshot_download(
+            repo,
+            revision=revision,
+            token=token,
+            allow_patterns=allow_patterns(use_t5),
+            ignore_patterns=IGNORE_PATTERNS,
+        )
     folder = Path(folder)
     if not _is_model_dir(folder):
         raise ModelNotFoundError(
@@ -105,6 +117,12 @@ def _download(repo: str, use_t5: bool, revision: str | None, token: str | None) 
             f"{EXAMPLE_REPO}, or a local model folder."
         )
     return folder
+
+
+def download_file(repo: str, filename: str, revision: str | None = None, token: str | None = None) -> Path:
+    """One file of a Hugging Face repo (ORG/NAME), fetched into the HF cache; errors as `resolve_model_dir`'s."""
+    with _hub_errors(repo, revision):
+        return Path(hf_hub_download(repo, filename, revision=revision, token=token))
 
 
 def is_repo_id(name: str) -> bool:

@@ -1,0 +1,318 @@
+"""LoRA adapters against diffusers + peft: tiny random SD3 / SD3.5 transformers and CLIP encoders, two LoRAs made
+with peft (different ranks, alphas, rank / alpha patterns) and saved by diffusers' `save_lora_weights`, loaded by
+diffusers' SD3 loader and mixed with `set_adapters([a, b], [0.7, 0.4])`; the same adapters in the other namings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+from safetensors.torch import save_file
+from transformers import CLIPTextModelWithProjection
+
+from lora_maker import CLIP_TARGETS, TRANSFORMER_TARGETS, add_adapter, save_lora, to_kohya
+from mlx_flash import lora
+from mlx_flash.clip import load_clip
+from mlx_flash.mmdit import load_mmdit
+from mlx_flash.quantization import quantized
+from tiny import randomize
+
+SCALES = [0.7, 0.4]
+TINY = dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=3, attention_head_dim=8,
+            num_attention_heads=3, joint_attention_dim=40, caption_projection_dim=24, pooled_projection_dim=20,
+            pos_embed_max_size=16)
+VARIANTS = {
+    "sd3.5-medium": dict(qk_norm="rms_norm", dual_attention_layers=(0, 1)),
+    "sd3-medium": dict(qk_norm=None),
+    "sd3.5-large": dict(qk_norm="rms_norm"),
+}
+WIDE = dict(TINY, attention_head_dim=32, num_attention_heads=2, caption_projection_dim=64, joint_attention_dim=64,
+            pooled_projection_dim=64)  # widths that 4-bit quantization (groups of 64) takes
+
+
+def make_loras(model: torch.nn.Module, folder: Path, text_encoders=(None, None)) -> list[Path]:
+    """LoRA a: transformer, rank 4 (to_k 2), alpha 8 (proj_out 3); LoRA b: rank 3, alpha 1.5, and rank 2, alpha 4 on
+    both CLIPs when given. Large enough that each changes the output far beyond the tolerances."""
+    a = add_adapter(model, "a", TRANSFORMER_TARGETS, 1, 0.15, r=4, lora_alpha=8, rank_pattern={"to_k": 2},
+                    alpha_pattern={"proj_out": 3})
+    b = add_adapter(model, "b", TRANSFORMER_TARGETS, 2, 0.2, r=3, lora_alpha=1.5)
+    te = [add_adapter(m, "b", CLIP_TARGETS, 3 + i, 0.3, r=2, lora_alpha=4) if m is not None else None
+          for i, m in enumerate(text_encoders)]
+    return [save_lora(folder / "a.safetensors", transformer=a),
+            save_lora(folder / "b.safetensors", transformer=b, text_encoder=te[0], text_encoder_2=te[1])]
+
+
+def diffusers_transformer(path: Path, files: list[Path], scales=SCALES) -> SD3Transformer2DModel:
+    """The reference: diffusers' SD3 LoRA loader (what load_lora_weights runs for the transformer)."""
+    model = SD3Transformer2DModel.from_pretrained(path)
+    for name, file in zip("ab", files):
+        state, metadata = StableDiffusion3Pipeline.lora_state_dict(str(file), return_lora_metadata=True)
+        StableDiffusion3Pipeline.load_lora_into_transformer(state, model, adapter_name=name, metadata=metadata)
+    model.set_adapters(list("ab")[: len(files)], scales)
+    return model.eval()
+
+
+def inputs(config: dict, seed: int = 0) -> tuple:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((2, 16, 8, 12)).astype(np.float32),
+            np.array([900.0, 250.0], np.float32),
+            rng.standard_normal((2, 7, config["joint_attention_dim"])).astype(np.float32),
+            rng.standard_normal((2, config["pooled_projection_dim"])).astype(np.float32))
+
+
+def run_reference(model, x) -> np.ndarray:
+    latents, t, ctx, pooled = (torch.from_numpy(a) for a in x)
+    with torch.no_grad():
+        return model(hidden_states=latents, timestep=t, encoder_hidden_states=ctx, pooled_projections=pooled).sample.numpy()
+
+
+def run_ours(model, x) -> np.ndarray:
+    latents, t, ctx, pooled = x
+    out = model(mx.array(latents.transpose(0, 2, 3, 1)), mx.array(t), mx.array(ctx), mx.array(pooled))
+    return np.array(out).transpose(0, 3, 1, 2)
+
+
+def rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def build(variant: str, folder: Path) -> tuple:
+    """(variant, transformer folder, [LoRA a, LoRA b], config) of a tiny random transformer in `variant`'s style."""
+    torch.manual_seed(0)
+    config = dict(TINY, **VARIANTS[variant])
+    randomize(SD3Transformer2DModel(**config), 0).save_pretrained(folder / "transformer")
+    files = make_loras(SD3Transformer2DModel.from_pretrained(folder / "transformer"), folder)
+    return variant, folder / "transformer", files, config
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def tiny_loras(request, tmp_path_factory):
+    return build(request.param, tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture(scope="module")
+def medium_loras(tmp_path_factory):
+    """The SD3.5-Medium style only: the namings and the error messages do not depend on the architecture."""
+    return build("sd3.5-medium", tmp_path_factory.mktemp("medium"))
+
+
+def ours_with(path: Path, files: list[Path], scales=SCALES):
+    model = load_mmdit(path)
+    shared = lora.LoRAScales(scales)
+    lora.apply_loras(model, "transformer", [lora.read_lora(f) for f in files], shared)
+    return model, shared
+
+
+def test_transformer_parity_unfused_and_fused(tiny_loras):
+    name, path, files, config = tiny_loras
+    x = inputs(config)
+    ref = run_reference(diffusers_transformer(path, files), x)
+    base = run_ours(load_mmdit(path), x)
+    model, _ = ours_with(path, files)
+    unfused = run_ours(model, x)
+    report = lora.fuse_loras(model)
+    fused = run_ours(model, x)
+    print(f"\n{name}: LoRA effect {rel(base, ref):.3f}, unfused {rel(unfused, ref):.1e}, fused {rel(fused, ref):.1e}, "
+          f"{report.layers} layers fused")
+    assert rel(base, ref) > 0.05  # the adapters matter far beyond the tolerance
+    assert rel(unfused, ref) <= 1e-5
+    assert rel(fused, ref) <= 1e-5
+    assert not lora.lora_layers(model) and report.requantized == 0
+
+
+def test_every_target_is_adapted(tiny_loras):
+    """Each targeted diffusers module lands on one of our layers (q/k/v into the fused ones)."""
+    name, path, files, _ = tiny_loras
+    model, _ = ours_with(path, files[:1])
+    layers = set(lora.lora_layers(model))
+    expected = {"proj_out", "norm_out.linear"}
+    for i in range(3):
+        block = f"transformer_blocks.{i}"
+        expected |= {f"{block}.{m}" for m in ("attn.qkv", "attn.add_qkv", "attn.to_out", "ff.fc1", "ff.fc2",
+                                              "norm1.linear", "norm1_context.linear")}
+        if i < 2:
+            expected |= {f"{block}.{m}" for m in ("attn.to_add_out", "ff_context.fc1", "ff_context.fc2")}
+        if i in VARIANTS[name].get("dual_attention_layers", ()):
+            expected |= {f"{block}.attn2.qkv", f"{block}.attn2.to_out"}
+    assert layers == expected
+
+
+def test_scales_change_without_reload(tiny_loras):
+    name, path, files, config = tiny_loras
+    x = inputs(config, seed=1)
+    model, shared = ours_with(path, files, [0.0, 0.0])
+    assert np.array_equal(run_ours(model, x), run_ours(load_mmdit(path), x))
+    shared.values[:] = [1.0, -0.5]
+    assert rel(run_ours(model, x), run_reference(diffusers_transformer(path, files, [1.0, -0.5]), x)) <= 1e-5
+
+
+@pytest.mark.parametrize("style", ["kohya", "kohya-split-qkv", "comfy", "onetrainer"])
+def test_other_namings_give_identical_outputs(medium_loras, tmp_path, style):
+    name, path, files, config = medium_loras
+    split = style == "kohya-split-qkv"
+    files = files[1:] if split else files  # split_qkv needs one rank for q, k and v: LoRA b
+    converted = [to_kohya(f, tmp_path / f"{style}-{f.name}", config["num_layers"], style=style.split("-")[0],
+                          split_qkv=split) for f in files]
+    x = inputs(config, seed=2)
+    expected = run_ours(ours_with(path, files, SCALES[: len(files)])[0], x)
+    got = run_ours(ours_with(path, converted, SCALES[: len(files)])[0], x)
+    print(f"\n{style}: {rel(got, expected):.1e}")
+    assert rel(got, expected) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def clip_loras(tiny_pipeline_dir, tmp_path_factory):
+    """LoRA b of make_loras on the tiny pipeline's transformer and both CLIPs, and the encoders with it loaded by
+    diffusers' SD3 text-encoder loader."""
+    folder = tmp_path_factory.mktemp("clip_loras")
+    encoders = [CLIPTextModelWithProjection.from_pretrained(tiny_pipeline_dir / n) for n in ("text_encoder", "text_encoder_2")]
+    transformer = SD3Transformer2DModel.from_pretrained(tiny_pipeline_dir / "transformer")
+    files = make_loras(transformer, folder, encoders)
+    refs = []
+    for name in ("text_encoder", "text_encoder_2"):
+        model = CLIPTextModelWithProjection.from_pretrained(tiny_pipeline_dir / name)
+        state, metadata = StableDiffusion3Pipeline.lora_state_dict(str(files[1]), return_lora_metadata=True)
+        StableDiffusion3Pipeline.load_lora_into_text_encoder(state, None, model, prefix=name, adapter_name="b",
+                                                             metadata=metadata)
+        from diffusers.utils.peft_utils import set_weights_and_activate_adapters
+
+        set_weights_and_activate_adapters(model, ["b"], [SCALES[1]])
+        refs.append(model.eval())
+    return files, refs
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_clip_parity(tiny_pipeline_dir, clip_loras, tmp_path, index):
+    files, refs = clip_loras
+    name = ("text_encoder", "text_encoder_2")[index]
+    ids = np.random.default_rng(index).integers(0, 49406, (2, 77))
+    ids[:, 0], ids[:, 20] = 49406, 49407
+    with torch.no_grad():
+        out = refs[index](torch.from_numpy(ids), output_hidden_states=True)
+    ref_tokens, ref_pooled = out.hidden_states[-2].numpy(), out.text_embeds.numpy()
+    base_tokens, _ = load_clip(tiny_pipeline_dir / name)(mx.array(ids))
+    for source in (files[1], to_kohya(files[1], tmp_path / "kohya.safetensors", 3)):
+        model = load_clip(tiny_pipeline_dir / name)
+        lora.apply_loras(model, name, [lora.read_lora(source)], lora.LoRAScales([SCALES[1]]))
+        tokens, pooled = model(mx.array(ids))
+        print(f"\n{name} {source.name}: effect {rel(np.array(base_tokens), ref_tokens):.3f}, "
+              f"tokens {rel(np.array(tokens), ref_tokens):.1e}, pooled {rel(np.array(pooled), ref_pooled):.1e}")
+        assert rel(np.array(base_tokens), ref_tokens) > 0.05
+        assert rel(np.array(tokens), ref_tokens) <= 1e-5 and rel(np.array(pooled), ref_pooled) <= 1e-5
+
+
+def test_quantized_base_takes_adapters(tmp_path):
+    """4-bit transformer: each adapted layer's output is the quantized layer's plus the adapter delta of the
+    full-precision model (checked against diffusers above); fusing requantizes and reports the added error."""
+    torch.manual_seed(0)
+    config = dict(WIDE, qk_norm="rms_norm", dual_attention_layers=(0,))
+    randomize(SD3Transformer2DModel(**config), 0).save_pretrained(tmp_path / "transformer")
+    files = make_loras(SD3Transformer2DModel.from_pretrained(tmp_path / "transformer"), tmp_path)
+    full, _ = ours_with(tmp_path / "transformer", files)
+    model = quantized(load_mmdit(tmp_path / "transformer"), 4)
+    plain = dict(model.named_modules())
+    lora.apply_loras(model, "transformer", [lora.read_lora(f) for f in files], lora.LoRAScales(SCALES))
+    adapted = lora.lora_layers(model)
+    full_layers = lora.lora_layers(full)
+    assert adapted and all(isinstance(m, lora.LoRAQuantizedLinear) for m in adapted.values())
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for path, layer in adapted.items():
+        x = mx.array(rng.standard_normal((2, 5, lora._layer_dims(layer)[1])).astype(np.float32))
+        reference = full_layers[path]
+        delta = reference(x) - super(lora._Adapted, reference).__call__(x)
+        expected = plain[path](x) + delta
+        worst = max(worst, float(mx.abs(layer(x) - expected).max() / mx.abs(expected).max()))
+    x = inputs(config)
+    unfused = run_ours(model, x)
+    report = lora.fuse_loras(model)
+    fused = run_ours(model, x)
+    print(f"\n4-bit: unfused layer error {worst:.1e}; fused and requantized {report.requantized} layers: added weight "
+          f"error {report.max_error:.2e} ({report.relative_error:.1%} of the largest weight), output change "
+          f"{rel(fused, unfused):.2e}")
+    assert worst <= 1e-5
+    assert report.requantized == len(adapted) and 0 < report.max_error
+    assert rel(fused, unfused) < 0.2  # requantizing adds 4-bit rounding noise, not a different model
+
+
+def test_adapter_bytes(tiny_loras):
+    _, path, files, _ = tiny_loras
+    model, _ = ours_with(path, files)
+    expected = sum(v.nbytes for m in lora.lora_layers(model).values() for a in m["lora"].values() for v in a.values())
+    assert lora.adapter_bytes(model) == expected > 0
+
+
+# Bad input: one line each -------------------------------------------------------------------------------------
+
+def _one_line(err: pytest.ExceptionInfo) -> str:
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+def test_missing_file_and_pickles(tmp_path):
+    with pytest.raises(lora.LoRAError) as err:
+        lora.read_lora(tmp_path / "nope.safetensors")
+    assert "no such file" in _one_line(err)
+    for suffix in (".ckpt", ".pt", ".bin"):
+        (tmp_path / f"x{suffix}").write_bytes(b"\x80\x04")
+        with pytest.raises(ValueError) as err:
+            lora.read_lora(tmp_path / f"x{suffix}")
+        assert "pickled" in _one_line(err)
+
+
+@pytest.mark.parametrize("text", ["a.safetensors:abc", "a.safetensors:nan", "a.safetensors:"])
+def test_scale_not_a_number(text):
+    with pytest.raises(ValueError) as err:
+        lora.parse_lora_arg(text)
+    assert "scale" in _one_line(err)
+
+
+def test_scale_parsing():
+    assert lora.parse_lora_arg("dir/a.safetensors:0.5") == ("dir/a.safetensors", 0.5)
+    assert lora.parse_lora_arg("org/repo/a.safetensors") == ("org/repo/a.safetensors", 1.0)
+    with pytest.raises(ValueError):
+        lora.check_scale(True, "a")
+
+
+@pytest.mark.parametrize("key, kind", [
+    ("transformer.proj_out.dora_scale", "DoRA"),
+    ("transformer.proj_out.lora_magnitude_vector", "DoRA"),
+    ("lora_unet_final_layer_linear.hada_w1_a", "LoHa"),
+    ("lora_unet_final_layer_linear.lokr_w1", "LoKr"),
+])
+def test_unsupported_kinds_refused_by_name(tmp_path, key, kind):
+    tensors = {"transformer.proj_out.lora_A.weight": torch.zeros(2, 24), "transformer.proj_out.lora_B.weight":
+               torch.zeros(64, 2), key: torch.zeros(2, 2)}
+    save_file(tensors, str(tmp_path / "x.safetensors"))
+    with pytest.raises(lora.LoRAError) as err:
+        lora.read_lora(tmp_path / "x.safetensors")
+    assert kind in _one_line(err)
+
+
+def _file(tmp_path: Path, keys: dict[str, tuple[int, int]]) -> Path:
+    save_file({k: torch.zeros(shape) for k, shape in keys.items()}, str(tmp_path / "other.safetensors"))
+    return tmp_path / "other.safetensors"
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda: {f"transformer.transformer_blocks.{i}.attn.to_q.lora_{ab}.weight": s for i in range(38)
+              for ab, s in (("A", (4, 2432)), ("B", (2432, 4)))}, "38 blocks, width 2432 (sd3.5-large)"),
+    (lambda: {f"lora_unet_down_blocks_0_attentions_0_proj_in.lora_{ud}.weight": s
+              for ud, s in (("down", (4, 320)), ("up", (320, 4)))}, "SDXL"),
+    (lambda: {f"transformer.single_transformer_blocks.0.attn.to_q.lora_{ab}.weight": s
+              for ab, s in (("A", (4, 3072)), ("B", (3072, 4)))}, "FLUX"),
+    (lambda: {f"transformer.transformer_blocks.0.attn.to_q.lora_{ab}.weight": s
+              for ab, s in (("A", (4, 1536)), ("B", (1536, 4)))}, "is 1536x1536 but this model's layer is 24x24"),
+])
+def test_lora_for_another_architecture(medium_loras, tmp_path, make, expected):
+    name, path, _, _ = medium_loras
+    with pytest.raises(lora.LoRAError) as err:
+        ours_with(path, [_file(tmp_path, make())])
+    message = _one_line(err)
+    print("\n" + message)
+    assert expected in message and "this model's transformer has 3 blocks" in message
