@@ -1,4 +1,5 @@
-"""The `mlx-flash` command: `generate` images, print an image's generation `info`, `convert` a checkpoint."""
+"""The `mlx-flash` command: `generate` images, print an image's generation `info`, `convert` a checkpoint,
+`train` a LoRA or a fine-tuned model."""
 
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .convert import cli as convert_cli
+    from .training import cli as train_cli
 
     parser = argparse.ArgumentParser(prog="mlx-flash", description="Stable Diffusion 3.5 / SD3.5-Flash in MLX.")
     parser.add_argument("--version", action="version", version=f"mlx-flash {__version__}")
@@ -58,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert_cli.add_arguments(commands.add_parser(
         "convert", help="convert a checkpoint (hub repo, diffusers folder or single file) to an mlx-flash folder, "
                         "optionally quantized"))
+    train_cli.add_arguments(commands.add_parser("train", help="fine-tune a model (LoRA or full) on captioned images"))
     return parser
 
 
@@ -177,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "convert":
             from .convert.cli import run as command
+        elif args.command == "train":
+            from .training.cli import run as command
         else:
             command = {"generate": generate, "info": info}[args.command]
         command(args)

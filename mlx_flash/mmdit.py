@@ -306,12 +306,14 @@ class MMDiT(nn.Module):
     prompt embeddings (B, L, joint_attention_dim) and pooled embeddings (B, pooled_projection_dim).
 
     `float32_residual` keeps the residual streams in float32 when the weights are half precision
-    (SD3.5 Large overflows in pure float16)."""
+    (SD3.5 Large overflows in pure float16). `gradient_checkpointing`: in training, keep only each block's
+    inputs and recompute its activations for the backward pass."""
 
     def __init__(self, config: MMDiTConfig, float32_residual: bool = False):
         super().__init__()
         self.config = config
         self.float32_residual = float32_residual
+        self.gradient_checkpointing = False
         dim = config.hidden_size
         self.pos_embed = PatchEmbed(config)
         self.time_text_embed = TimeTextEmbed(dim, config.pooled_projection_dim)
@@ -377,7 +379,8 @@ class MMDiT(nn.Module):
         skip = set(skip_layers)
         for i, (block, block_mod) in enumerate(zip(self.transformer_blocks, block_mods)):
             if i not in skip:
-                c, x = block(x, c, block_mod)
+                run = nn.utils.checkpoint(block) if self.gradient_checkpointing else block
+                c, x = run(x, c, block_mod)
 
         x = self.proj_out(modulate(x, shift, scale).astype(dtype))
         p, out = self.config.patch_size, self.config.out_channels

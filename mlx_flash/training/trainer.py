@@ -14,7 +14,7 @@ from typing import Callable, Protocol, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 Batch = Callable[[int, int], tuple]  # (step, micro-batch) -> the loss function's arguments
 CHECKPOINT = "step-{:08d}"
@@ -77,11 +77,13 @@ class StepCallback(Protocol):
 
 class Trainer:
     """Train `model`'s trainable parameters on `loss(*batch(step, micro))`. With `folder`, checkpoints go to
-    folder/checkpoints and the loss log to folder/loss.jsonl."""
+    folder/checkpoints and the loss log to folder/loss.jsonl; `settings` (JSON-ready) are everything else a
+    resumed run must share with the checkpoint's (the model, the data, the adapters)."""
 
     def __init__(self, model: nn.Module, loss: Callable[..., mx.array], batch: Batch, config: TrainConfig,
-                 folder: Path | None = None, callbacks: Sequence[StepCallback] = ()):
+                 folder: Path | None = None, callbacks: Sequence[StepCallback] = (), settings: dict | None = None):
         self.model, self.batch, self.config, self.folder = model, batch, config, folder
+        self.settings = json.loads(json.dumps({**asdict(config), **(settings or {})}))
         self.callbacks = list(callbacks)
         self.optimizer = optim.AdamW(learning_rate=learning_rate_schedule(config), weight_decay=config.weight_decay)
         self.optimizer.init(model.trainable_parameters())
@@ -115,7 +117,7 @@ class Trainer:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         mx.save_safetensors(str(partial / "state.safetensors"), arrays)
-        (partial / "trainer.json").write_text(json.dumps({"step": self.step, "config": asdict(self.config)}, indent=2))
+        (partial / "trainer.json").write_text(json.dumps({"step": self.step, "settings": self.settings}, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
         for old in self.checkpoints.iterdir():
@@ -130,16 +132,20 @@ class Trainer:
         if path is None:
             raise ValueError(f"{self.checkpoints}: no checkpoint to resume from; run without --resume to start.")
         saved = json.loads((path / "trainer.json").read_text())
-        if saved["config"] != json.loads(json.dumps(asdict(self.config))):
-            changed = [k for k, v in asdict(self.config).items() if saved["config"].get(k) != v]
+        if saved["settings"] != self.settings:
+            changed = [k for k in {**saved["settings"], **self.settings}
+                       if saved["settings"].get(k) != self.settings.get(k)]
             raise ValueError(f"{path}: made with other settings ({', '.join(changed)}); resume with the same "
                              "settings or start a new run in another folder.")
         arrays = mx.load(str(path / "state.safetensors"))
-        part = lambda prefix: tree_unflatten([(k[len(prefix):], v) for k, v in arrays.items() if k.startswith(prefix)])
-        self.model.update(part("model."))
-        self.optimizer.state = part("optimizer.")
+
+        def restore(prefix: str, like: dict) -> dict:  # by the live tree's structure (adapters are keyed "0")
+            return tree_map_with_path(lambda key, _: arrays[f"{prefix}.{key}"], like)
+
+        self.model.update(restore("model", self.model.trainable_parameters()))
+        self.optimizer.state = restore("optimizer", self.optimizer.state)
         if self.ema is not None:
-            self.ema.params = part("ema.")
+            self.ema.params = restore("ema", self.ema.params)
         self.step = saved["step"]
         self._truncate_log()
         return self.step
@@ -176,6 +182,8 @@ class Trainer:
         """Train to `config.steps` from the current step; returns this run's (step, loss) pairs."""
         history = []
         start = time.perf_counter()
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("a") if self.log_path is not None else None
         try:
             while self.step < self.config.steps:
