@@ -9,6 +9,7 @@ from .denoise import (
     StepState,
 )
 from .loading import load_pipeline
+from .lora import LoRAError
 from .pipeline import Pipeline
 from .presets import PRESETS, SkipLayerGuidance
 from .request import GenerationRequest, GenerationResult, StageReport
@@ -16,6 +17,6 @@ from .version import __version__
 
 __all__ = [
     "PRESETS", "Callback", "Cancel", "Conditioning", "GenerationRequest", "GenerationResult", "GenerationStopped",
-    "NonFiniteError", "Pipeline", "Preview", "ProgressBar", "SkipLayerGuidance", "StageReport", "StepState",
+    "LoRAError", "NonFiniteError", "Pipeline", "Preview", "ProgressBar", "SkipLayerGuidance", "StageReport", "StepState",
     "__version__", "load_pipeline",
 ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import signal
 import sys
 from pathlib import Path
@@ -38,6 +39,9 @@ def _add_generate_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--num-images", type=int, default=None, help="images to make (default 1)")
     gen.add_argument("--image", type=Path, default=None, help="input image for img2img")
     gen.add_argument("--strength", type=float, default=None, help="img2img strength in (0, 1] (default 0.6)")
+    gen.add_argument("--lora", action="append", default=None, metavar="PATH_OR_REPO_FILE[:SCALE]",
+                     help="apply a LoRA (a .safetensors file, or ORG/REPO/FILE.safetensors on the hub) at SCALE "
+                          "(default 1); repeatable")
     gen.add_argument("--quantize", type=int, choices=[2, 3, 4, 5, 6, 8], default=None, help="quantize the transformer")
     gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
     gen.add_argument("--no-t5", action="store_const", const=True, default=None,
@@ -137,8 +141,12 @@ def generate(args: argparse.Namespace) -> None:
         if taken:
             raise FileExistsError(f"{taken[0]} already exists; pass --force to overwrite it or choose another --output.")
 
+    from .lora import parse_lora_arg
+
+    loras = ([parse_lora_arg(text) for text in args.lora] if args.lora is not None
+             else [(entry["source"], entry["scale"]) for entry in meta.get("loras", [])])
     pipe = load_pipeline(args.model or DEFAULT_MODEL, dtype=args.dtype, quantize=args.quantize,
-                         use_t5=not args.no_t5, base=args.base)
+                         use_t5=not args.no_t5, base=args.base, loras=loras)
     same = ("model_revision", "model_fingerprint")
     if meta and any(meta.get(k) != pipe.identity.get(k) for k in same if k in meta or k in pipe.identity):
         logging.getLogger("mlx_flash").warning(
@@ -167,10 +175,19 @@ def generate(args: argparse.Namespace) -> None:
             print(f"{stage.name:15} {stage.seconds:8.2f} s  peak {stage.peak_memory / 1e9:6.2f} GB", file=sys.stderr)
 
 
+def _json_ready(value):
+    """NaN and infinities (which older files may hold) as strings, so that `info` prints valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    return [_json_ready(v) for v in value] if isinstance(value, list) else value
+
+
 def info(args: argparse.Namespace) -> None:
     from .image_io import read_metadata
 
-    print(json.dumps(read_metadata(args.image), indent=2, ensure_ascii=False))
+    print(json.dumps(_json_ready(read_metadata(args.image)), indent=2, ensure_ascii=False, allow_nan=False))
 
 
 def main(argv: list[str] | None = None) -> int:

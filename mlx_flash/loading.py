@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Sequence
 
 import mlx.core as mx
 
 from .hub import resolve_model_dir
 from .layout import parse_dtype
+from .lora import LoRAs
 from .memory import memory_budget
 from .mmdit import MMDiTConfig
 from .pipeline import Pipeline
@@ -52,6 +54,7 @@ def load_pipeline(
     low_memory: bool | None = None,
     revision: str | None = None,
     base: str | Path | None = None,
+    loras: Sequence[tuple[str | Path, float] | str | Path] = (),
 ) -> Pipeline:
     """Load a model for generation.
 
@@ -63,7 +66,10 @@ def load_pipeline(
     "float16" | "bfloat16" (None: the best for the device). `quantize`: bits (2 to 8) to quantize the
     transformer and T5 on load, as `mlx-flash convert -q --bits N` does (mixed policy, group size 64);
     components stored quantized load as they are. `use_t5=False` never loads T5.
-    `low_memory` (default: on below 32 GB of memory) loads, runs and frees one component at a time."""
+    `low_memory` (default: on below 32 GB of memory) loads, runs and frees one component at a time.
+    `loras`: (file, scale) pairs, a file being a .safetensors path or ORG/REPO/FILE.safetensors on the hub, in any
+    common naming (diffusers / PEFT, kohya, ComfyUI, OneTrainer); applied unfused to the transformer and text
+    encoders, their scales changeable with `pipe.set_lora_scales`. A LoRA that does not fit raises LoRAError."""
     name = str(model)
     if (PACKAGED_MODELS / name).is_dir() and not Path(name).exists():
         model = PACKAGED_MODELS / name
@@ -80,8 +86,10 @@ def load_pipeline(
         Quantization(quantize)  # raises for unsupported bits
     low_memory = memory_budget() < LOW_MEMORY_BELOW if low_memory is None else low_memory
     preset = default_preset(MMDiTConfig.from_diffusers(Pipeline.read_transformer_config(root)), name)
-    return Pipeline(root, name=name, dtype=dtype, quantize=quantize, use_t5=use_t5, low_memory=low_memory,
-                    preset=preset)
+    pipe = Pipeline(root, name=name, dtype=dtype, quantize=quantize, use_t5=use_t5, low_memory=low_memory,
+                    preset=preset, loras=LoRAs(loras))
+    pipe.check_loras()
+    return pipe
 
 
 def converted_single_file(path: Path, base: str | Path | None, use_t5: bool, dtype: mx.Dtype) -> Path:

@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -22,9 +21,10 @@ from typing import Mapping, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
+from safetensors import safe_open
 
 from . import clip, mmdit, t5
-from .hub import download_file, is_repo_id
+from .hub import ModelNotFoundError, download_file, is_repo_id
 from .presets import PRESETS
 from .single_file import map_tensors, transformer_modules, transformer_rules
 from .weights import Fuse, Rule, WeightsError, load_safetensors, refuse_pickle, remap
@@ -123,7 +123,8 @@ def check_scale(scale: object, source: str) -> float:
 
 
 def resolve_lora_file(source: str | Path, revision: str | None = None) -> Path:
-    """A local .safetensors path, or `ORG/REPO/FILE.safetensors` fetched from the hub."""
+    """A local .safetensors path, or `ORG/REPO/FILE.safetensors` fetched from the hub (with the PEFT
+    `adapter_config.json` beside it, if the repo has one)."""
     path = Path(source).expanduser()
     refuse_pickle(path)
     if path.is_file():
@@ -131,25 +132,23 @@ def resolve_lora_file(source: str | Path, revision: str | None = None) -> Path:
     text = str(source)
     if not path.exists() and HUB_FILE.fullmatch(text) and is_repo_id("/".join(text.split("/")[:2])):
         org, repo, filename = text.split("/", 2)
-        return download_file(f"{org}/{repo}", filename, revision)
+        local = download_file(f"{org}/{repo}", filename, revision)
+        config = str(Path(filename).with_name("adapter_config.json"))
+        try:
+            download_file(f"{org}/{repo}", config, revision)
+        except ModelNotFoundError:
+            pass  # no PEFT config: a diffusers / kohya file carries its alphas itself
+        return local
     if path.is_dir():
         raise LoRAError(f"LoRA {source}: is a folder; pass the .safetensors file inside it.")
     raise LoRAError(f"LoRA {source}: no such file; pass a .safetensors path or ORG/REPO/FILE.safetensors on the hub.")
 
 
-def _header_metadata(path: Path) -> dict:
-    with path.open("rb") as f:
-        head = f.read(8)
-        length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
-        try:
-            return json.loads(f.read(length)).get("__metadata__") or {}
-        except ValueError:
-            return {}
-
-
-def _peft_config(path: Path, metadata: Mapping) -> dict[str, dict]:
+def _peft_config(path: Path) -> dict[str, dict]:
     """The LoraConfig fields per component: diffusers' `lora_adapter_metadata` header entry (keys prefixed by
     component), or a raw PEFT file's adapter_config.json beside it (for the transformer)."""
+    with safe_open(str(path), "numpy") as f:
+        metadata = f.metadata() or {}
     configs: dict[str, dict] = {}
     if "lora_adapter_metadata" in metadata:
         for key, value in json.loads(metadata["lora_adapter_metadata"]).items():
@@ -196,7 +195,7 @@ def read_lora(source: str | Path, revision: str | None = None) -> LoRAFile:
     if not modules:
         raise LoRAError(f"LoRA {name}: no LoRA tensors found (e.g. {_first(unknown)}); "
                         f"{_architecture_hint(tensors)}.")
-    return LoRAFile(name, modules, _peft_config(path, _header_metadata(path)), unknown)
+    return LoRAFile(name, modules, _peft_config(path), unknown)
 
 
 def _first(items: Sequence[str], n: int = 3) -> str:
@@ -244,19 +243,18 @@ def _model_description(model: nn.Module, component: str) -> str:
 
 # Mapping onto our modules ------------------------------------------------------------------------------------
 
+def _renamed(module: str, rules: Sequence[Rule]) -> str:
+    """A module's name under tensor-renaming `rules` (those of the model's loader)."""
+    return remap({f"{module}.weight": mx.zeros((1, 1))}, rules).popitem()[0].removesuffix(".weight")
+
+
 def _ours_from_diffusers(module: str) -> tuple[str, int, int]:
     """A diffusers SD3Transformer2DModel module -> (our module, part, parts): our q/k/v are one fused layer."""
-    for rule in mmdit.DIFFUSERS_RULES:
-        if isinstance(rule, Fuse):
-            prefix, _, last = module.rpartition(".")
-            if last in rule.parts:
-                return f"{prefix}.{rule.target}" if prefix else rule.target, rule.parts.index(last), len(rule.parts)
-    return remap({f"{module}.weight": mx.zeros((1, 1))}, [r for r in mmdit.DIFFUSERS_RULES if isinstance(r, Rule)]
-                 ).popitem()[0].removesuffix(".weight"), 0, 1
-
-
-def _ours_by_rules(rules: Sequence[Rule]):
-    return lambda module: (remap({f"{module}.weight": mx.zeros((1, 1))}, rules).popitem()[0].removesuffix(".weight"), 0, 1)
+    prefix, _, last = module.rpartition(".")
+    for fuse in (r for r in mmdit.DIFFUSERS_RULES if isinstance(r, Fuse)):
+        if last in fuse.parts:
+            return f"{prefix}.{fuse.target}" if prefix else fuse.target, fuse.parts.index(last), len(fuse.parts)
+    return _renamed(module, [r for r in mmdit.DIFFUSERS_RULES if isinstance(r, Rule)]), 0, 1
 
 
 def _reference_names(model: nn.Module, component: str) -> dict[str, list[str]]:
@@ -317,10 +315,11 @@ def map_lora(lora: LoRAFile, model: nn.Module, component: str) -> dict[str, tupl
     layers = {path: m for path, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
               if isinstance(m, (nn.Linear, nn.QuantizedLinear))}
     if component == "transformer":
-        rules = transformer_rules(model.config.num_layers)
+        stability_rules = transformer_rules(model.config.num_layers)
         to_ours = _ours_from_diffusers
     else:
-        to_ours = _ours_by_rules(t5.RULES if isinstance(model, t5.T5Encoder) else clip.RULES)
+        encoder_rules = t5.RULES if isinstance(model, t5.T5Encoder) else clip.RULES
+        to_ours = lambda module: (_renamed(module, encoder_rules), 0, 1)  # noqa: E731
     parts: dict[str, dict[int, _Part]] = {}
     counts: dict[str, int] = {}
     unmatched = []
@@ -333,7 +332,8 @@ def map_lora(lora: LoRAFile, model: nn.Module, component: str) -> dict[str, tupl
         ups = {dotted: entry.up}
         if naming == "stability":  # -> diffusers names: q/k/v row thirds, the final adaLNs' halves swapped
             rank //= 3 if _is_split_qkv(dotted, entry) else 1
-            ups = {k.removesuffix(".weight"): v for k, v in map_tensors({f"{dotted}.weight": entry.up}, rules).items()}
+            ups = {k.removesuffix(".weight"): v for k, v in map_tensors({f"{dotted}.weight": entry.up},
+                                                                                   stability_rules).items()}
         factor = _factor(lora, component, dotted, entry, rank)
         for reference, up in ups.items():
             path, index, count = to_ours(reference)
@@ -353,7 +353,8 @@ def map_lora(lora: LoRAFile, model: nn.Module, component: str) -> dict[str, tupl
 
 
 def _tensors_of(entries: Mapping[tuple[str, str, str], ModuleLoRA]) -> dict[str, mx.array]:
-    return {f"{sep.join([module, 'lora_down'])}": e.down for (_, sep, module), e in entries.items()}
+    """The down matrices by `module<sep>lora_down`, enough for `_architecture_hint`."""
+    return {module + sep + "lora_down": e.down for (_, sep, module), e in entries.items()}
 
 
 def _layer_dims(layer: nn.Module) -> tuple[int, int]:
@@ -363,13 +364,15 @@ def _layer_dims(layer: nn.Module) -> tuple[int, int]:
 
 def _combine(lora: LoRAFile, path: str, found: dict[int, _Part], count: int, layer: nn.Module,
              model: nn.Module, component: str) -> tuple[mx.array, mx.array]:
+    """One layer's (down, up) from the adapters of its parts (one, or q, k, v), checked against its shape."""
     out, inputs = _layer_dims(layer)
     for part in found.values():
         if part.down.shape[1] != inputs or part.up.shape[0] * count != out:
+            hint = _architecture_hint({part.module + ".lora_down": part.down})
             raise LoRAError(
                 f"LoRA {lora.name}: module {part.module} is {part.up.shape[0]}x{part.down.shape[1]} but this "
-                f"model's layer is {out // count}x{inputs}; {_architecture_hint({part.module + '.lora_down': part.down})}, "
-                f"{_model_description(model, component)}. Use a LoRA made for this model.")
+                f"model's layer is {out // count}x{inputs}; {hint}, {_model_description(model, component)}. "
+                "Use a LoRA made for this model.")
     ordered = [found.get(i) for i in range(count)]
     if count == 1 or (all(ordered) and all(p.down is ordered[0].down for p in ordered)):
         # one down matrix for the whole layer (a kohya fused qkv, or a plain layer)
@@ -524,7 +527,6 @@ def fuse_loras(model: nn.Module) -> FuseReport:
             new.weight = (layer.weight.astype(mx.float32) + delta).astype(layer.weight.dtype)
         if "bias" in layer:
             new.bias = layer.bias
-        mx.eval(new.parameters())
         fused[path] = new
     if fused:
         model.update_modules(tree_unflatten(list(fused.items())))
@@ -632,3 +634,62 @@ def peft_config(modules: Sequence[str], rank: int, alpha: float) -> dict:
     """The LoraConfig fields diffusers needs to rebuild an adapter trained here."""
     return {"r": rank, "lora_alpha": alpha, "target_modules": sorted(modules), "lora_dropout": 0.0,
             "bias": "none", "use_rslora": False, "use_dora": False, "init_lora_weights": True}
+
+
+# A pipeline's LoRAs -----------------------------------------------------------------------------------------
+
+
+class LoRAs:
+    """The LoRAs of a pipeline: each file read once, applied to every component it adapts whenever that
+    component is (re)loaded, with user scales that `set_scales` changes without reloading anything."""
+
+    def __init__(self, specs: Sequence = ()):
+        pairs = [(s, 1.0) if isinstance(s, (str, Path)) else tuple(s) for s in specs]
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError("loras must be a list of (path_or_repo_file, scale) pairs.")
+        self.sources = [str(source) for source, _ in pairs]
+        scales = [check_scale(scale, str(source)) for source, scale in pairs]
+        self.files = [read_lora(source) for source in self.sources]
+        self.scales = LoRAScales(scales)
+        self.elements: dict[str, int] = {}  # adapter elements per component, counted by `check`
+
+    def __bool__(self) -> bool:
+        return bool(self.files)
+
+    def components(self) -> set[str]:
+        return {c for f in self.files for c in f.modules}
+
+    def apply(self, model: nn.Module, component: str) -> nn.Module:
+        """`model` (the pipeline's `component`) with every LoRA's adapters for it attached."""
+        return apply_loras(model, component, self.files, self.scales) if self.files else model
+
+    def check(self, models: Mapping[str, nn.Module]) -> None:
+        """Raise LoRAError unless each LoRA fits the components it adapts; `models` may be lazy (unevaluated)
+        modules of the right configuration. Count the adapters' elements; warn about adapters for a component
+        that will not be loaded."""
+        self.elements = {}
+        for lora in self.files:
+            for component in lora.modules:
+                if component in models:
+                    mapped = map_lora(lora, models[component], component).values()
+                    self.elements[component] = self.elements.get(component, 0) + sum(
+                        down.size + up.size for down, up in mapped)
+                else:
+                    log.warning("LoRA %s: its %s adapters are unused (that encoder is not loaded).", lora.name,
+                                component)
+            if lora.unknown:
+                log.warning("LoRA %s: %d tensors of no LoRA naming are ignored (%s).", lora.name, len(lora.unknown),
+                            _first(lora.unknown))
+
+    def set_scales(self, scales: Sequence[float]) -> None:
+        if len(scales) != len(self.files):
+            raise ValueError(f"got {len(scales)} LoRA scales for {len(self.files)} LoRAs; pass one per LoRA, in order.")
+        self.scales.values[:] = [check_scale(s, source) for s, source in zip(scales, self.sources)]
+
+    def nbytes(self, dtype: mx.Dtype) -> dict[str, int]:
+        """Bytes the unfused adapters take in `dtype`, per component (as counted by `check`)."""
+        return {component: n * dtype.size for component, n in self.elements.items()}
+
+    def metadata(self) -> list[dict]:
+        """[{"source", "scale"}] per LoRA, for an image's metadata."""
+        return [{"source": s, "scale": v} for s, v in zip(self.sources, self.scales.values)]

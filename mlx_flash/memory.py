@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -101,24 +101,29 @@ def estimate(
     quantize_t5: Callable[[nn.Module], object] | None = None,
     vae_tiled: bool = False,
     drop_modulation: bool = False,
+    adapters: Mapping[str, int] | None = None,
     device: mx.Device | None = None,
 ) -> list[StageEstimate]:
     """Peak bytes of the text-encoder, transformer and VAE-decoder stages of one `generate` call.
 
     `quantize(model)` and `quantize_t5(model)` quantize the transformer and T5 in place as they will be loaded
     (`t5=None`: run without T5). `vae_tiled` with the VAE config's tile size. `drop_modulation`: the adaLN
-    weights are freed before the transformer blocks load (few-step runs in low-memory mode)."""
+    weights are freed before the transformer blocks load (few-step runs in low-memory mode). `adapters`: bytes of
+    the unfused LoRA adapters per component ("transformer", "text_encoder", ...), added to its weights."""
+    adapters = adapters or {}
     gpu = (device or mx.default_device()) == mx.gpu
     prompts = images * (2 if cfg else 1)
     act = 4  # activations are float32 on the CPU; half precision elsewhere is covered by the float32 streams
 
     text = []
-    for config in clips:
-        text.append(StageEstimate("text encoders", _weights(lambda: CLIPTextModel(config), dtype, None),
+    for config, component in zip(clips, ("text_encoder", "text_encoder_2")):
+        text.append(StageEstimate("text encoders", _weights(lambda: CLIPTextModel(config), dtype, None)
+                                  + adapters.get(component, 0),
                                   _encoder_activations(prompts, 77, config.hidden_size, config.intermediate_size,
                                                        config.num_heads)))
     if t5 is not None:
-        text.append(StageEstimate("text encoders", _weights(lambda: T5Encoder(t5), dtype, quantize_t5, keeps_float32),
+        text.append(StageEstimate("text encoders", _weights(lambda: T5Encoder(t5), dtype, quantize_t5, keeps_float32)
+                                  + adapters.get("text_encoder_3", 0),
                                   _encoder_activations(prompts, max_sequence_length, t5.d_model, t5.d_ff, t5.num_heads)))
 
     d = transformer.hidden_size
@@ -132,7 +137,7 @@ def estimate(
     model = MMDiT(transformer)
     if drop_modulation:
         model.drop_modulation_weights()
-    denoise_weights = _weights(lambda: model, dtype, quantize)
+    denoise_weights = _weights(lambda: model, dtype, quantize) + adapters.get("transformer", 0)
 
     vae_weights = _weights(lambda: Autoencoder(vae), dtype, None)
     side = vae.tile_size * vae.factor

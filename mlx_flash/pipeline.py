@@ -16,7 +16,7 @@ import numpy as np
 
 from . import memory
 from .callbacks import ProgressBar
-from .clip import CLIPConfig
+from .clip import CLIPConfig, CLIPTextModel, load_clip
 from .conditionings import Img2Img
 from .denoise import (
     Callback,
@@ -29,6 +29,7 @@ from .denoise import (
 )
 from .image_io import load_image, numpy_to_pil
 from .layout import dtype_name, model_identity, read_json, read_manifest
+from .lora import LoRAs
 from .mmdit import MMDiT, MMDiTConfig, load_mmdit
 from .presets import Preset, SkipLayerGuidance
 from .quantization import quantized
@@ -41,7 +42,7 @@ from .request import (
 )
 from .sampler import img2img_start
 from .samplers import make_sampler
-from .t5 import T5_XXL, T5Config, load_t5
+from .t5 import T5_XXL, T5Config, T5Encoder, load_t5
 from .text_encoders import TextEncoders
 from .vae import Autoencoder, VAEConfig, load_vae
 from .weights import quantize_like, read_component
@@ -64,9 +65,10 @@ class Pipeline:
     serialized: one Pipeline may be shared by threads, and nothing of one call leaks into the next."""
 
     def __init__(self, root: Path, *, name: str, dtype: mx.Dtype, quantize: int | None, use_t5: bool,
-                 low_memory: bool, preset: Preset | None = None):
+                 low_memory: bool, preset: Preset | None = None, loras: LoRAs | None = None):
         self.root, self.name, self.dtype, self.quantize = root, name, dtype, quantize
         self.low_memory, self.preset = low_memory, preset
+        self.loras = loras or LoRAs()
         self.transformer_config = MMDiTConfig.from_diffusers(self.read_transformer_config(root))
         self.vae_config = VAEConfig.from_dict(read_json(root / "vae" / "config.json"))
         self.vae_factor = self.vae_config.factor
@@ -77,10 +79,17 @@ class Pipeline:
         self.text_encoders = TextEncoders(
             root, dtype, use_t5=use_t5, low_memory=low_memory,
             joint_attention_dim=self.transformer_config.joint_attention_dim,
-            loaders={"text_encoder_3": lambda folder, dtype: quantized(load_t5(folder, dtype), self.quantize)},
+            loaders={
+                "text_encoder": lambda folder, dtype: self.loras.apply(load_clip(folder, dtype), "text_encoder"),
+                "text_encoder_2": lambda folder, dtype: self.loras.apply(load_clip(folder, dtype), "text_encoder_2"),
+                "text_encoder_3": lambda folder, dtype: self.loras.apply(
+                    quantized(load_t5(folder, dtype), self.quantize), "text_encoder_3"),
+            },
         )
-        # Applied in order whenever the transformer is (re)loaded: quantization first, then e.g. LoRA adapters.
-        self.transformer_transforms: list[Callable[[MMDiT], MMDiT]] = [lambda m: quantized(m, self.quantize)]
+        # Applied in order whenever the transformer is (re)loaded: quantization first, then the LoRA adapters
+        # (before any few-step adaLN precompute, which then includes the adaLN adapters).
+        self.transformer_transforms: list[Callable[[MMDiT], MMDiT]] = [
+            lambda m: quantized(m, self.quantize), lambda m: self.loras.apply(m, "transformer")]
         self._transformer: MMDiT | None = None
         self._vae: Autoencoder | None = None
         self._identity: dict | None = None
@@ -123,11 +132,31 @@ class Pipeline:
 
     @property
     def identity(self) -> dict:
-        """The model's identity and load settings, as recorded in each image's metadata."""
+        """The model's identity and load settings (with the LoRAs at their current scales), as recorded in each
+        image's metadata."""
         if self._identity is None:
             self._identity = {**model_identity(self.root, self.name), "dtype": dtype_name(self.dtype),
                               "quantize": self.quantize, "t5": self.text_encoders.use_t5}
-        return self._identity
+        return {**self._identity, **({"loras": self.loras.metadata()} if self.loras else {})}
+
+    # LoRAs ------------------------------------------------------------------------------------------------
+
+    def check_loras(self) -> None:
+        """Raise LoRAError unless every LoRA fits this model, before any weight loads (lazy modules only)."""
+        if not self.loras:
+            return
+        models = {"transformer": MMDiT(self.transformer_config)}
+        encoders = ("text_encoder", "text_encoder_2") + (("text_encoder_3",) if self.text_encoders.use_t5 else ())
+        for name in encoders:
+            config = read_json(self.root / name / "config.json")
+            models[name] = (T5Encoder(T5Config.from_dict(config)) if name == "text_encoder_3"
+                            else CLIPTextModel(CLIPConfig.from_dict(config)))
+        self.loras.check(models)
+
+    def set_lora_scales(self, scales: Sequence[float]) -> None:
+        """Change the LoRAs' scales (one per LoRA, in load order) without reloading; the next run uses them."""
+        with self._lock:
+            self.loras.set_scales(scales)
 
     # Requests ---------------------------------------------------------------------------------------------
 
@@ -305,6 +334,7 @@ class Pipeline:
             vae_tiled=self.vae_config.tiles(height // self.vae_factor, width // self.vae_factor,
                                             self.vae_tiling if vae_tiled is None else vae_tiled),
             drop_modulation=self.low_memory and not cfg and (steps or self.defaults()[0]) <= PRECOMPUTE_MAX_STEPS,
+            adapters=self.loras.nbytes(self.dtype),
         )
 
     def plan_memory(self, request: GenerationRequest, steps: int | None = None) -> MemoryPlan:

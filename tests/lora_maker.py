@@ -45,7 +45,8 @@ def save_lora(path: Path, transformer: tuple | None = None, text_encoder: tuple 
     from diffusers import StableDiffusion3Pipeline
 
     kwargs = {}
-    for name, pair in (("transformer", transformer), ("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+    components = {"transformer": transformer, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    for name, pair in components.items():
         if pair is not None:
             kwargs[f"{name}_lora_layers"], kwargs[f"{name}_lora_adapter_metadata"] = pair
     StableDiffusion3Pipeline.save_lora_weights(path.parent, weight_name=path.name, **kwargs)

@@ -67,7 +67,8 @@ def inputs(config: dict, seed: int = 0) -> tuple:
 def run_reference(model, x) -> np.ndarray:
     latents, t, ctx, pooled = (torch.from_numpy(a) for a in x)
     with torch.no_grad():
-        return model(hidden_states=latents, timestep=t, encoder_hidden_states=ctx, pooled_projections=pooled).sample.numpy()
+        out = model(hidden_states=latents, timestep=t, encoder_hidden_states=ctx, pooled_projections=pooled)
+    return out.sample.numpy()
 
 
 def run_ours(model, x) -> np.ndarray:
@@ -164,12 +165,94 @@ def test_other_namings_give_identical_outputs(medium_loras, tmp_path, style):
     assert rel(got, expected) <= 1e-5
 
 
+def test_raw_peft_file_with_its_adapter_config(medium_loras, tmp_path):
+    """`base_model.model.` keys, the alphas in adapter_config.json beside the file (as PEFT saves them)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    _, path, files, config = medium_loras
+    with safe_open(str(files[0]), "pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    state = {k.replace("transformer.", "base_model.model.", 1): v for k, v in load_file(str(files[0])).items()}
+    save_file(state, str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {k.removeprefix("transformer."): v for k, v in meta.items() if k.startswith("transformer.")}))
+    x = inputs(config, seed=3)
+    expected = run_ours(ours_with(path, files[:1], SCALES[:1])[0], x)
+    got = run_ours(ours_with(path, [tmp_path / "adapter_model.safetensors"], SCALES[:1])[0], x)
+    assert rel(got, expected) == 0.0
+
+
+def test_t5_lora_in_kohya_naming(tiny_pipeline_dir, tmp_path):
+    """lora_te3_ (kohya's T5-XXL prefix): against transformers' T5EncoderModel with the same peft adapter."""
+    from transformers import T5EncoderModel
+
+    from mlx_flash.t5 import load_t5
+
+    model = T5EncoderModel.from_pretrained(tiny_pipeline_dir / "text_encoder_3").eval()
+    state, _ = add_adapter(model, "c", ["q", "k", "v", "o", "wi_0", "wi_1", "wo"], 5, 0.1, r=2, lora_alpha=3)
+    kohya = {}
+    for key, value in state.items():
+        module, _, matrix = key.rpartition(".lora_")
+        name = "lora_te3_" + module.replace(".", "_")
+        kohya[f"{name}.lora_{'down' if matrix.startswith('A') else 'up'}.weight"] = value.contiguous()
+        kohya[f"{name}.alpha"] = torch.tensor(3.0)
+    save_file(kohya, str(tmp_path / "t5.safetensors"))
+    ids = np.random.default_rng(0).integers(0, 100, (2, 30))
+    with torch.no_grad():
+        expected = model(torch.from_numpy(ids)).last_hidden_state.numpy()
+        with _no_adapter(model):
+            plain = model(torch.from_numpy(ids)).last_hidden_state.numpy()
+    ours = load_t5(tiny_pipeline_dir / "text_encoder_3")
+    lora.apply_loras(ours, "text_encoder_3", [lora.read_lora(tmp_path / "t5.safetensors")], lora.LoRAScales([1.0]))
+    got = np.array(ours(mx.array(ids)))
+    print(f"\nT5 lora_te3: effect {rel(plain, expected):.3f}, error {rel(got, expected):.1e}")
+    assert rel(plain, expected) > 0.05 and rel(got, expected) <= 1e-5
+
+
+def _no_adapter(model):
+    """peft's layers switched off for the duration of a `with`."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    class Off:
+        def __enter__(self):
+            for m in model.modules():
+                if isinstance(m, BaseTunerLayer):
+                    m.enable_adapters(False)
+
+        def __exit__(self, *exc):
+            for m in model.modules():
+                if isinstance(m, BaseTunerLayer):
+                    m.enable_adapters(True)
+    return Off()
+
+
+def test_hub_file(monkeypatch, tmp_path, medium_loras):
+    """ORG/REPO/PATH.safetensors is fetched (with an adapter_config.json beside it when the repo has one)."""
+    from mlx_flash.hub import ModelNotFoundError
+
+    calls = []
+
+    def download(repo, filename, revision=None):
+        calls.append((repo, filename))
+        if filename.endswith("adapter_config.json"):
+            raise ModelNotFoundError(f"{repo}: no {filename}")
+        return medium_loras[2][0]
+
+    monkeypatch.setattr(lora, "download_file", download)
+    assert lora.resolve_lora_file("org/repo/sub/x.safetensors") == medium_loras[2][0]
+    assert calls == [("org/repo", "sub/x.safetensors"), ("org/repo", "sub/adapter_config.json")]
+
+
 @pytest.fixture(scope="module")
 def clip_loras(tiny_pipeline_dir, tmp_path_factory):
     """LoRA b of make_loras on the tiny pipeline's transformer and both CLIPs, and the encoders with it loaded by
     diffusers' SD3 text-encoder loader."""
     folder = tmp_path_factory.mktemp("clip_loras")
-    encoders = [CLIPTextModelWithProjection.from_pretrained(tiny_pipeline_dir / n) for n in ("text_encoder", "text_encoder_2")]
+    encoders = [CLIPTextModelWithProjection.from_pretrained(tiny_pipeline_dir / n)
+                for n in ("text_encoder", "text_encoder_2")]
     transformer = SD3Transformer2DModel.from_pretrained(tiny_pipeline_dir / "transformer")
     files = make_loras(transformer, folder, encoders)
     refs = []
@@ -316,3 +399,99 @@ def test_lora_for_another_architecture(medium_loras, tmp_path, make, expected):
     message = _one_line(err)
     print("\n" + message)
     assert expected in message and "this model's transformer has 3 blocks" in message
+
+
+# Pipeline, converter and command line -------------------------------------------------------------------------
+
+HEIGHT, WIDTH = 64, 96
+PROMPT = dict(prompt="a red fox in the snow", negative_prompt="blurry")
+
+
+@pytest.fixture(scope="module")
+def reference_pipeline(tiny_pipeline_dir, clip_loras):
+    """diffusers' StableDiffusion3Pipeline with both LoRAs: load_lora_weights + set_adapters([a, b], SCALES)."""
+    files, _ = clip_loras
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_pipeline_dir, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    for name, file in zip("ab", files):
+        pipe.load_lora_weights(str(file), adapter_name=name)
+    pipe.set_adapters(["a", "b"], SCALES)
+    return pipe
+
+
+def images(pipe, reference: bool = False, **settings) -> np.ndarray:
+    latents = torch.randn((1, 16, HEIGHT // 8, WIDTH // 8), generator=torch.Generator().manual_seed(0))
+    settings = {**PROMPT, "height": HEIGHT, "width": WIDTH, "output_type": "np", **settings}
+    if reference:
+        return pipe(**settings, latents=latents).images
+    return pipe.generate(**settings, latents=latents.numpy(), skip_layer_guidance=False, progress=False)
+
+
+@pytest.mark.parametrize("steps, guidance, low_memory", [(3, 4.0, False), (4, 1.0, True)])
+def test_pipeline_parity_with_diffusers(tiny_pipeline_dir, clip_loras, reference_pipeline, steps, guidance,
+                                        low_memory):
+    """Images <= 1e-3 on [0, 1]. The 4-step run without CFG precomputes the adaLN modulations (so the adaLN
+    adapters must be in) and, in low-memory mode, reloads (and re-adapts) every component on each call."""
+    import mlx_flash
+
+    files, _ = clip_loras
+    settings = dict(num_inference_steps=steps, guidance_scale=guidance)
+    expected = images(reference_pipeline, reference=True, **settings)
+    plain = images(mlx_flash.load_pipeline(tiny_pipeline_dir, dtype="float32", low_memory=False), **settings)
+    pipe = mlx_flash.load_pipeline(tiny_pipeline_dir, dtype="float32", low_memory=low_memory,
+                                   loras=[(files[0], SCALES[0]), (files[1], SCALES[1])])
+    got = [images(pipe, **settings) for _ in range(2)]
+    effect, err = np.abs(plain - expected).max(), max(np.abs(g - expected).max() for g in got)
+    print(f"\n{steps} steps, guidance {guidance}, low_memory {low_memory}: LoRA effect {effect:.3f}, error {err:.1e}")
+    assert effect > 0.05 and err <= 1e-3
+    pipe.set_lora_scales([0.0, 0.0])
+    assert np.abs(images(pipe, **settings) - plain).max() <= 1e-6
+
+
+def test_converted_with_fused_loras(tiny_pipeline_dir, clip_loras, reference_pipeline, tmp_path):
+    import mlx_flash
+    from mlx_flash.convert import convert
+
+    files, _ = clip_loras
+    out = convert(tiny_pipeline_dir, tmp_path / "fused", dtype="float32",
+                  loras=[(files[0], SCALES[0]), (files[1], SCALES[1])])
+    expected = images(reference_pipeline, reference=True, num_inference_steps=3, guidance_scale=4.0)
+    got = images(mlx_flash.load_pipeline(out, low_memory=False), num_inference_steps=3, guidance_scale=4.0)
+    print(f"\nfused by the converter: error {np.abs(got - expected).max():.1e}")
+    assert np.abs(got - expected).max() <= 1e-3
+
+
+def test_estimator_counts_unfused_adapters(tiny_pipeline_dir, clip_loras):
+    import mlx_flash
+
+    files, _ = clip_loras
+    plain = mlx_flash.load_pipeline(tiny_pipeline_dir, dtype="float32", low_memory=False)
+    pipe = mlx_flash.load_pipeline(tiny_pipeline_dir, dtype="float32", low_memory=False,
+                                   loras=[(f, 1.0) for f in files])
+    model = pipe.transformer
+    added = {a.name: b.weights - a.weights for a, b in zip(plain.estimate_memory(64, 64), pipe.estimate_memory(64, 64))}
+    assert added["transformer"] == lora.adapter_bytes(model) > 0
+
+
+def test_cli_lora_metadata_and_from(tiny_pipeline_dir, clip_loras, tmp_path):
+    from test_cli import run
+
+    from mlx_flash.image_io import read_metadata
+
+    files, _ = clip_loras
+    common = ["--model", str(tiny_pipeline_dir), "--steps", "2", "--width", "64", "--height", "64", "--seed", "3",
+              "--dtype", "float32"]
+    result = run("generate", "a fox", *common, "--lora", f"{files[0]}:0.7", "--lora", str(files[1]),
+                 "--output", str(tmp_path / "a.png"))
+    assert result.returncode == 0, result.stderr
+    meta = read_metadata(tmp_path / "a.png")
+    assert meta["loras"] == [{"source": str(files[0]), "scale": 0.7}, {"source": str(files[1]), "scale": 1.0}]
+    again = run("generate", "--from", str(tmp_path / "a.png"), "--output", str(tmp_path / "b.png"))
+    assert again.returncode == 0, again.stderr
+    from PIL import Image
+
+    assert Image.open(tmp_path / "a.png").tobytes() == Image.open(tmp_path / "b.png").tobytes()
+    for bad, message in ((f"{files[0]}:abc", "is not a number"), (str(tmp_path / "none.safetensors"), "no such file")):
+        result = run("generate", "a fox", *common, "--lora", bad, "--output", str(tmp_path / "c.png"))
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and len(lines) == 1 and message in lines[0], result.stderr

@@ -12,7 +12,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -21,6 +21,7 @@ from mlx.utils import tree_flatten
 from ..clip import clip_from_weights
 from ..hub import TransportError, is_repo_id
 from ..layout import MANIFEST, parse_dtype, read_manifest
+from ..lora import LoRAs, fuse_loras
 from ..mmdit import MMDiT, mmdit_from_diffusers_weights
 from ..quantization import Quantization, quantize_model
 from ..t5 import t5_from_weights
@@ -45,11 +46,15 @@ def build(component: str, config: Mapping, tensors: Mapping[str, mx.array], dtyp
     return builder(config, tensors, dtype, component)
 
 
-def _prepare(source: Source, component: str, dtype: mx.Dtype, quantization: Quantization | None):
-    """(config.json, flat lazy tensors, "quantization" entry) of a converted component. Nothing else keeps
-    a reference to the tensors, so each is freed once written."""
+def _prepare(source: Source, component: str, dtype: mx.Dtype, quantization: Quantization | None,
+             loras: LoRAs | None = None):
+    """(config.json, flat lazy tensors, "quantization" entry) of a converted component, the `loras` fused into
+    its weights before any quantization. Nothing else keeps a reference to the tensors, so each is freed once
+    written."""
     config, tensors = source.read(component)
     model = build(component, config, tensors, dtype)
+    if loras and component in loras.components():
+        fuse_loras(loras.apply(model, component))
     settings = quantize_model(model, quantization) if quantization else None
     model_config = model.config.to_diffusers() if isinstance(model, MMDiT) else model.config.to_dict()
     return model_config, dict(tree_flatten(model.parameters())), settings
@@ -123,11 +128,13 @@ def convert(
     encoder_files: Mapping[str, str | Path] | None = None,
     upload_repo: str | None = None,
     force: bool = False,
+    loras: Sequence = (),
 ) -> Path:
     """Convert `source` (hub repo id, diffusers folder or .safetensors single file) to an mlx-flash folder
     `output` that `mlx_flash.load_pipeline` loads. `bits` maps components ("transformer", "vae",
     "text_encoder", "text_encoder_2", "text_encoder_3") to quantization bits (0 or absent: none).
-    `base` and `encoder_files`: see `open_source`. Returns `output`."""
+    `base` and `encoder_files`: see `open_source`. `loras`: (file, scale) pairs (see `load_pipeline`) fused into
+    the weights they adapt, before quantization. Returns `output`."""
     output = Path(output).expanduser()
     precision = parse_dtype(dtype)
     unknown = sorted(set(bits or {}) - set(COMPONENTS))
@@ -137,6 +144,7 @@ def convert(
     if upload_repo is not None:
         check_repo_id(upload_repo)
     _check_output(output, source, force)
+    loras = LoRAs(loras)
     src = open_source(source, use_t5=use_t5, revision=revision, base=base, encoder_files=encoder_files)
     components = [name for name in COMPONENTS if use_t5 or name != "text_encoder_3"]
     _check_complete(src, components, str(source))
@@ -146,7 +154,7 @@ def convert(
     try:
         entries = {}
         for name in components:
-            config, tensors, settings = _prepare(src, name, precision, quantizations.get(name))
+            config, tensors, settings = _prepare(src, name, precision, quantizations.get(name), loras)
             size = write_component(tmp / name, tensors, config, settings, name)
             q = quantizations.get(name)
             entries[name] = {"dtype": dtype, "bytes": size,
@@ -154,7 +162,8 @@ def convert(
             mx.clear_cache()
         _copy_extras(src.folder, tmp, use_t5)
         manifest = {"format_version": FORMAT_VERSION, "mlx_flash_version": __version__, "mlx_version": mx.__version__,
-                    "source": src.origin, "t5": use_t5, "components": entries, **_source_defaults(src.folder)}
+                    "source": src.origin, "t5": use_t5, "components": entries, **_source_defaults(src.folder),
+                    **({"loras_fused": loras.metadata()} if loras else {})}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         (tmp / "README.md").write_text(model_card(manifest, upload_repo or str(output)))
         _replace(tmp, output)
