@@ -78,7 +78,6 @@ def make_sources(workdir: Path, single_file: bool) -> tuple[Path, Path | None, i
     path = None
     if single_file:
         import torch
-
         from single_file_maker import to_single_file
 
         states = {name: {k: torch.empty(s, device="meta") for k, s in tensors.items()}
@@ -99,7 +98,7 @@ def part_convert(args: list[str]) -> None:
     since a child's ru_maxrss starts from the RSS of the process it was forked from."""
     import mlx.core as mx
 
-    from convert.cli import add_arguments, run
+    from mlx_flash.convert.cli import add_arguments, run
 
     start = time.perf_counter()
     run(add_arguments(argparse.ArgumentParser()).parse_args(args))

@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from mlx_flash.convert.cli import main
 
 sys.exit(main())

@@ -36,7 +36,7 @@ noise = mx.concatenate([slerp(start, end, t) for t in np.linspace(0, 1, args.fra
 
 # One batch: the prompt is encoded once and every frame denoised together.
 frames = pipe.generate(args.prompt, latents=noise, num_images=args.frames, height=args.size, width=args.size,
-                       output_type="np")
-strip = mx.concatenate(list(mx.array(frames)), axis=1)  # (H, frames * W, 3), back in MLX
+                       output_type="mlx")  # an MLX array (frames, H, W, 3) in [0, 1]
+strip = mx.concatenate(list(frames), axis=1)  # (H, frames * W, 3)
 Image.fromarray(np.array((strip * 255).round().astype(mx.uint8))).save("interpolation.png")
 print("saved interpolation.png")

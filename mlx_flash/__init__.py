@@ -1,8 +1,22 @@
 """mlx-flash: Stable Diffusion 3 / 3.5 and SD3.5-Flash in MLX."""
 
-__version__ = "0.1.0"
+from .callbacks import Cancel, Preview, ProgressBar
+from .denoise import (
+    Callback,
+    Conditioning,
+    GenerationStopped,
+    NonFiniteError,
+    StepState,
+)
+from .loading import load_pipeline
+from .lora import LoRAError
+from .pipeline import Pipeline
+from .presets import PRESETS, SkipLayerGuidance
+from .request import GenerationRequest, GenerationResult, StageReport
+from .version import __version__
 
-from .pipeline import Pipeline, StageReport, load_pipeline  # noqa: E402
-from .presets import PRESETS, SkipLayerGuidance  # noqa: E402
-
-__all__ = ["PRESETS", "Pipeline", "SkipLayerGuidance", "StageReport", "load_pipeline", "__version__"]
+__all__ = [
+    "PRESETS", "Callback", "Cancel", "Conditioning", "GenerationRequest", "GenerationResult", "GenerationStopped",
+    "LoRAError", "NonFiniteError", "Pipeline", "Preview", "ProgressBar", "SkipLayerGuidance", "StageReport", "StepState",
+    "__version__", "load_pipeline",
+]

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import tempfile
+import warnings
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
+from .files import write_atomic
+
 METADATA_KEY = "mlx_flash"
+MAX_INPUT_PIXELS = 8192 * 8192  # inputs are resized to at most the model's size; larger ones are refused unread
+# Modes whose values are not 8-bit: the largest value of their range (16-bit integers; floats in [0, 1]).
+WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
 Metadata = dict[str, str | int | float | list | None]
 
 
@@ -37,13 +46,27 @@ def save_png(image: Image.Image, path: str | Path, metadata: Metadata, *, overwr
     info.add_text(METADATA_KEY, json.dumps(metadata))
     data = io.BytesIO()
     image.save(data, format="PNG", pnginfo=info)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(path, "wb" if overwrite else "xb") as f:
-            f.write(data.getvalue())
-    except FileExistsError:
-        raise FileExistsError(f"{path} already exists; pass --force to overwrite it or choose a new name.") from None
-    return path
+    return write_atomic(path, data.getvalue(), overwrite=overwrite)
+
+
+def check_writable(paths: Iterable[str | Path]) -> None:
+    """Raise OSError unless files can be created at `paths` (before any work whose result would be lost):
+    each path's folder, or the nearest existing folder above it, must accept a new file."""
+    for path in paths:
+        path = Path(path)
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a folder; pass a file name ending in .png.")
+        folder = path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            raise NotADirectoryError(f"{folder} is a file, not a folder; choose another output path.")
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".mlx-flash-probe-", dir=folder)
+        except OSError as err:
+            raise OSError(f"{folder}: cannot write there ({err.strerror}); choose another output folder.") from None
+        os.close(fd)
+        os.unlink(probe)
 
 
 def next_free_path(path: str | Path) -> Path:
@@ -57,12 +80,33 @@ def next_free_path(path: str | Path) -> Path:
 
 
 def _open(path: Path) -> Image.Image:
+    """Open an image lazily (only its header is read) and refuse it if its size is beyond MAX_INPUT_PIXELS."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such image file; check the path.")
     try:
-        return Image.open(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
     except UnidentifiedImageError:
         raise ValueError(f"{path}: not an image file PIL can read; pass a PNG, JPEG or WebP image.") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        image = None
+    if image is None or image.width * image.height > MAX_INPUT_PIXELS:
+        size = "" if image is None else f" ({image.width}x{image.height})"
+        raise ValueError(f"{path}: the image is too large{size}, more than {MAX_INPUT_PIXELS // 10**6} megapixels; "
+                         "downscale it first.")
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB with the full value range of any mode: 16-bit and float greys are scaled to 8 bits (Pillow's own
+    conversion clips them), colour and palette modes converted as diffusers does (alpha dropped)."""
+    scale = WIDE_MODES.get(image.mode)
+    if scale is None:
+        return image.convert("RGB")
+    values = np.asarray(image, dtype=np.float64) / scale
+    grey = (np.clip(np.nan_to_num(values), 0, 1) * 255).round().astype(np.uint8)
+    return Image.fromarray(grey).convert("RGB")
 
 
 def read_metadata(path: str | Path) -> Metadata:
@@ -80,11 +124,11 @@ def read_metadata(path: str | Path) -> Metadata:
 def open_rgb(image: str | Path | Image.Image) -> Image.Image:
     """An image file or PIL image as RGB with its EXIF orientation applied (diffusers.utils.load_image)."""
     if isinstance(image, Image.Image):
-        return ImageOps.exif_transpose(image).convert("RGB")
+        return to_rgb(ImageOps.exif_transpose(image))
     path = Path(image)
     with _open(path) as opened:
         try:
-            return ImageOps.exif_transpose(opened).convert("RGB")
+            return to_rgb(ImageOps.exif_transpose(opened))
         except OSError as err:
             raise ValueError(f"{path}: the image data cannot be decoded ({err}); re-save or replace the file.") from err
 

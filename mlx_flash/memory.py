@@ -17,14 +17,16 @@ full-size SD3.5 runs at 1024x1024 on MLX's CUDA backend with Metal-like command 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .clip import CLIP_G, CLIP_L, CLIPConfig, CLIPTextModel
+from .controlnet import ControlNet, ControlNetConfig
 from .mmdit import MMDiT, MMDiTConfig
 from .t5 import T5_XXL, T5Config, T5Encoder, keeps_float32
 from .vae import Autoencoder, VAEConfig
@@ -38,6 +40,15 @@ GPU_VAE_BYTES_PER_PIXEL, GPU_VAE_FIXED = 5_360, 0.55e9
 # time), fitted on a GPU (fused attention) together with GPU_PENDING_BUFFERS
 CPU_TRANSFORMER_VECTORS, GPU_TRANSFORMER_VECTORS = 13, 10
 GPU_PENDING_BUFFERS = 0.75e9  # fitted: freed buffers whose command batch has not completed yet
+
+
+def memory_budget() -> int:
+    """Bytes a run may use: Metal's recommended working set, a CUDA GPU's memory, else the machine's RAM."""
+    info = mx.device_info()
+    for key in ("max_recommended_working_set_size", "total_memory", "memory_size"):
+        if info.get(key):
+            return int(info[key])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 @dataclass(frozen=True)
@@ -91,24 +102,32 @@ def estimate(
     quantize_t5: Callable[[nn.Module], object] | None = None,
     vae_tiled: bool = False,
     drop_modulation: bool = False,
+    adapters: Mapping[str, int] | None = None,
+    controlnets: Sequence[ControlNetConfig] = (),
     device: mx.Device | None = None,
 ) -> list[StageEstimate]:
     """Peak bytes of the text-encoder, transformer and VAE-decoder stages of one `generate` call.
 
     `quantize(model)` and `quantize_t5(model)` quantize the transformer and T5 in place as they will be loaded
     (`t5=None`: run without T5). `vae_tiled` with the VAE config's tile size. `drop_modulation`: the adaLN
-    weights are freed before the transformer blocks load (few-step runs in low-memory mode)."""
+    weights are freed before the transformer blocks load (few-step runs in low-memory mode). `controlnets` run
+    in the transformer stage: their weights (quantized like the transformer's) and their residuals, one image
+    stream per block, held while the transformer runs (each ControlNet runs before it, within its peak). `adapters`: bytes of
+    the unfused LoRA adapters per component ("transformer", "text_encoder", ...), added to its weights."""
+    adapters = adapters or {}
     gpu = (device or mx.default_device()) == mx.gpu
     prompts = images * (2 if cfg else 1)
     act = 4  # activations are float32 on the CPU; half precision elsewhere is covered by the float32 streams
 
     text = []
-    for config in clips:
-        text.append(StageEstimate("text encoders", _weights(lambda: CLIPTextModel(config), dtype, None),
+    for config, component in zip(clips, ("text_encoder", "text_encoder_2")):
+        text.append(StageEstimate("text encoders", _weights(lambda: CLIPTextModel(config), dtype, None)
+                                  + adapters.get(component, 0),
                                   _encoder_activations(prompts, 77, config.hidden_size, config.intermediate_size,
                                                        config.num_heads)))
     if t5 is not None:
-        text.append(StageEstimate("text encoders", _weights(lambda: T5Encoder(t5), dtype, quantize_t5, keeps_float32),
+        text.append(StageEstimate("text encoders", _weights(lambda: T5Encoder(t5), dtype, quantize_t5, keeps_float32)
+                                  + adapters.get("text_encoder_3", 0),
                                   _encoder_activations(prompts, max_sequence_length, t5.d_model, t5.d_ff, t5.num_heads)))
 
     d = transformer.hidden_size
@@ -122,14 +141,17 @@ def estimate(
     model = MMDiT(transformer)
     if drop_modulation:
         model.drop_modulation_weights()
-    denoise_weights = _weights(lambda: model, dtype, quantize)
+    denoise_weights = _weights(lambda: model, dtype, quantize) + adapters.get("transformer", 0)
+    for config in controlnets:
+        denoise_weights += _weights(lambda: ControlNet(config), dtype, quantize)
+        denoise_act += batch * config.num_layers * tokens * d * act
 
     vae_weights = _weights(lambda: Autoencoder(vae), dtype, None)
     side = vae.tile_size * vae.factor
     pixels = min(height, side) * min(width, side) if vae_tiled else height * width
     per_pixel, fixed = (GPU_VAE_BYTES_PER_PIXEL, GPU_VAE_FIXED) if gpu else (CPU_VAE_BYTES_PER_PIXEL, 0)
-    output = images * height * width * 3 * 4 * 2  # the float32 image and its [0, 1] copy
-    decode_act = images * per_pixel * pixels + int(fixed) + output
+    output = images * height * width * 3 * 4 * (2 if images == 1 else 3)  # images (joined) and a [0, 1] copy
+    decode_act = per_pixel * pixels + int(fixed) + output  # one image at a time (Autoencoder.latents_to_image)
 
     return [
         max(text, key=lambda stage: stage.peak),

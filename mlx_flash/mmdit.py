@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -77,6 +77,10 @@ class MMDiTConfig:
         kwargs = {k: v for k, v in config.items() if k in names}
         kwargs["dual_attention_layers"] = tuple(config.get("dual_attention_layers") or ())
         return cls(qk_norm=config.get("qk_norm") == "rms_norm", **kwargs)
+
+    def same_architecture(self, other: MMDiTConfig) -> bool:
+        """Whether the two configurations differ at most in their default sample size."""
+        return replace(self, sample_size=other.sample_size) == other
 
     def to_diffusers(self) -> dict:
         """The diffusers `transformer/config.json` fields of this configuration."""
@@ -365,8 +369,11 @@ class MMDiT(nn.Module):
         pooled: mx.array | None = None,
         skip_layers: Iterable[int] = (),
         modulation: list | None = None,
+        controlnet_residuals: Sequence[mx.array] | None = None,
     ) -> mx.array:
-        """Velocity prediction. `modulation` (from `modulation()`) may replace `timesteps` and `pooled`."""
+        """Velocity prediction. `modulation` (from `modulation()`) may replace `timesteps` and `pooled`.
+        `controlnet_residuals` (a ControlNet's outputs, image tokens) are added after the blocks, skipped or
+        not, except the last: residual int(i / (blocks / residuals)) after block i, as diffusers does."""
         b, height, width, _ = latents.shape
         self.check_latent_size(height, width)
         dtype = self.compute_dtype
@@ -379,9 +386,12 @@ class MMDiT(nn.Module):
         x = self.pos_embed(latents).astype(stream)
         c = self.context_embedder(context).astype(stream)
         skip = set(skip_layers)
-        for i, (block, block_mod) in enumerate(zip(self.transformer_blocks, block_mods)):
+        blocks = self.transformer_blocks
+        for i, (block, block_mod) in enumerate(zip(blocks, block_mods)):
             if i not in skip:
                 c, x = block(x, c, block_mod)
+            if controlnet_residuals and not block.last:
+                x = x + controlnet_residuals[int(i / (len(blocks) / len(controlnet_residuals)))].astype(x.dtype)
 
         x = self.proj_out(modulate(x, shift, scale).astype(dtype))
         p, out = self.config.patch_size, self.config.out_channels
@@ -413,10 +423,12 @@ def mmdit_from_diffusers_weights(
     return load_into(model, remap(weights, DIFFUSERS_RULES), "transformer", dtype=dtype)
 
 
-def load_mmdit(folder: str | Path, dtype: mx.Dtype | None = None, float32_residual: bool = False) -> MMDiT:
+def load_mmdit(folder: str | Path, dtype: mx.Dtype | None = None, float32_residual: bool = False,
+               config: dict | None = None) -> MMDiT:
     """Load a `transformer/` folder: diffusers layout (config.json plus one or many safetensors shards; the
-    configuration is inferred from the tensors) or mlx-flash layout (converted, possibly quantized)."""
-    config, weights = read_component(folder)
+    configuration is inferred from the tensors) or mlx-flash layout (converted, possibly quantized). `config`
+    (the base model's config.json) stands in for a missing config.json."""
+    config, weights = read_component(folder, config)
     if not is_converted(config):
         return mmdit_from_diffusers_weights(
             weights, dtype, float32_residual, config.get("sample_size", 128), config.get("attention_head_dim", 64)

@@ -1,10 +1,14 @@
-"""Flow-matching Euler sampler, step for step as diffusers' FlowMatchEulerDiscreteScheduler in the SD3 pipelines.
+"""Flow-matching schedule math, as diffusers' FlowMatchEulerDiscreteScheduler and the SD3 pipelines compute it:
+noise levels, timesteps, img2img start, noising, the Euler step and guidance (the samplers in samplers.py and the
+training scripts share these).
 
 The schedule is computed in NumPy along diffusers' own dtype path (float32 training table, float64 inference
 spacing, float32 result), so sigmas and timesteps are bit-identical to the reference.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -17,20 +21,15 @@ def shifted(sigmas, shift: float):
     return shift * sigmas / (1 + (shift - 1) * sigmas)
 
 
-def flow_sigmas(num_steps: int, shift: float = 3.0, sigmas: list[float] | None = None) -> np.ndarray:
+def flow_sigmas(num_steps: int, shift: float = 3.0, sigmas: Sequence[float] | None = None) -> np.ndarray:
     """Noise levels of a `num_steps` run, float32, with the terminal 0 appended (length `num_steps + 1`).
 
     `sigmas`, if given, replaces the default linear spacing (diffusers shifts custom sigmas too) and must
-    hold `num_steps` values.
+    hold `num_steps` strictly decreasing values in (0, 1].
     """
-    if not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive integer (got {num_steps!r}); pass e.g. 4 or 28.")
+    check_steps(num_steps)
     if sigmas is not None:
-        if len(sigmas) != num_steps:
-            raise ValueError(
-                f"got {len(sigmas)} custom sigmas for {num_steps} steps; pass exactly one sigma per step."
-            )
-        out = shifted(np.array(sigmas).astype(np.float32), shift).astype(np.float32)
+        out = shifted(check_sigmas(sigmas, num_steps), shift).astype(np.float32)
     else:
         # The scheduler's training table is float32; only its end points enter the inference spacing.
         train = np.float32([1, NUM_TRAIN_TIMESTEPS]) / NUM_TRAIN_TIMESTEPS
@@ -38,6 +37,25 @@ def flow_sigmas(num_steps: int, shift: float = 3.0, sigmas: list[float] | None =
         t = np.linspace(sigma_max * NUM_TRAIN_TIMESTEPS, sigma_min * NUM_TRAIN_TIMESTEPS, num_steps)
         out = shifted(t / NUM_TRAIN_TIMESTEPS, shift).astype(np.float32)
     return np.append(out, np.float32(0))
+
+
+def check_steps(num_steps: int) -> None:
+    """Raise ValueError unless `num_steps` is a positive integer."""
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive integer (got {num_steps!r}); pass e.g. 4 or 28.")
+
+
+def check_sigmas(sigmas: Sequence[float], num_steps: int) -> np.ndarray:
+    """Custom noise levels as float32, after checking there is one per step, each in (0, 1], strictly decreasing."""
+    values = np.array(list(sigmas), dtype=np.float64)
+    if values.ndim != 1 or len(values) != num_steps:
+        raise ValueError(f"got {len(values)} custom sigmas for {num_steps} steps; pass exactly one sigma per step "
+                         "(the terminal 0 is implied).")
+    if not np.all((values > 0) & (values <= 1)):
+        raise ValueError(f"custom sigmas must lie in (0, 1] (got {values.tolist()}); the terminal 0 is implied.")
+    if np.any(np.diff(values) >= 0):
+        raise ValueError(f"custom sigmas must be strictly decreasing (got {values.tolist()}); e.g. 1,0.75,0.5,0.25.")
+    return np.array(list(sigmas)).astype(np.float32)
 
 
 def flow_timesteps(sigmas: np.ndarray) -> np.ndarray:

@@ -108,6 +108,7 @@ BLOCK = [  # (original module in joint_blocks.i, diffusers module in transformer
     ("context_block.mlp.fc1", "ff_context.net.0.proj"),
     ("context_block.mlp.fc2", "ff_context.net.2"),
 ]
+FINAL_ADALN = ("final_layer.adaLN_modulation.1", "norm_out.linear")  # its shift and scale halves swap
 BLOCK_QKV = [  # fused original projection -> diffusers q, k, v
     ("x_block.attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),
     ("context_block.attn.qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
@@ -123,13 +124,20 @@ def transformer_rules(num_layers: int) -> list[Rule | Split]:
     return [
         Rule(r"pos_embed", "pos_embed.pos_embed"),
         *[Rule(rf"{re.escape(src)}\.(weight|bias)", rf"{dst}.\1") for src, dst in TOP_LEVEL],
-        Rule(r"final_layer\.adaLN_modulation\.1\.(weight|bias)", r"norm_out.linear.\1", swap_halves),
+        Rule(rf"{re.escape(FINAL_ADALN[0])}\.(weight|bias)", rf"{FINAL_ADALN[1]}.\1", swap_halves),
         Rule(rf"joint_blocks\.({last})\.context_block\.adaLN_modulation\.1\.(weight|bias)",
              r"transformer_blocks.\1.norm1_context.linear.\2", swap_halves),
         *[Rule(block.format(re.escape(src)), rf"transformer_blocks.\1.{dst}.\2") for src, dst in BLOCK],
         *[Split(block.format(re.escape(src)), tuple(rf"transformer_blocks.\1.{d}.\2" for d in dsts))
           for src, dsts in BLOCK_QKV],
     ]
+
+
+def transformer_modules(num_layers: int) -> list[str]:
+    """Every original module name the mapping knows, for an MMDiT of `num_layers` blocks."""
+    blocks = [src for src, _ in BLOCK] + [src for src, _ in BLOCK_QKV]
+    return ([src for src, _ in TOP_LEVEL] + [FINAL_ADALN[0]]
+            + [f"joint_blocks.{i}.{src}" for i in range(num_layers) for src in blocks])
 
 
 def _map_transformer(weights: Mapping[str, mx.array], overrides: Mapping) -> tuple[dict, dict[str, mx.array]]:

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import logging
 from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
 import sentencepiece
@@ -22,6 +23,9 @@ from tokenizers import (
     pre_tokenizers,
 )
 from tokenizers.models import BPE
+
+from .files import first_line
+from .layout import read_json
 
 logger = logging.getLogger("mlx_flash")
 
@@ -60,46 +64,82 @@ def write_clip_vocab(folder: str | Path, merges: list[str], pad_token: str = EOS
     (folder / "tokenizer_config.json").write_text(json.dumps({"pad_token": pad_token, "model_max_length": 77}))
 
 
-def _require(folder: Path, *names: str) -> None:
-    missing = [name for name in names if not (folder / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{folder}: missing tokenizer file(s) {missing}; "
-                                "expected a diffusers-layout tokenizer folder.")
+TOKENIZER_JSON = "tokenizer.json"  # what transformers 5 `save_pretrained` writes (the legacy files are optional)
 
 
-def _pad_token(folder: Path) -> str:
-    """The pad token named by the folder's tokenizer_config.json or special_tokens_map.json (default: end token)."""
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        path = folder / name
-        token = json.loads(path.read_text()).get("pad_token") if path.is_file() else None
+def _legacy_or_json(folder: Path, legacy: tuple[str, ...]) -> bool:
+    """True if the folder has the legacy files `legacy`, False if it has only tokenizer.json; else raise."""
+    if all((folder / name).is_file() for name in legacy):
+        return True
+    if (folder / TOKENIZER_JSON).is_file():
+        return False
+    missing = [name for name in legacy if not (folder / name).is_file()]
+    raise FileNotFoundError(f"{folder}: missing tokenizer file(s) {missing} (or {TOKENIZER_JSON}); "
+                            "expected a diffusers-layout tokenizer folder.")
+
+
+def _read_tokenizer(path: Path, build: Callable[[], Tokenizer]) -> Tokenizer:
+    """`build()` (reading `path`), with any failure as one line naming the file; no truncation or padding."""
+    try:
+        tokenizer = build()
+    except Exception as err:  # the tokenizers library raises plain Exceptions for unreadable files
+        raise ValueError(f"{path}: not a readable tokenizer file ({first_line(err)}); re-download or "
+                         "re-save the tokenizer.") from None
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
+
+
+def _special_token(folder: Path, name: str, default: str) -> str:
+    """The special token `name` ("pad_token", "eos_token") named by the folder's tokenizer_config.json or
+    special_tokens_map.json (default `default`)."""
+    for file in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = folder / file
+        token = read_json(path).get(name) if path.is_file() else None
+        if isinstance(token, dict):
+            token = token.get("content")
         if token is not None:
-            return token["content"] if isinstance(token, dict) else token
-    return EOS
+            if not isinstance(token, str):
+                raise ValueError(f"{path}: field {name!r} must be a string, got {token!r}; fix or re-download it.")
+            return token
+    return default
 
 
 class CLIPTokenizer:
-    """CLIP BPE from vocab.json + merges.txt; pads to `max_length` with the folder's pad token."""
+    """CLIP BPE from vocab.json + merges.txt, or from tokenizer.json alone; pads to `max_length` with the
+    folder's pad token."""
 
     def __init__(self, folder: str | Path, max_length: int = 77):
         folder = Path(folder)
-        _require(folder, "vocab.json", "merges.txt")
-        bpe = BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"), unk_token=EOS,
-                            end_of_word_suffix="</w>", continuing_subword_prefix="", fuse_unk=False)
-        self._tokenizer = Tokenizer(bpe)
-        self._tokenizer.normalizer = normalizers.Sequence(
-            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
-        self._tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
-        ])
-        self._tokenizer.decoder = decoders.ByteLevel()
-        pad = _pad_token(folder)
+        if _legacy_or_json(folder, ("vocab.json", "merges.txt")):
+            source = folder / "vocab.json"
+            self._tokenizer = _read_tokenizer(source, lambda: self._from_vocab(folder))
+        else:
+            source = folder / TOKENIZER_JSON
+            self._tokenizer = _read_tokenizer(source, lambda: Tokenizer.from_file(str(source)))
+        pad = _special_token(folder, "pad_token", EOS)
         missing = [token for token in (BOS, EOS, pad) if self._tokenizer.token_to_id(token) is None]
         if missing:
-            raise ValueError(f"{folder}: vocab.json lacks the special token(s) {missing}; is it a CLIP vocabulary?")
+            raise ValueError(f"{source}: lacks the special token(s) {missing}; is it a CLIP vocabulary?")
         self._tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in {BOS, EOS, pad}])
         self.bos, self.eos, self.pad = (self._tokenizer.token_to_id(t) for t in (BOS, EOS, pad))
         self.max_length = max_length
+
+    @staticmethod
+    def _from_vocab(folder: Path) -> Tokenizer:
+        """CLIP's tokenizer from vocab.json + merges.txt: NFC, whitespace runs to one space, lower case,
+        CLIP's word split, byte-level BPE with "</w>" ending each word."""
+        bpe = BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"), unk_token=EOS,
+                            end_of_word_suffix="</w>", continuing_subword_prefix="", fuse_unk=False)
+        tokenizer = Tokenizer(bpe)
+        tokenizer.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ])
+        tokenizer.decoder = decoders.ByteLevel()
+        return tokenizer
 
     def __call__(self, texts: list[str]) -> mx.array:
         """Token ids (len(texts), max_length): start, text (truncated), end, padding."""
@@ -117,22 +157,39 @@ class CLIPTokenizer:
 
 
 class T5Tokenizer:
-    """T5 SentencePiece from spiece.model; appends the end token and pads to the requested length."""
+    """T5 SentencePiece from spiece.model, or from tokenizer.json alone; appends the end token and pads to
+    the requested length."""
 
     def __init__(self, folder: str | Path):
         folder = Path(folder)
-        _require(folder, "spiece.model")
-        self._model = sentencepiece.SentencePieceProcessor(model_file=str(folder / "spiece.model"))
-        self.eos, self.pad = self._model.eos_id(), self._model.pad_id()
+        if _legacy_or_json(folder, ("spiece.model",)):
+            path = folder / "spiece.model"
+            try:
+                model = sentencepiece.SentencePieceProcessor(model_file=str(path))
+            except Exception as err:  # sentencepiece raises RuntimeError or OSError with varying texts
+                raise ValueError(f"{path}: not a readable SentencePiece model ({first_line(err)}); "
+                                 "re-download or re-save the tokenizer.") from None
+            self._encode, self._decode = model.encode, model.decode
+            self.eos, self.pad = model.eos_id(), model.pad_id()
+            return
+        path = folder / TOKENIZER_JSON
+        tokenizer = _read_tokenizer(path, lambda: Tokenizer.from_file(str(path)))
+        self._encode = lambda texts: [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+        self._decode = tokenizer.decode
+        tokens = [_special_token(folder, "eos_token", "</s>"), _special_token(folder, "pad_token", "<pad>")]
+        missing = [token for token in tokens if tokenizer.token_to_id(token) is None]
+        if missing:
+            raise ValueError(f"{path}: lacks the special token(s) {missing}; is it a T5 tokenizer?")
+        self.eos, self.pad = (tokenizer.token_to_id(token) for token in tokens)
 
     def __call__(self, texts: list[str], max_length: int = 256) -> mx.array:
         """Token ids (len(texts), max_length): text (truncated), end, padding."""
         rows = []
-        for ids in self._model.encode(texts):
+        for ids in self._encode(texts):
             keep = max_length - 1
             if len(ids) > keep:
                 logger.warning("T5 takes at most %d tokens (max_sequence_length); this part of the prompt was "
-                               "dropped: %r", max_length, self._model.decode(ids[keep:]))
+                               "dropped: %r", max_length, self._decode(ids[keep:]))
             row = [*ids[:keep], self.eos]
             rows.append(row + [self.pad] * (max_length - len(row)))
         return mx.array(rows, dtype=mx.int32)

@@ -105,6 +105,22 @@ class VAEConfig:
         """Image pixels per latent pixel along each axis."""
         return 2 ** (len(self.block_out_channels) - 1)
 
+    def to_diffusion(self, sample: mx.array) -> mx.array:
+        """VAE latents -> the diffusion model's latents: `(sample - shift_factor) * scaling_factor`."""
+        return (sample - self.shift_factor) * self.scaling_factor
+
+    def from_diffusion(self, latents: mx.array) -> mx.array:
+        """The diffusion model's latents -> VAE latents: `latents / scaling_factor + shift_factor`."""
+        return latents / self.scaling_factor + self.shift_factor
+
+
+def sd3_latents(config: VAEConfig) -> bool:
+    """Whether the VAE's latent space is SD3 / SD3.5's (16 channels, its scaling and shift), which
+    madebyollin/taesd3 and SD3's published preview factors are made for."""
+    sd3 = VAEConfig()
+    return (config.latent_channels, config.scaling_factor, config.shift_factor) == (
+        sd3.latent_channels, sd3.scaling_factor, sd3.shift_factor)
+
 
 ATTENTION_SCORES = 2**26  # attention scores computed at once in the mid-blocks (256 MB in float32)
 
@@ -548,9 +564,16 @@ class Autoencoder(nn.Module):
         return mean, mx.clip(logvar, -30.0, 20.0)
 
     def latents_to_image(self, latents: mx.array, tiled: bool | None = None) -> mx.array:
-        """Diffusion-space latents -> images in [-1, 1]: decode(latents / scaling_factor + shift_factor)."""
-        c = self.config
-        return self.decode(latents / c.scaling_factor + c.shift_factor, tiled)
+        """Diffusion-space latents -> images in [-1, 1]: decode(latents / scaling_factor + shift_factor),
+        one image at a time (each computed before the next), so a batch needs one image's activations."""
+        latents = self.config.from_diffusion(latents)
+        if latents.shape[0] == 1:
+            return self.decode(latents, tiled)
+        images = []
+        for i in range(latents.shape[0]):
+            images.append(self.decode(latents[i : i + 1], tiled))
+            mx.eval(images[-1])
+        return mx.concatenate(images)
 
     def image_to_latents(
         self,
@@ -567,7 +590,7 @@ class Autoencoder(nn.Module):
         elif noise.shape != mean.shape:
             raise ValueError(f"VAE image_to_latents: noise shape {tuple(noise.shape)} != latent shape {mean.shape}.")
         sample = mean + mx.exp(0.5 * logvar) * noise
-        return (sample - self.config.shift_factor) * self.config.scaling_factor
+        return self.config.to_diffusion(sample)
 
 
 # The module names are the diffusers names; only conv weights (the 4-D ones) change layout.

@@ -19,6 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .layout import read_json
 from .quantization import quantize_layers
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
@@ -154,24 +155,53 @@ def load_safetensors(path: str | Path) -> dict[str, mx.array]:
         raise WeightsError(f"{path}: not a readable safetensors file ({err}); re-download or re-convert it.") from err
 
 
-def read_component(folder: str | Path) -> tuple[dict, dict[str, mx.array]]:
+# diffusers' / transformers' precision variants: name.fp16.safetensors, name.fp16-00001-of-00002.safetensors,
+# name.safetensors.index.fp16.json (diffusers) or name.fp16.safetensors.index.json; None: the default files.
+VARIANT = re.compile(r"[^.]+(?:\.(?P<a>[^.-]+))?(?:-\d+-of-\d+)?\.safetensors(?:\.index(?:\.(?P<b>[^.]+))?\.json)?")
+
+
+def weight_variant(name: str) -> str | None:
+    """The variant ("fp16", ...) of a safetensors weight or index file name; None for the default files."""
+    match = VARIANT.fullmatch(name)
+    return (match["a"] or match["b"]) if match else None
+
+
+def pick_variant(variants: set[str | None], preferred: tuple[str, ...] = ()) -> str | None:
+    """The variant to use among those present: the first of `preferred` there, else the default files, else
+    the only (or first) variant."""
+    for variant in (*preferred, None):
+        if variant in variants:
+            return variant
+    return sorted(v for v in variants if v is not None)[0] if variants else None
+
+
+def read_component(folder: str | Path, config: dict | None = None) -> tuple[dict, dict[str, mx.array]]:
     """Read a diffusers/transformers component folder: (config.json contents, all tensors of its shards).
 
     One or many shards are supported; with a `*.safetensors.index.json` exactly the shards it names are read.
+    Of precision variants (name.fp16.safetensors beside name.safetensors) one set is read: the default files
+    where present, else the variant there is. `config` stands in for a config.json the folder lacks (a
+    release that ships only weights).
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise WeightsError(f"{folder}: no such folder.")
     config_path = folder / "config.json"
-    if not config_path.is_file():
+    if config_path.is_file():
+        config = read_json(config_path)
+    elif config is None:
         raise WeightsError(f"{folder}: no config.json; expected a diffusers-layout component folder.")
-    config = json.loads(config_path.read_text())
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    files = [p for p in folder.iterdir() if VARIANT.fullmatch(p.name)]
+    variant = pick_variant({weight_variant(p.name) for p in files})
+    files = [p for p in files if weight_variant(p.name) == variant]
+    indexes = sorted(p for p in files if p.name.endswith(".json"))
     if indexes:
-        weight_map = json.loads(indexes[0].read_text())["weight_map"]
+        weight_map = read_json(indexes[0]).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise WeightsError(f"{indexes[0]}: no valid 'weight_map' (tensor name -> shard file); re-download it.")
         shards = [folder / name for name in sorted(set(weight_map.values()))]
     else:
-        shards = sorted(folder.glob("*.safetensors"))
+        shards = sorted(p for p in files if p.name.endswith(".safetensors"))
     if not shards:
         pickled = [p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
         if pickled:

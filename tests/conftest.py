@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import pytest
-
+import torch
 from tiny import make_tiny_pipeline
 
 
@@ -11,3 +11,13 @@ from tiny import make_tiny_pipeline
 def tiny_pipeline_dir(tmp_path_factory) -> Path:
     """A tiny random diffusers StableDiffusion3Pipeline (dual attention on layer 0, RMS qk norm), built once."""
     return make_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd3"), dual_attention_layers=(0,), qk_norm="rms_norm")
+
+
+@pytest.fixture(scope="module")
+def torch_single_thread():
+    """Torch's thread pool competes with MLX's on small CPUs (4x slower tiny ops): one thread in a module that
+    uses this (`pytestmark = pytest.mark.usefixtures("torch_single_thread")`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

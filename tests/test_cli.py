@@ -97,3 +97,11 @@ def test_info_on_a_foreign_png(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
     result = run("info", str(tmp_path / "plain.png"))
     assert result.returncode == 1 and "no mlx-flash metadata" in result.stderr
+
+
+def test_info_prints_valid_json_even_for_nan(tmp_path):
+    from mlx_flash.image_io import save_png
+
+    save_png(Image.new("RGB", (8, 8)), tmp_path / "old.png", {"guidance": float("nan"), "seed": 1, "dtype": "float32"})
+    result = run("info", str(tmp_path / "old.png"))
+    assert result.returncode == 0 and json.loads(result.stdout) == {"guidance": "nan", "seed": 1, "dtype": "float32"}

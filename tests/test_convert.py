@@ -16,12 +16,12 @@ from mlx.utils import tree_flatten
 from safetensors.numpy import load_file, save_file
 from tiny import randomize
 
-import convert.converter
 import mlx_flash
-from convert import Quantization, quantize_model
-from convert import convert as run_convert
+import mlx_flash.convert.converter as converter_module
 from mlx_flash import cli, hub
 from mlx_flash.clip import load_clip, save_clip
+from mlx_flash.convert import Quantization, quantize_model
+from mlx_flash.convert import convert as run_convert
 from mlx_flash.mmdit import load_mmdit
 from mlx_flash.t5 import load_t5, save_t5
 from mlx_flash.vae import load_vae, save_vae
@@ -234,7 +234,7 @@ def test_bad_inputs_leave_nothing_behind(source, tmp_path, capsys):
 def test_failure_mid_conversion_loses_nothing(source, converted, tmp_path, monkeypatch, capsys):
     target = tmp_path / "model"
     shutil.copytree(converted, target)
-    original = convert.converter.write_component
+    original = converter_module.write_component
     calls = []
 
     def failing(folder, *args, **kwargs):
@@ -243,7 +243,7 @@ def test_failure_mid_conversion_loses_nothing(source, converted, tmp_path, monke
             raise OSError("disk full (injected)")
         return original(folder, *args, **kwargs)
 
-    monkeypatch.setattr(convert.converter, "write_component", failing)
+    monkeypatch.setattr(converter_module, "write_component", failing)
     fails_cleanly(capsys, tmp_path, [str(source), str(target), "--force", "-q"], "disk full (injected)")
     assert calls == ["transformer", "vae", "text_encoder"]
     assert entries(target) == entries(converted)  # the previous conversion is untouched

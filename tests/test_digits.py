@@ -7,13 +7,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from PIL import Image
 
 from mlx_flash import load_pipeline
 from mlx_flash.image_io import read_metadata
-from mlx_flash.pipeline import PACKAGED_MODELS
+from mlx_flash.layout import read_manifest
+from mlx_flash.loading import PACKAGED_MODELS
+from mlx_flash.preview import model_latent_rgb
+from mlx_flash.taesd import load_tiny_autoencoder, tiny_autoencoder_source
 from training.digits_data import WORDS, held_out_classifier, to_digits
 
 
@@ -59,7 +63,7 @@ def test_readme_first_command(tmp_path, digit_classifier):
 
 
 def test_training_scripts_run_end_to_end(tmp_path):
-    """The three training stages, a few steps each, write complete model folders that the pipeline loads (the
+    """The four training stages, a few steps each, write complete model folders that the pipeline loads (the
     shipped weights come from the same scripts at their default lengths; see training/README.md)."""
     root = Path(__file__).resolve().parents[1]
     teacher, student = tmp_path / "digits", tmp_path / "digits-flash"
@@ -68,6 +72,8 @@ def test_training_scripts_run_end_to_end(tmp_path):
         ["training/train_digits.py", "--model", teacher, "--steps", "2", "--preview", tmp_path / "teacher.png"],
         ["training/distill_digits.py", "--teacher", teacher, "--out", student, "--pairs", "20", "--steps", "2",
          "--batch", "4", "--preview", tmp_path / "student.png"],
+        ["training/train_taesd.py", "--models", teacher, student, "--steps", "2", "--batch", "2", "--pool", "8",
+         "--fit", "8", "--held-out", "4"],
     ]
     for stage in stages:
         result = subprocess.run([sys.executable, *map(str, stage)], cwd=root, capture_output=True, text=True,
@@ -78,3 +84,6 @@ def test_training_scripts_run_end_to_end(tmp_path):
         assert pipe.defaults()[0] == steps
         image = pipe.generate("the number 3", seed=0, output_type="np", progress=False)
         assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+        tiny = load_tiny_autoencoder(tiny_autoencoder_source(folder, pipe.vae.config), mx.float32)
+        assert tiny.decode(mx.zeros((1, 8, 8, 16))).shape == (1, 64, 64, 3)
+        assert model_latent_rgb(read_manifest(folder), pipe.vae.config) is not None

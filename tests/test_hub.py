@@ -72,8 +72,14 @@ def fake_download(monkeypatch, tmp_path):
             raise download.error
         return str(download.folder)
 
+    def listing(repo_id, revision, token):
+        if download.error is not None:
+            raise download.error
+        return dict.fromkeys(REPO_FILES, 1000)
+
     download.calls, download.error, download.folder = [], None, model_dir(tmp_path / "snapshot")
     monkeypatch.setattr(hub, "snapshot_download", download)
+    monkeypatch.setattr(hub, "repo_files", listing)
     return download
 
 

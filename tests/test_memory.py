@@ -6,6 +6,7 @@ import pytest
 
 import mlx_flash
 from mlx_flash import memory
+from mlx_flash.controlnet import ControlNet, ControlNetConfig
 from mlx_flash.mmdit import MMDiT, MMDiTConfig
 from mlx_flash.presets import PRESETS
 from mlx_flash.vae import Autoencoder, VAEConfig
@@ -33,6 +34,28 @@ def test_transformer_activations(size):
     predicted = memory.estimate(config, VAEConfig(), dtype=mx.float32, height=size, width=size, device=mx.cpu)[1]
     print(f"\ntransformer {size}px: measured {measured / 1e6:.0f} MB, predicted {predicted.activations / 1e6:.0f} MB")
     assert abs(predicted.activations - measured) <= 0.1 * measured
+
+
+def test_controlnet_weights_and_residuals():
+    """A ControlNet step (the ControlNet, then the transformer with its residuals) against the estimate."""
+    config = MMDiTConfig(num_layers=2, num_attention_heads=4, pos_embed_max_size=64, qk_norm=True)
+    control = ControlNetConfig(num_layers=2, num_attention_heads=4, pos_embed_max_size=64, qk_norm=True)
+    model, net = MMDiT(config), ControlNet(control)
+    mx.eval(model.parameters(), net.parameters())
+    inputs = (mx.random.normal((1, 32, 32, 16)), mx.random.normal((1, 32, 32, 16)), mx.array([500.0]),
+              mx.random.normal((1, 333, 4096)), mx.random.normal((1, 2048)))
+
+    def step(x, control_latents, t, context, pooled):
+        residuals = net(x, control_latents, t, pooled, context)
+        mx.eval(residuals)
+        return model(x, t, context, pooled, controlnet_residuals=residuals)
+
+    measured = measured_activations(step, *inputs)
+    plain, with_net = (memory.estimate(config, VAEConfig(), dtype=mx.float32, height=256, width=256, device=mx.cpu,
+                                       controlnets=nets)[1] for nets in ((), (control,)))
+    print(f"\ncontrolnet step: measured {measured / 1e6:.0f} MB, predicted {with_net.activations / 1e6:.0f} MB")
+    assert with_net.weights - plain.weights == memory.model_bytes(net)
+    assert abs(with_net.activations - measured) <= 0.1 * measured
 
 
 def test_vae_decoder_activations():
@@ -66,14 +89,14 @@ def test_run_that_cannot_fit_is_refused_before_loading(tiny_pipeline_dir, monkey
     args = dict(height=128, width=64)
     stages = pipe.estimate_memory(**args)
     needed = max(s.peak for s in stages)
-    monkeypatch.setattr("mlx_flash.pipeline.memory_budget", lambda: needed - 1)
+    monkeypatch.setattr("mlx_flash.memory.memory_budget", lambda: needed - 1)
     with pytest.raises(MemoryError) as err:
         pipe.generate("a cat", **args, num_inference_steps=1, progress=False)
     message = str(err.value)
     print("\n" + message)
     assert "\n" not in message and "GB at its peak" in message and "it would fit with --width 64 --height 64" in message
     assert pipe._transformer is None and not pipe.text_encoders._models  # nothing was loaded
-    monkeypatch.setattr("mlx_flash.pipeline.memory_budget", lambda: needed)
+    monkeypatch.setattr("mlx_flash.memory.memory_budget", lambda: needed)
     pipe.generate("a cat", **args, num_inference_steps=1, progress=False)
 
 
@@ -90,12 +113,13 @@ def test_advice_names_what_would_fit(tiny_pipeline_dir, monkeypatch):
                                                                        ("vae decoder", vae))]
 
     monkeypatch.setattr(pipe, "estimate_memory", fake)
+    request = pipe.request("a cat", height=64, width=64, num_inference_steps=4, guidance_scale=1.0)
     for budget, advice in ((6e9, "--quantize 4."), (4e9, "--quantize 4 --no-t5."), (0.5e9, "more memory.")):
-        monkeypatch.setattr("mlx_flash.pipeline.memory_budget", lambda budget=budget: budget)
+        monkeypatch.setattr("mlx_flash.memory.memory_budget", lambda budget=budget: budget)
         with pytest.raises(MemoryError, match=advice):
-            pipe.check_memory(64, 64, 1, False, 256, 4)
+            pipe.plan_memory(request, steps=4)
     monkeypatch.setattr(pipe, "estimate_memory", lambda *a, vae_tiled=None, **k: [
         memory.StageEstimate("vae decoder", int((1 if vae_tiled else 9) * 1e9), 0)])
-    monkeypatch.setattr("mlx_flash.pipeline.memory_budget", lambda: 2e9)
-    pipe.check_memory(64, 64, 1, False, 256, 4)  # tiling alone makes it fit: no error, and the decode will tile
-    assert pipe._tile_decode
+    monkeypatch.setattr("mlx_flash.memory.memory_budget", lambda: 2e9)
+    plan = pipe.plan_memory(request, steps=4)  # tiling alone makes it fit: no error, and the decode will tile
+    assert plan.tile_decode

@@ -27,6 +27,7 @@ from mlx_flash.vae import (
 )
 from mlx_flash.weights import WeightsError, remap
 
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 SD3 = dict(scaling_factor=1.5305, shift_factor=0.0609, latent_channels=16, norm_num_groups=32)
 TINY = {  # name: (diffusers config, latent (height, width) of the test input)
     "sd3": (dict(block_out_channels=(32, 64), layers_per_block=2, use_quant_conv=False, use_post_quant_conv=False),
@@ -60,15 +61,6 @@ def diffusers_vae(block_out_channels, seed: int = 0, local: bool = False, **conf
             else:
                 p.copy_(noise * (0.01 if "conv2" in name or "to_out" in name else p[0].numel() ** -0.5))
     return model
-
-
-@pytest.fixture(scope="module", autouse=True)
-def torch_single_thread():
-    """Torch's thread pool competes with MLX's on small CPUs (4x slower tiny ops); one thread here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=list(TINY))

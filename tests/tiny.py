@@ -9,7 +9,10 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
+import tempfile
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
@@ -48,8 +51,10 @@ def train_spiece(folder: Path, vocab_size: int = 100) -> Path:
     return path
 
 
-def randomize(model: torch.nn.Module, seed: int, std: float = 0.08) -> torch.nn.Module:
-    """Normal(0, std) weights, biases ~0.05, norm scales ~1 +- 0.1: outputs far from constant, norms sane."""
+def randomize(model: torch.nn.Module, seed: int, std: float = 0.08,
+              gains: Mapping[str, float] | None = None) -> torch.nn.Module:
+    """Normal(0, std) weights, biases ~0.05, norm scales ~1 +- 0.1: outputs far from constant, norms sane.
+    `gains` ({regex: factor}) multiplies the parameters whose names fully match a regex (first match)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -58,7 +63,20 @@ def randomize(model: torch.nn.Module, seed: int, std: float = 0.08) -> torch.nn.
                 param.copy_(1 + 0.1 * noise if name.endswith("weight") else 0.05 * noise)
             else:
                 param.copy_(std * noise)
+            gain = next((g for pattern, g in (gains or {}).items() if re.fullmatch(pattern, name)), 1.0)
+            param.mul_(gain)
     return model.eval()
+
+
+# Gains that make the end-to-end image depend on every module family (tests/test_hardening_sensitivity.py):
+# with plain random weights, attention is near uniform and the text path barely reaches the image.
+TRANSFORMER_GAINS = {
+    r".*\.norm_(added_)?[qk]\.weight": 4.0,
+    r".*norm1(_context)?\.linear\.weight": 3.0,
+    r"norm_out\.linear\.weight": 3.0,
+    r"context_embedder\.weight": 3.0,
+    r"time_text_embed\.text_embedder\..*weight": 3.0,
+}
 
 
 def clip_config(kind: str, **overrides):
@@ -83,7 +101,8 @@ def t5_config(vocab_size: int, **overrides):
 
 def make_tiny_pipeline(path: Path, *, dual_attention_layers: tuple[int, ...] = (0,), qk_norm: str | None = "rms_norm",
                        seed: int = 0) -> Path:
-    """Save a tiny random diffusers StableDiffusion3Pipeline (all components and tokenizers) under `path`."""
+    """Save a tiny random diffusers StableDiffusion3Pipeline (all components and tokenizers) under `path`, all
+    written by diffusers' / transformers' own `save_pretrained`."""
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
@@ -98,10 +117,13 @@ def make_tiny_pipeline(path: Path, *, dual_attention_layers: tuple[int, ...] = (
     )
 
     path = Path(path)
-    for name in ("tokenizer", "tokenizer_2"):  # the hub layout: vocab.json + merges.txt, and spiece.model
-        clip_vocab_files(path / name)
-    train_spiece(path / "tokenizer_3")
-    tokenizer_3 = T5Tokenizer.from_pretrained(path / "tokenizer_3", extra_ids=EXTRA_IDS)
+    with tempfile.TemporaryDirectory() as scratch:  # the hub's legacy files, read by transformers' tokenizers
+        scratch = Path(scratch)
+        clip_vocab_files(scratch / "clip")
+        train_spiece(scratch / "t5")
+        tokenizer = CLIPTokenizer.from_pretrained(scratch / "clip", model_max_length=77)
+        tokenizer_2 = CLIPTokenizer.from_pretrained(scratch / "clip", model_max_length=77, pad_token="!")
+        tokenizer_3 = T5Tokenizer.from_pretrained(scratch / "t5", extra_ids=EXTRA_IDS)
     clip_l, clip_g = clip_config("L"), clip_config("G")
     t5 = t5_config(len(tokenizer_3))
 
@@ -119,13 +141,33 @@ def make_tiny_pipeline(path: Path, *, dual_attention_layers: tuple[int, ...] = (
     models = [transformer, vae, CLIPTextModelWithProjection(clip_l), CLIPTextModelWithProjection(clip_g),
               T5EncoderModel(t5)]
     for i, model in enumerate(models):
-        randomize(model, seed + i)
+        randomize(model, seed + i, gains=TRANSFORMER_GAINS if model is transformer else None)
 
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
-        text_encoder=models[2], tokenizer=CLIPTokenizer.from_pretrained(path / "tokenizer", model_max_length=77),
-        text_encoder_2=models[3],
-        tokenizer_2=CLIPTokenizer.from_pretrained(path / "tokenizer_2", model_max_length=77, pad_token="!"),
+        text_encoder=models[2], tokenizer=tokenizer, text_encoder_2=models[3], tokenizer_2=tokenizer_2,
         text_encoder_3=models[4], tokenizer_3=tokenizer_3)
-    pipe.save_pretrained(path)
+    pipe.save_pretrained(path)  # tokenizers as the installed transformers writes them (tokenizer.json only in 5.x)
     return path
+
+
+CONTROLNET_KINDS = {  # tiny ControlNets for make_tiny_pipeline's transformer: InstantX, SD3.5 Large, inpainting
+    "instantx": dict(pos_embed_max_size=16),
+    "sd3.5-large": dict(joint_attention_dim=None, pos_embed_max_size=None, pos_embed_type=None, use_pos_embed=False,
+                        force_zeros_for_pooled_projection=False),
+    "inpainting": dict(pos_embed_max_size=16, extra_conditioning_channels=1),
+}
+
+
+def make_tiny_controlnet(path: Path, kind: str = "instantx", *, seed: int = 10, num_layers: int = 2) -> Path:
+    """Save a tiny random diffusers SD3ControlNetModel fitting make_tiny_pipeline's transformer under `path`."""
+    from diffusers import SD3ControlNetModel
+
+    torch.manual_seed(seed)
+    model = SD3ControlNetModel(**(dict(
+        sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=num_layers, attention_head_dim=8,
+        num_attention_heads=3, joint_attention_dim=96, caption_projection_dim=24, pooled_projection_dim=64)
+        | CONTROLNET_KINDS[kind]))
+    randomize(model, seed)  # its zero-initialised projections made random too, so that they matter
+    model.save_pretrained(path)
+    return Path(path)

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import preload_openblas  # noqa: E402
 from mlx_flash import sampler  # noqa: E402
+from mlx_flash.layout import MANIFEST, read_manifest  # noqa: E402
 from mlx_flash.mmdit import MMDiT, load_mmdit, save_mmdit  # noqa: E402
 from training.common import MODELS, fit, half  # noqa: E402
 from training.digits_data import TEMPLATES  # noqa: E402
@@ -83,7 +84,7 @@ def main() -> None:
     args = parser.parse_args()
     preload_openblas()
 
-    defaults = json.loads((args.teacher / "mlx_flash.json").read_text())["defaults"]
+    defaults = read_manifest(args.teacher)["defaults"]
     shift = scheduler_shift(args.teacher)
     table = Prompts.encode(args.teacher)
     teacher = load_mmdit(args.teacher / "transformer", mx.float32)
@@ -114,9 +115,9 @@ def main() -> None:
     student.update(ema)
     if args.out.exists():
         shutil.rmtree(args.out)
-    shutil.copytree(args.teacher, args.out, ignore=shutil.ignore_patterns("transformer", "mlx_flash.json"))
+    shutil.copytree(args.teacher, args.out, ignore=shutil.ignore_patterns("transformer", MANIFEST))
     save_mmdit(args.out / "transformer", half(student))
-    (args.out / "mlx_flash.json").write_text(json.dumps({"defaults": STUDENT_DEFAULTS}, indent=2))
+    (args.out / MANIFEST).write_text(json.dumps({"defaults": STUDENT_DEFAULTS}, indent=2))
     print(f"preview accuracy {preview(args.out, args.preview):.3f}")
 
 

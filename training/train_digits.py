@@ -23,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import preload_openblas  # noqa: E402
 from mlx_flash import load_pipeline, sampler  # noqa: E402
+from mlx_flash.layout import MANIFEST  # noqa: E402
 from mlx_flash.mmdit import MMDiT, MMDiTConfig, save_mmdit  # noqa: E402
-from mlx_flash.vae import load_vae  # noqa: E402
+from mlx_flash.vae import VAEConfig, load_vae  # noqa: E402
 from training.common import MODELS, fit, half  # noqa: E402
 from training.digits_data import (  # noqa: E402
     TEMPLATES,
@@ -91,14 +92,14 @@ def new_transformer(seed: int) -> MMDiT:
     return model
 
 
-def encode_latents(root: Path, images: np.ndarray) -> tuple[mx.array, mx.array, tuple[float, float]]:
-    """Posterior (mean, std) of the images under the model's VAE, and its (shift_factor, scaling_factor)."""
+def encode_latents(root: Path, images: np.ndarray) -> tuple[mx.array, mx.array, VAEConfig]:
+    """Posterior (mean, std) of the images under the model's VAE, and the VAE's config."""
     vae = load_vae(root / "vae", mx.float32)
     moments = [vae.encode(mx.array(images[i : i + 64]), tiled=False) for i in range(0, len(images), 64)]
     mean = mx.concatenate([m for m, _ in moments])
     std = mx.exp(0.5 * mx.concatenate([lv for _, lv in moments]))
     mx.eval(mean, std)
-    return mean, std, (vae.config.shift_factor, vae.config.scaling_factor)
+    return mean, std, vae.config
 
 
 def preview(root: Path, path: Path, seeds: int = 5) -> float:
@@ -124,7 +125,7 @@ def main() -> None:
     preload_openblas()
 
     (digits, labels), _ = splits()
-    mean, std, (shift_factor, scaling_factor) = encode_latents(args.model, to_images(digits))
+    mean, std, vae_config = encode_latents(args.model, to_images(digits))
     table = Prompts.encode(args.model)
     shift = scheduler_shift(args.model)
     model = new_transformer(args.seed)
@@ -136,14 +137,14 @@ def main() -> None:
         rows = np.where(rng.random(args.batch) < CFG_DROPOUT, table.empty, rows)
         rows, i = mx.array(rows), mx.array(i)
         latents = mean[i] + std[i] * mx.random.normal(mean[i].shape)
-        x0 = (latents - shift_factor) * scaling_factor
+        x0 = vae_config.to_diffusion(latents)
         sigmas = sampler.shifted(mx.sigmoid(mx.random.normal((args.batch,))), shift)
         return x0, mx.random.normal(x0.shape), sigmas, table.embeds[rows], table.pooled[rows]
 
     ema = fit(model, lambda *b: flow_loss(model, *b), batch, args.steps, args.lr, warmup=200, ema_decay=0.999)
     model.update(ema)
     save_mmdit(args.model / "transformer", half(model))
-    (args.model / "mlx_flash.json").write_text(json.dumps({"defaults": TEACHER_DEFAULTS}, indent=2))
+    (args.model / MANIFEST).write_text(json.dumps({"defaults": TEACHER_DEFAULTS}, indent=2))
     print(f"preview accuracy {preview(args.model, args.preview):.3f}")
 
 

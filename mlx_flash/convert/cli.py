@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from mlx_flash.quantization import BITS, GROUP_SIZES, POLICIES
+from ..quantization import BITS, GROUP_SIZES, POLICIES
 
 # Per-component options -> the component folders they set.
 COMPONENT_BITS = {
@@ -43,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--clip-l", default=None, help="CLIP-L text encoder file (clip_l.safetensors)")
     parser.add_argument("--clip-g", default=None, help="CLIP-G text encoder file (clip_g.safetensors)")
     parser.add_argument("--t5xxl", default=None, help="T5-XXL text encoder file (t5xxl_fp16.safetensors)")
+    parser.add_argument("--lora", action="append", default=[], metavar="PATH_OR_REPO_FILE[:SCALE]",
+                        help="fuse a LoRA into the weights (before any quantization); repeatable")
     parser.add_argument("--upload-repo", default=None, metavar="ORG/NAME", help="push the result to this hub repo")
     parser.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     return parser
@@ -63,6 +65,7 @@ def component_bits(args: argparse.Namespace) -> dict[str, int]:
 
 def run(args: argparse.Namespace) -> None:
     """Run a conversion as parsed by `add_arguments`."""
+    from ..lora import parse_lora_arg
     from .converter import convert
 
     encoder_files = {kind: getattr(args, kind) for kind in ("clip_l", "clip_g", "t5xxl") if getattr(args, kind)}
@@ -71,18 +74,14 @@ def run(args: argparse.Namespace) -> None:
         args.source, args.output, dtype=args.dtype, bits=component_bits(args), group_size=args.group_size,
         policy=args.policy, use_t5=not args.no_t5, revision=args.revision, base=args.base,
         encoder_files=encoder_files, upload_repo=args.upload_repo, force=args.force,
+        loras=[parse_lora_arg(text) for text in args.lora],
     )
     uploaded = f", uploaded to {args.upload_repo}" if args.upload_repo else ""
     print(f"{output} ({time.perf_counter() - start:.0f} s){uploaded}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m convert`."""
-    parser = add_arguments(argparse.ArgumentParser(prog="python -m convert", description=__doc__))
-    args = parser.parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, OSError) as err:
-        print(f"convert: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    """`python -m convert`: the same as `mlx-flash convert`."""
+    from ..cli import main as cli_main
+
+    return cli_main(["convert", *(sys.argv[1:] if argv is None else argv)])

@@ -7,7 +7,6 @@ scheduler, missing text encoders) and separate text encoder files.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -15,9 +14,11 @@ from typing import Callable, Mapping
 
 import mlx.core as mx
 
-from mlx_flash.hub import resolve_model_dir
-from mlx_flash.single_file import ENCODER_KINDS
-from mlx_flash.weights import (
+from ..configs import check_model_folder
+from ..hub import resolve_model_dir
+from ..layout import read_json
+from ..single_file import ENCODER_KINDS
+from ..weights import (
     PICKLE_SUFFIXES,
     WeightsError,
     is_converted,
@@ -58,8 +59,9 @@ def folder_source(model: str | Path, *, use_t5: bool, revision: str | None = Non
     """A diffusers-layout folder, or a hub repo id fetched into the HF cache (HF_TOKEN, HF_HUB_OFFLINE and
     `revision` honoured; no T5 files without `use_t5`)."""
     folder = resolve_model_dir(model, use_t5=use_t5, revision=revision)
+    check_model_folder(folder)
     config = folder / "transformer" / "config.json"
-    if config.is_file() and is_converted(json.loads(config.read_text())):
+    if config.is_file() and is_converted(read_json(config)):
         raise WeightsError(f"{model} is already an mlx-flash model folder; convert from the original checkpoint "
                            "(hub repo, diffusers folder or single file) instead.")
     readers = {name: partial(read_component, folder / name) for name in COMPONENTS if (folder / name).is_dir()}
