@@ -1,5 +1,5 @@
 """The `mlx-flash` command: `generate` images, print an image's generation `info`, list the preset `models`,
-`serve` images over HTTP, `convert` a checkpoint."""
+`serve` images over HTTP, `convert` a checkpoint, `train` a LoRA or a fine-tuned model."""
 
 from __future__ import annotations
 
@@ -125,6 +125,7 @@ def _add_serve_arguments(srv: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .convert import cli as convert_cli
+    from .training import cli as train_cli
 
     parser = Parser(prog="mlx-flash", description="Stable Diffusion 3.5 / SD3.5-Flash in MLX.")
     parser.add_argument("--version", action="version", version=f"mlx-flash {__version__}")
@@ -138,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert_cli.add_arguments(commands.add_parser(
         "convert", help="convert a checkpoint (hub repo, diffusers folder or single file) to an mlx-flash folder, "
                         "optionally quantized"))
+    train_cli.add_arguments(commands.add_parser("train", help="fine-tune a model (LoRA or full) on captioned images"))
     return parser
 
 
@@ -458,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
         check_text(args)
         if args.command == "convert":
             from .convert.cli import run as command
+        elif args.command == "train":
+            from .training.cli import run as command
         else:
             command = {"generate": generate, "info": info, "models": models, "serve": serve}[args.command]
         command(args)

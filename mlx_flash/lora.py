@@ -539,6 +539,107 @@ def fuse_loras(model: nn.Module) -> FuseReport:
     return FuseReport(len(fused), requantized, max_error, max_weight)
 
 
+# Training adapters and writing files --------------------------------------------------------------------------
+
+# diffusers' SD3 DreamBooth-LoRA script's default targets (the joint attention's projections), and its CLIP ones
+DREAMBOOTH_TARGETS = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k",
+                      "attn.to_out.0", "attn.to_q", "attn.to_v")
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+FILE_NAMINGS = {"transformer": "diffusers", "text_encoder": "transformers", "text_encoder_2": "transformers"}
+
+
+def _to_ours(model: nn.Module, component: str):
+    if component == "transformer":
+        return _ours_from_diffusers
+    rules = t5.RULES if isinstance(model, t5.T5Encoder) else clip.RULES
+    return lambda module: (_renamed(module, rules), 0, 1)
+
+
+def target_modules(model: nn.Module, component: str, targets: str | Sequence[str]) -> list[str]:
+    """The reference-named (diffusers / transformers) linear modules of `model` that `targets` selects, as PEFT
+    selects them: a list matches names equal to or ending in ".target"; a string is a regular expression that
+    must match the whole name. ValueError when nothing matches."""
+    names = _reference_names(model, component)[FILE_NAMINGS[component]]
+    layers = {p for p, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
+              if isinstance(m, (nn.Linear, nn.QuantizedLinear))}
+    to_ours = _to_ours(model, component)
+    if isinstance(targets, str):
+        chosen = [n for n in names if re.fullmatch(targets, n)]
+    else:
+        chosen = [n for n in names if any(n == t or n.endswith(f".{t}") for t in targets)]
+    chosen = [n for n in chosen if to_ours(n)[0] in layers]
+    if not chosen:
+        raise ValueError(f"LoRA targets {targets!r} match no linear layer of the {component}; use module names such "
+                         f"as {', '.join(DREAMBOOTH_TARGETS[:4] if component == 'transformer' else TEXT_ENCODER_TARGETS)}.")
+    return chosen
+
+
+def add_adapters(model: nn.Module, component: str, modules: Sequence[str], rank: int, alpha: float,
+                 key: mx.array) -> LoRAScales:
+    """Attach one trainable float32 adapter of `rank` to each of `modules` (reference names, from
+    `target_modules`), initialised as PEFT does (down uniform in +-1/sqrt(in), up zero), scaled alpha / rank.
+    Freezes everything else in `model`; returns the shared scales."""
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be at least 1, got {rank}.")
+    to_ours = _to_ours(model, component)
+    layers = dict(tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module))
+    parts: dict[str, tuple[int, set[int]]] = {}
+    for module in modules:
+        path, index, count = to_ours(module)
+        parts.setdefault(path, (count, set()))[1].add(index)
+    scales = LoRAScales([alpha / rank])
+    adapted = {}
+    for (path, (count, chosen)), layer_key in zip(parts.items(), mx.random.split(key, len(parts))):
+        out, inputs = _layer_dims(layers[path])
+        bound = inputs ** -0.5
+        down = mx.random.uniform(-bound, bound, (count * rank, inputs), key=layer_key)
+        mask = mx.repeat(mx.array([float(i in chosen) for i in range(count)]), rank)[:, None]
+        adapter = {"down": down * mask, "up": mx.zeros((count, out // count, rank))}
+        adapted[path] = _adapted(layers[path], {"0": adapter}, scales)
+    model.update_modules(tree_unflatten(list(adapted.items())))
+    model.freeze()
+    for layer in adapted.values():
+        layer.unfreeze(keys=[k for k, _ in tree_flatten({"lora": layer["lora"]})], recurse=False)
+    return scales
+
+
+def adapter_tensors(model: nn.Module, component: str, modules: Sequence[str], dtype: mx.Dtype = mx.float32,
+                    adapter: str = "0") -> dict[str, mx.array]:
+    """The adapters of `modules` as a diffusers / PEFT state dict: {component.module.lora_A/B.weight}."""
+    to_ours = _to_ours(model, component)
+    layers = lora_layers(model)
+    tensors = {}
+    for module in modules:
+        path, index, count = to_ours(module)
+        weights = layers[path]["lora"][adapter]
+        rank = weights["down"].shape[0] // count
+        tensors[f"{component}.{module}.lora_A.weight"] = weights["down"][index * rank:(index + 1) * rank].astype(dtype)
+        tensors[f"{component}.{module}.lora_B.weight"] = weights["up"][index].astype(dtype)
+    return tensors
+
+
+def save_lora(path: str | Path, tensors: Mapping[str, mx.array], configs: Mapping[str, Mapping]) -> Path:
+    """Write a LoRA file as diffusers' `save_lora_weights` does: the tensors (from `adapter_tensors`) and each
+    component's PEFT LoraConfig fields (`r`, `lora_alpha`, `target_modules`, ...) in the `lora_adapter_metadata`
+    header entry. Written to a temporary name and renamed; an existing file is replaced."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: a LoRA file is written as .safetensors; use a name ending in .safetensors.")
+    metadata = {f"{component}.{k}": v for component, fields in configs.items() for k, v in fields.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.stem}.partial.safetensors")
+    mx.save_safetensors(str(temporary), dict(tensors),
+                        metadata={"format": "pt", "lora_adapter_metadata": json.dumps(metadata, sort_keys=True)})
+    temporary.replace(path)
+    return path
+
+
+def peft_config(modules: Sequence[str], rank: int, alpha: float) -> dict:
+    """The LoraConfig fields diffusers needs to rebuild an adapter trained here."""
+    return {"r": rank, "lora_alpha": alpha, "target_modules": sorted(modules), "lora_dropout": 0.0,
+            "bias": "none", "use_rslora": False, "use_dora": False, "init_lora_weights": True}
+
+
 # A pipeline's LoRAs -----------------------------------------------------------------------------------------
 
 

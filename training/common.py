@@ -1,5 +1,5 @@
-"""Shared by the training scripts: where the shipped models live, a seeded Adam loop with an EMA of the
-weights, and float16 copies for shipping."""
+"""Shared by the training scripts: where the shipped models live, the library's training loop with a log line
+every few hundred steps, and float16 copies for shipping."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
-import mlx.optimizers as optim
 from mlx.utils import tree_map
+
+from mlx_flash.training.trainer import TrainConfig, Trainer
 
 MODELS = Path(__file__).resolve().parents[1] / "mlx_flash" / "models"
 
@@ -20,6 +21,21 @@ def half(model: nn.Module) -> nn.Module:
     model.update(tree_map(lambda p: p.astype(mx.float16) if mx.issubdtype(p.dtype, mx.floating) else p,
                           model.parameters()))
     return model
+
+
+class PrintLoss:
+    """Prints the mean loss every `every` steps (and at the last step)."""
+
+    def __init__(self, steps: int, every: int = 100):
+        self.steps, self.every, self.total, self.start = steps, every, 0.0, time.perf_counter()
+
+    def __call__(self, step: int, loss: float) -> None:
+        self.total += loss
+        if step % self.every == 0 or step == self.steps:
+            count = self.every if step % self.every == 0 else step % self.every
+            print(f"step {step}/{self.steps}  loss {self.total / count:.5f}  {time.perf_counter() - self.start:.0f} s",
+                  flush=True)
+            self.total = 0.0
 
 
 def fit(
@@ -32,25 +48,10 @@ def fit(
     ema_decay: float | None = None,
     log_every: int = 100,
 ) -> dict | None:
-    """Train `model` for `steps` AdamW steps on `loss_fn(*batch(step))` (learning rate: linear warm-up, then
-    cosine decay to 0). Returns the exponential moving average of the parameters when `ema_decay` is set."""
-    warmup = min(warmup, steps // 2)
-    schedule = optim.join_schedules(
-        [optim.linear_schedule(lr / warmup, lr, warmup), optim.cosine_decay(lr, steps - warmup)], [warmup])
-    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.0)
-    value_and_grad = nn.value_and_grad(model, loss_fn)
-    ema = tree_map(lambda p: p, model.trainable_parameters()) if ema_decay else None
-    start, total = time.perf_counter(), 0.0
-    for step in range(1, steps + 1):
-        loss, grads = value_and_grad(*batch(step))
-        optimizer.update(model, grads)
-        if ema is not None:
-            decay = min(ema_decay, (1 + step) / (10 + step))  # short averages early: forget the initialisation
-            ema = tree_map(lambda e, p: decay * e + (1 - decay) * p, ema, model.trainable_parameters())
-        mx.eval(model.parameters(), optimizer.state, ema, loss)
-        total += loss.item()
-        if step % log_every == 0 or step == steps:
-            print(f"step {step}/{steps}  loss {total / (log_every if step % log_every == 0 else step % log_every):.5f}"
-                  f"  {time.perf_counter() - start:.0f} s", flush=True)
-            total = 0.0
-    return ema
+    """Train `model` for `steps` AdamW steps on `loss_fn(*batch(step))` with the library's Trainer (linear
+    warm-up, then cosine decay to 0). Returns the exponential moving average of the parameters when
+    `ema_decay` is set."""
+    config = TrainConfig(steps=steps, learning_rate=lr, warmup=warmup, ema_decay=ema_decay)
+    trainer = Trainer(model, loss_fn, lambda step, micro: batch(step), config, callbacks=[PrintLoss(steps, log_every)])
+    trainer.run()
+    return trainer.ema.params if trainer.ema is not None else None

@@ -22,9 +22,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import preload_openblas  # noqa: E402
-from mlx_flash import load_pipeline, sampler  # noqa: E402
+from mlx_flash import load_pipeline  # noqa: E402
 from mlx_flash.layout import MANIFEST  # noqa: E402
 from mlx_flash.mmdit import MMDiT, MMDiTConfig, save_mmdit  # noqa: E402
+from mlx_flash.training import flow_loss, sample_sigmas  # noqa: E402
 from mlx_flash.vae import VAEConfig, load_vae  # noqa: E402
 from training.common import MODELS, fit, half  # noqa: E402
 from training.digits_data import (  # noqa: E402
@@ -72,13 +73,6 @@ class Prompts:
 
 def scheduler_shift(root: Path) -> float:
     return json.loads((root / "scheduler" / "scheduler_config.json").read_text())["shift"]
-
-
-def flow_loss(model: MMDiT, x0: mx.array, noise: mx.array, sigmas: mx.array, embeds, pooled) -> mx.array:
-    """SD3's rectified-flow loss: the velocity noise - x0 at x_s = (1 - s) x0 + s noise, mean squared error."""
-    s = sigmas[:, None, None, None]
-    v = model((1 - s) * x0 + s * noise, sigmas * sampler.NUM_TRAIN_TIMESTEPS, embeds, pooled)
-    return ((v - (noise - x0)) ** 2).mean()
 
 
 def new_transformer(seed: int) -> MMDiT:
@@ -138,7 +132,7 @@ def main() -> None:
         rows, i = mx.array(rows), mx.array(i)
         latents = mean[i] + std[i] * mx.random.normal(mean[i].shape)
         x0 = vae_config.to_diffusion(latents)
-        sigmas = sampler.shifted(mx.sigmoid(mx.random.normal((args.batch,))), shift)
+        sigmas = sample_sigmas(mx.random.normal((args.batch,)), shift)
         return x0, mx.random.normal(x0.shape), sigmas, table.embeds[rows], table.pooled[rows]
 
     ema = fit(model, lambda *b: flow_loss(model, *b), batch, args.steps, args.lr, warmup=200, ema_decay=0.999)

@@ -1,0 +1,339 @@
+"""Training: the loss falls, LoRA gradients match finite differences, a trained LoRA loads in diffusers and
+gives the same images, a resumed run gives the weights of an uninterrupted one, QLoRA trains and its LoRA fits
+the float base, bad data is refused with one line. A few steps each, on tiny models."""
+
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+import torch
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path
+from PIL import Image
+
+import mlx_flash
+from mlx_flash import lora
+from mlx_flash.cli import main
+from mlx_flash.mmdit import MMDiT, MMDiTConfig
+from mlx_flash.quantization import is_quantized, quantized
+from mlx_flash.training import TrainConfig, Trainer, flow_loss, sample_sigmas
+from mlx_flash.training.data import bucket, read_folder
+from mlx_flash.training.finetune import FinetuneConfig, finetune
+
+HEIGHT = WIDTH = 64
+TOLERANCE = 1e-3  # max abs error on [0, 1] images
+SMALL = MMDiTConfig(num_layers=2, num_attention_heads=2, attention_head_dim=32, joint_attention_dim=64,
+                    pooled_projection_dim=32, pos_embed_max_size=8, sample_size=8, qk_norm=True,
+                    dual_attention_layers=(0,))  # hidden 64: every linear layer quantizes at group size 64
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """Six captioned images of two sizes (two buckets): smooth colour gradients, easy to fit."""
+    folder = tmp_path_factory.mktemp("images")
+    ys, xs = np.mgrid[0:48, 0:64] / 64.0
+    for i in range(6):
+        colour = np.stack([xs * (i % 3 == 0), ys * (i % 3 == 1), (xs + ys) / 2 * (i % 3 == 2)], -1)
+        pixels = (255 * np.clip(colour + 0.2, 0, 1)).astype(np.uint8)
+        image = Image.fromarray(pixels if i < 4 else pixels.transpose(1, 0, 2).copy())
+        image.save(folder / f"image{i}.png")
+        (folder / f"image{i}.txt").write_text(["a red gradient", "a green gradient", "a blue gradient"][i % 3])
+    return folder
+
+
+def batch_of(config: MMDiTConfig, seed: int = 0, size: int = 2) -> tuple:
+    rng = np.random.default_rng(seed)
+    x0 = mx.array(rng.standard_normal((size, 8, 8, 16), dtype=np.float32))
+    noise = mx.array(rng.standard_normal((size, 8, 8, 16), dtype=np.float32))
+    sigmas = sample_sigmas(mx.array(rng.standard_normal(size, dtype=np.float32)), 3.0)
+    embeds = mx.array(rng.standard_normal((size, 12, config.joint_attention_dim), dtype=np.float32))
+    pooled = mx.array(rng.standard_normal((size, config.pooled_projection_dim), dtype=np.float32))
+    return x0, noise, sigmas, embeds, pooled
+
+
+def train(model: MMDiT, batch: tuple, steps: int, lr: float) -> list[float]:
+    trainer = Trainer(model, lambda *b: flow_loss(model, *b), lambda step, micro: batch,
+                      TrainConfig(steps=steps, learning_rate=lr, warmup=2))
+    return [loss for _, loss in trainer.run()]
+
+
+def test_logit_normal_sigmas_are_shifted_sigmoids():
+    normal = mx.array([-2.0, 0.0, 1.5])
+    expected = 3.0 * mx.sigmoid(normal) / (1 + 2.0 * mx.sigmoid(normal))
+    assert np.allclose(np.array(sample_sigmas(normal, 3.0)), np.array(expected), atol=1e-7)
+    assert np.allclose(np.array(sample_sigmas(normal, 1.0, mean=0.5, std=2.0)),
+                       np.array(mx.sigmoid(0.5 + 2.0 * normal)), atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_loss_decreases(mode):
+    mx.random.seed(0)
+    model = MMDiT(SMALL)
+    if mode == "lora":
+        modules = lora.target_modules(model, "transformer", ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2"])
+        lora.add_adapters(model, "transformer", modules, 4, 4.0, mx.random.key(1))
+    model.set_training(True)
+    losses = train(model, batch_of(SMALL), 12, 1e-2 if mode == "lora" else 3e-3)
+    print(f"\n{mode}: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_lora_gradients_match_finite_differences():
+    """Adapters on a fused q/k/v (two of its three parts), an MLP and an adaLN modulation, with gradient
+    checkpointing: for each adapter matrix, the gradient along a random unit direction against the central
+    difference of the loss along it (Richardson-extrapolated from steps 0.1 and 0.2). float32, whose rounding
+    of the loss bounds the differences' accuracy to about 1e-5 (MLX's fused norms compute in float32 even for
+    float64 inputs, so float64 does not help)."""
+    mx.random.seed(0)
+    model = MMDiT(SMALL)
+    modules = lora.target_modules(model, "transformer", ["to_q", "to_v", "ff.net.0.proj", "norm1_context.linear"])
+    lora.add_adapters(model, "transformer", modules, 2, 3.0, mx.random.key(1))
+    rng = np.random.default_rng(0)  # random up matrices too (they start at zero)
+    model.update(tree_map(lambda p: mx.array(rng.standard_normal(p.shape).astype(np.float32)),
+                          model.trainable_parameters()))
+    model.set_training(True)
+    batch = batch_of(SMALL)
+
+    def loss_of(params: dict) -> mx.array:
+        model.update(params)
+        return flow_loss(model, *batch)
+
+    params = model.trainable_parameters()
+    grads = dict(tree_flatten(mx.grad(loss_of)(params)))
+    worst = 0.0
+    for key, value in tree_flatten(params):
+        direction = mx.array(rng.standard_normal(value.shape).astype(np.float32))
+        if "qkv" in key and key.endswith("down"):  # the untargeted k part is not trained: move only q and v
+            direction = direction * mx.repeat(mx.array([1.0, 0.0, 1.0]), value.shape[0] // 3)[:, None]
+        direction = direction / mx.sqrt((direction**2).sum())
+
+        def difference(t: float) -> float:
+            ends = [loss_of(_with(params, key, value + sign * t * direction)).item() for sign in (1, -1)]
+            return (ends[0] - ends[1]) / (2 * t)
+
+        numeric = (4 * difference(0.1) - difference(0.2)) / 3
+        analytic = (grads[key] * direction).sum().item()
+        assert abs(numeric - analytic) <= 2e-2 * abs(analytic) + 2e-5, (key, numeric, analytic)
+        if abs(analytic) > 1e-3:
+            worst = max(worst, abs(numeric - analytic) / abs(analytic))
+    print(f"\nLoRA gradients vs central differences: {len(grads)} matrices; relative error at most {worst:.1e} "
+          "where the gradient exceeds 1e-3")
+    assert len(grads) == 14 and worst < 2e-2
+
+
+def _with(params: dict, key: str, value: mx.array) -> dict:
+    return tree_map_with_path(lambda path, p: value if path == key else p, params)
+
+
+def tiny_config(tiny_pipeline_dir, image_folder, output, **kwargs) -> FinetuneConfig:
+    train = kwargs.pop("train", TrainConfig(steps=4, learning_rate=3e-2, warmup=1, checkpoint_every=2, seed=3))
+    settings = dict(rank=4, resolution=64, max_sequence_length=32, dtype="float32") | kwargs
+    return FinetuneConfig(model=str(tiny_pipeline_dir), data=image_folder, output=output, train=train, **settings)
+
+
+def test_trained_lora_loads_in_diffusers_with_the_same_images(tiny_pipeline_dir, image_folder, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    path = finetune(tiny_config(tiny_pipeline_dir, image_folder, tmp_path / "lora.safetensors",
+                                targets=("to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "ff.net.2",
+                                         "norm1.linear")), progress=False)
+    reference = StableDiffusion3Pipeline.from_pretrained(tiny_pipeline_dir, dtype=torch.float32)
+    reference.set_progress_bar_config(disable=True)
+    latents = torch.randn((1, 16, HEIGHT // 8, WIDTH // 8), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(prompt="a red gradient", num_inference_steps=3, guidance_scale=3.0, height=HEIGHT, width=WIDTH)
+    before = reference(**kwargs, latents=latents, output_type="np").images
+    reference.load_lora_weights(str(path))
+    expected = reference(**kwargs, latents=latents, output_type="np").images
+
+    ours = mlx_flash.load_pipeline(tiny_pipeline_dir, dtype="float32", low_memory=False)
+    adapters = [lora.read_lora(path)]
+    ours.transformer_transforms.append(lambda m: lora.apply_loras(m, "transformer", adapters, lora.LoRAScales([1.0])))
+    got = ours.generate(**kwargs, latents=latents.numpy(), output_type="np", skip_layer_guidance=False,
+                        progress=False)
+    err = np.abs(expected - got).max()
+    effect = np.abs(expected - before).max()
+    print(f"\ntrained LoRA, diffusers vs mlx-flash: max abs error {err:.2e}; the LoRA changes the image by {effect:.3f}")
+    assert err <= TOLERANCE
+    assert effect > 10 * TOLERANCE
+    metadata = json.loads(_header(path)["lora_adapter_metadata"])
+    assert metadata["transformer.r"] == 4 and "transformer_blocks.0.norm1.linear" in metadata["transformer.target_modules"]
+
+
+def _header(path) -> dict:
+    import struct
+
+    with open(path, "rb") as f:
+        length = struct.unpack("<Q", f.read(8))[0]
+        return json.loads(f.read(length))["__metadata__"]
+
+
+class Interrupt:
+    def __init__(self, at: int):
+        self.at = at
+
+    def __call__(self, step: int, loss: float) -> None:
+        if step == self.at:
+            raise KeyboardInterrupt
+
+
+def test_resumed_run_gives_identical_weights(tiny_pipeline_dir, image_folder, tmp_path):
+    train = TrainConfig(steps=5, learning_rate=1e-2, warmup=2, accumulation=2, ema_decay=0.9, checkpoint_every=2,
+                        seed=1)
+    extra = dict(train=train, flip=True, caption_dropout=0.2, batch_size=2)
+    whole = finetune(tiny_config(tiny_pipeline_dir, image_folder, tmp_path / "whole.safetensors", **extra),
+                     progress=False)
+    config = tiny_config(tiny_pipeline_dir, image_folder, tmp_path / "resumed.safetensors", **extra)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(config, progress=False, callbacks=[Interrupt(3)])  # step 3 is lost; the checkpoint is at step 2
+    assert not config.output.exists()
+    with pytest.raises(FileExistsError, match="--resume"):
+        finetune(config, progress=False)
+    resumed = finetune(config, resume=True, progress=False)
+    a, b = mx.load(str(whole)), mx.load(str(resumed))
+    assert a.keys() == b.keys() and len(a) > 0
+    assert all(np.array_equal(np.array(a[k]), np.array(b[k])) for k in a)
+    steps = [json.loads(line)["step"] for line in (config.folder / "loss.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+    assert Image.open(config.folder / "loss.png").size[0] > 100
+    other = tiny_config(tiny_pipeline_dir, image_folder, tmp_path / "resumed.safetensors", rank=8, **extra)
+    with pytest.raises(ValueError, match=r"other settings \(rank\)"):
+        finetune(other, resume=True, progress=False)
+
+
+def test_qlora_trains_and_applies_to_the_float_base(tmp_path):
+    mx.random.seed(0)
+    base = MMDiT(SMALL)
+    mx.eval(base.parameters())
+    float_weights = dict(tree_flatten(base.parameters()))
+    model = quantized(base, 4)
+    assert is_quantized(model)
+    modules = lora.target_modules(model, "transformer", lora.DREAMBOOTH_TARGETS + ("ff.net.2",))
+    lora.add_adapters(model, "transformer", modules, 4, 8.0, mx.random.key(1))
+    batch = batch_of(SMALL, size=4)
+    losses = train(model, batch, 12, 1e-2)
+    print(f"\nQLoRA 4-bit: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    assert losses[-1] < 0.8 * losses[0]
+    path = lora.save_lora(tmp_path / "qlora.safetensors", lora.adapter_tensors(model, "transformer", modules),
+                          {"transformer": lora.peft_config(modules, 4, 8.0)})
+
+    plain = MMDiT(SMALL)
+    plain.load_weights(list(float_weights.items()))
+    without = flow_loss(plain, *batch).item()
+    lora.apply_loras(plain, "transformer", [lora.read_lora(path)], lora.LoRAScales([1.0]))
+    with_lora = flow_loss(plain, *batch).item()
+    print(f"float base: loss {without:.4f} without the LoRA, {with_lora:.4f} with it")
+    assert with_lora < 0.9 * without
+
+
+def test_bucket_sizes():
+    assert bucket(512, 512, 512) == (512, 512)
+    w, h = bucket(1600, 900, 1024)
+    assert w % 16 == 0 and h % 16 == 0 and w > h and abs(w * h / 1024**2 - 1) < 0.05
+    assert bucket(64, 48, 64) == (80, 48)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        bucket(100, 100, 500)
+
+
+def test_bad_data_gets_one_line(tmp_path, image_folder):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        read_folder(empty)
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        read_folder(tmp_path / "missing")
+    uncaptioned = tmp_path / "uncaptioned"
+    uncaptioned.mkdir()
+    Image.new("RGB", (32, 32)).save(uncaptioned / "a.png")
+    with pytest.raises(ValueError, match="a.png: no caption"):
+        read_folder(uncaptioned)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (broken / "b.txt").write_text("x")
+    with pytest.raises(ValueError, match="b.png: not a readable image"):
+        read_folder(broken)
+    listed = tmp_path / "listed"
+    listed.mkdir()
+    Image.new("RGB", (32, 32)).save(listed / "c.png")
+    (listed / "metadata.jsonl").write_text(json.dumps({"file_name": "c.png", "text": "a square"}) + "\n")
+    assert [e.caption for e in read_folder(listed)] == ["a square"]
+    (listed / "metadata.jsonl").write_text(json.dumps({"file_name": "c.png"}) + "\n")
+    with pytest.raises(ValueError, match="c.png has no caption"):
+        read_folder(listed)
+
+
+def test_cli_train_and_its_errors(tiny_pipeline_dir, image_folder, tmp_path, capsys):
+    out = tmp_path / "cli.safetensors"
+    args = ["train", str(tiny_pipeline_dir), "--data", str(image_folder), "--output", str(out), "--rank", "2",
+            "--steps", "2", "--resolution", "64", "--max-sequence-length", "32", "--dtype", "float32",
+            "--targets", "re:transformer_blocks\\.0\\.attn\\.to_(q|v)"]
+    assert main(args) == 0
+    names = {k.split(".lora_")[0] for k in mx.load(str(out))}
+    assert names == {"transformer.transformer_blocks.0.attn.to_q", "transformer.transformer_blocks.0.attn.to_v"}
+    capsys.readouterr()
+    assert main(args) == 1
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert main([*args[:3], str(tmp_path / "nothing"), *args[4:]]) == 1
+    assert "no such folder" in capsys.readouterr().err
+    assert main([*args[:5], str(tmp_path / "other.bin"), *args[6:]]) == 1
+    assert ".safetensors" in capsys.readouterr().err
+    assert main([*args, "--full", "--quantize", "4", "--force"]) == 1
+    assert "cannot train a quantized base" in capsys.readouterr().err
+
+
+def test_full_fine_tuning_writes_a_model_folder(tiny_pipeline_dir, image_folder, tmp_path):
+    out = finetune(tiny_config(tiny_pipeline_dir, image_folder, tmp_path / "tuned", full=True,
+                               train=TrainConfig(steps=2, learning_rate=1e-3, warmup=1)), progress=False)
+    pipe = mlx_flash.load_pipeline(out, dtype="float32")
+    original = mlx_flash.load_pipeline(tiny_pipeline_dir, dtype="float32")
+    changed = [k for k, v in tree_flatten(pipe.transformer.parameters())
+               if not np.array_equal(np.array(v), np.array(dict(tree_flatten(original.transformer.parameters()))[k]))]
+    assert len(changed) > 10
+    image = pipe.generate("a red gradient", num_inference_steps=2, height=HEIGHT, width=WIDTH, progress=False,
+                          output_type="np")
+    assert np.isfinite(image).all()
+
+
+def test_checkpointing_gives_the_same_gradients():
+    mx.random.seed(0)
+    model = MMDiT(SMALL)
+    batch = batch_of(SMALL)
+    grad = nn.value_and_grad(model, lambda *b: flow_loss(model, *b))
+    model.set_training(True, checkpointing=False)
+    plain = dict(tree_flatten(grad(*batch)[1]))
+    model.set_training(True)
+    checkpointed = dict(tree_flatten(grad(*batch)[1]))
+    assert max(float(mx.abs(plain[k] - checkpointed[k]).max()) for k in plain) < 1e-6
+
+
+def test_training_memory_estimate():
+    """One LoRA training step's activations (checkpointing, CPU float32) against the estimator's."""
+    from mlx_flash import memory
+
+    config = MMDiTConfig(num_layers=2, num_attention_heads=24, pos_embed_max_size=64, qk_norm=True,
+                         dual_attention_layers=(0,))
+    model = MMDiT(config)
+    mx.eval(model.parameters())
+
+    def adapters(m: MMDiT) -> None:
+        lora.add_adapters(m, "transformer", lora.target_modules(m, "transformer", lora.DREAMBOOTH_TARGETS), 16, 16,
+                          mx.random.key(0))
+
+    adapters(model)
+    model.set_training(True)
+    rng = np.random.default_rng(0)
+    batch = [mx.array(rng.standard_normal(shape, dtype=np.float32))
+             for shape in ((1, 32, 32, 16), (1, 32, 32, 16), (1,), (1, 154, 4096), (1, 2048))]
+    batch[2] = mx.sigmoid(batch[2])
+    grad = nn.value_and_grad(model, lambda *b: flow_loss(model, *b))
+    mx.eval(model.parameters(), batch)
+    mx.clear_cache()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    mx.eval(grad(*batch))
+    measured = mx.get_peak_memory() - base
+    predicted = memory.estimate_training(config, height=256, width=256, lora=adapters).activations
+    print(f"\ntraining step 256px, 2 blocks of width 1536: activations measured {measured / 1e6:.0f} MB, "
+          f"predicted {predicted / 1e6:.0f} MB")
+    assert abs(predicted - measured) <= 0.15 * measured
