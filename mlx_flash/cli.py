@@ -117,6 +117,9 @@ def _add_serve_arguments(srv: argparse.ArgumentParser) -> None:
     srv.add_argument("--quantize", type=int, choices=[2, 3, 4, 5, 6, 8], default=None, help="quantize the transformer")
     srv.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
     srv.add_argument("--no-t5", action="store_true", help="do not load T5-XXL")
+    srv.add_argument("--lora", action="append", default=None, metavar="PATH_OR_REPO_FILE[:SCALE]",
+                     help="load every served model with this LoRA at SCALE (default 1); requests select and rescale "
+                          "LoRAs by file name in their 'loras' field; repeatable")
     srv.add_argument("--verbose", action="store_true", help="log every request")
 
 
@@ -377,7 +380,8 @@ def serve(args: argparse.Namespace) -> None:
                     max_body=int(args.max_body_mb * 2**20))
     serve(args.model or [DEFAULT_MODEL], host=args.host, port=args.port, limits=limits, max_queue=args.max_queue,
           preview_every=args.preview_every,
-          options=ModelOptions(dtype=args.dtype, quantize=args.quantize, use_t5=not args.no_t5))
+          options=ModelOptions(dtype=args.dtype, quantize=args.quantize, use_t5=not args.no_t5,
+                               loras=tuple(_loras(args.lora or []))))
 
 
 def _json_ready(value):

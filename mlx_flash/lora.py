@@ -199,6 +199,9 @@ def read_lora(source: str | Path, revision: str | None = None) -> LoRAFile:
     if not modules:
         raise LoRAError(f"LoRA {name}: no LoRA tensors found (e.g. {_first(unknown)}); "
                         f"{_architecture_hint(tensors)}.")
+    # Read now (the file is small): a lazy load belongs to this thread's stream, and a server applies the
+    # adapters on its worker thread.
+    mx.eval([(m.down, m.up) for adapters in modules.values() for m in adapters.values()])
     return LoRAFile(name, modules, _peft_config(path), unknown)
 
 

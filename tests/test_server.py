@@ -33,8 +33,8 @@ WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 
 
 @contextmanager
-def running_server(*, max_queue: int = 8, **limits):
-    server = ImageServer(("127.0.0.1", 0), ModelPool([MODEL], ModelOptions()),
+def running_server(*, max_queue: int = 8, options: ModelOptions = ModelOptions(), **limits):
+    server = ImageServer(("127.0.0.1", 0), ModelPool([MODEL], options),
                          limits=Limits(**{"api_key": KEY, **limits}), max_queue=max_queue)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -198,6 +198,139 @@ def test_open_webui_automatic1111_engine(server, reference):
     assert np.array_equal(pixels(res["images"][0]), expected)
 
 
+# LoRAs and inpainting ----------------------------------------------------------------------------------
+
+def save_digits_lora(path, seed: int, rank: int = 4, std: float = 0.3):
+    """Random adapters in diffusers' naming for every attention projection of the digit model's transformer."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    width = 64  # the digit transformer's heads x head dim
+    tensors = {}
+    for block in range(4):
+        for module in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj"):
+            key = f"transformer.transformer_blocks.{block}.attn.{module}"
+            tensors[f"{key}.lora_A.weight"] = (std * rng.standard_normal((rank, width))).astype(np.float32)
+            tensors[f"{key}.lora_B.weight"] = (std * rng.standard_normal((width, rank))).astype(np.float32)
+    save_file(tensors, str(path))
+    return path
+
+
+def test_loras_served_by_name_equal_the_api(tmp_path):
+    style = save_digits_lora(tmp_path / "style.safetensors", 0)
+    detail = save_digits_lora(tmp_path / "detail.safetensors", 1)
+    prompt, body = "a handwritten digit five", {"size": "64x64", "seed": 3}
+
+    def api(loras, **kwargs) -> np.ndarray:
+        pipe = load_pipeline(MODEL, loras=loras)
+        return np.asarray(pipe.generate(prompt, seed=3, progress=False, **kwargs)[0])
+
+    with running_server(options=ModelOptions(loras=((str(style), 1.0), (str(detail), 0.5)))) as served:
+        answers = {}
+        for case, loras in {"start scales": None, "style at 0.7": [{"name": "style", "scale": 0.7}],
+                            "none": [], "detail as text": ["detail:0.25"]}.items():
+            status, _, answer = call(served, "POST", "/v1/images/generations",
+                                     {**body, "prompt": prompt, **({} if loras is None else {"loras": loras})})
+            assert status == 200, (case, answer)
+            answers[case] = base64.b64decode(answer["data"][0]["b64_json"])
+        status, _, answer = call(served, "POST", "/v1/images/generations",
+                                 {**body, "prompt": prompt, "loras": [{"name": "sharp", "scale": 1}]})
+        assert status == 400 and answer["error"]["param"] == "loras", answer
+        assert answer["error"]["message"] == ("unknown LoRA 'sharp'; this server was started with: style, detail "
+                                              "(--lora).")
+        status, _, answer = call(served, "POST", "/v1/images/generations",
+                                 {**body, "prompt": prompt, "loras": [{"name": str(style), "scale": 1}]})
+        assert status == 400 and "unknown LoRA" in answer["error"]["message"]  # a path is no name
+        source = np.asarray(Image.new("RGB", (64, 64), (200, 30, 90)))
+        form, content_type = multipart({"prompt": prompt, "seed": "3", "loras": '[{"name": "style", "scale": 0.7}]'},
+                                       [("image", "in.png", png(source), "image/png")])
+        status, _, answer = call(served, "POST", "/v1/images/edits", form, {"Content-Type": content_type})
+        assert status == 200, answer
+        answers["edit"] = base64.b64decode(answer["data"][0]["b64_json"])
+
+    expected = {"start scales": [(style, 1.0), (detail, 0.5)], "style at 0.7": [(style, 0.7)], "none": [],
+                "detail as text": [(detail, 0.25)]}
+    for case, loras in expected.items():
+        assert np.array_equal(pixels(answers[case]), api(loras)), case
+    assert np.array_equal(pixels(answers["edit"]), api([(style, 0.7)], image=Image.fromarray(source)))
+    assert not np.array_equal(pixels(answers["style at 0.7"]), pixels(answers["none"]))  # the LoRA changes pixels
+    assert read_metadata_bytes(answers["style at 0.7"])["loras"] == [
+        {"source": str(style), "scale": 0.7}, {"source": str(detail), "scale": 0.0}]
+
+
+def square_mask(transparent: bool) -> Image.Image:
+    """A 64x64 mask marking the square [16, 48)^2: OpenAI's (that square transparent) or ours (that square white)."""
+    inside = np.zeros((64, 64), bool)
+    inside[16:48, 16:48] = True
+    if transparent:
+        rgba = np.full((64, 64, 4), 255, np.uint8)
+        rgba[inside, 3] = 0
+        return Image.fromarray(rgba)
+    return Image.fromarray(np.where(inside, 255, 0).astype(np.uint8))
+
+
+def png_of(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_masks_inpaint_as_the_api(server, reference):
+    source = reference("a handwritten digit eight", 4)[0]
+    prompt, white = "a handwritten digit one", square_mask(False)
+    form, content_type = multipart({"prompt": prompt, "size": "64x64", "seed": "9", "strength": "0.9"},
+                                   [("image", "in.png", png(source), "image/png"),
+                                    ("mask", "mask.png", png_of(square_mask(True)), "image/png")])
+    status, _, body = call(server, "POST", "/v1/images/edits", form, {"Content-Type": content_type})
+    assert status == 200, body
+    expected = reference(prompt, 9, image=Image.fromarray(source), mask=white, strength=0.9)[0]
+    assert np.array_equal(pixels(body["data"][0]["b64_json"]), expected)
+    assert not np.array_equal(expected, reference(prompt, 9, image=Image.fromarray(source), strength=0.9)[0])
+
+    black = Image.fromarray(255 - np.asarray(white))  # A1111: white repaints; inverted, the black square does
+    status, _, res = call(server, "POST", "/sdapi/v1/img2img",
+                          {"init_images": [base64.b64encode(png(source)).decode()], "prompt": prompt, "seed": 9,
+                           "denoising_strength": 0.9, "mask": base64.b64encode(png_of(black)).decode(),
+                           "inpainting_mask_invert": 1, "mask_blur": 2})
+    assert status == 200, res
+    expected = reference(prompt, 9, image=Image.fromarray(source), mask=white, mask_blur=2, strength=0.9)[0]
+    assert np.array_equal(pixels(res["images"][0]), expected)
+
+    status, _, res = call(server, "POST", "/sdapi/v1/img2img",  # "only masked": a crop around the mask
+                          {"init_images": [base64.b64encode(png(source)).decode()], "prompt": prompt, "seed": 9,
+                           "mask": base64.b64encode(png_of(white)).decode(), "inpaint_full_res": True,
+                           "inpaint_full_res_padding": 4})
+    assert status == 200, res
+    expected = reference(prompt, 9, image=Image.fromarray(source), mask=white, padding_mask_crop=4)[0]
+    assert np.array_equal(pixels(res["images"][0]), expected)
+
+    status, _, job = call(server, "POST", "/v1/jobs", {"prompt": prompt, "seed": 9, "strength": 0.9,  # OpenAI's mask
+                                                       "image": base64.b64encode(png(source)).decode(),
+                                                       "mask": base64.b64encode(png_of(square_mask(True))).decode()})
+    assert status == 202 and job["settings"]["inpaint"], job
+    assert events(server, job["id"])[-1][0] == "succeeded"
+    _, _, data = call(server, "GET", f"/v1/jobs/{job['id']}/images/0.png")
+    assert np.array_equal(pixels(data), reference(prompt, 9, image=Image.fromarray(source), mask=white,
+                                                  strength=0.9)[0])
+
+
+@pytest.mark.parametrize("mask, message", [
+    (b"not an image", "'mask' is not an image PIL can read"),
+    (png(np.zeros((64, 64, 3), np.uint8)), "'mask' has no alpha channel"),
+    (png_of(Image.new("RGBA", (64, 64), (0, 0, 0, 255))), "the mask is empty"),
+], ids=["not an image", "no alpha", "nothing transparent"])
+def test_bad_mask(server, mask, message):
+    form, content_type = multipart({"prompt": "a digit", "seed": "1"},
+                                   [("image", "in.png", png(np.zeros((64, 64, 3), np.uint8)), "image/png"),
+                                    ("mask", "mask.png", mask, "image/png")])
+    status, _, body = call(server, "POST", "/v1/images/edits", form, {"Content-Type": content_type})
+    assert status == 400 and message in body["error"]["message"], body
+    status, _, body = call(server, "POST", "/sdapi/v1/img2img",
+                           {"init_images": [base64.b64encode(png(np.zeros((64, 64, 3), np.uint8))).decode()],
+                            "prompt": "a digit", "mask": "@@not base64@@"})
+    assert status == 400 and body["error"]["param"] == "mask", body
+
+
 # Jobs ------------------------------------------------------------------------------------------------------
 
 def events(server, job_id: str) -> list[tuple[str, dict]]:
@@ -287,7 +420,10 @@ BAD = [
     ("path in the model field", {**GOOD, "model": "/etc/passwd"}, 400, "looks like a path"),
     ("relative path in the model field", {**GOOD, "model": "../models/digits"}, 400, "looks like a path"),
     ("unknown sampler", {**GOOD, "sampler": "ddim"}, 400, "unknown sampler 'ddim'"),
-    ("LoRAs the server does not serve", {**GOOD, "loras": [{"name": "x", "scale": 1}]}, 400, "serves no LoRAs"),
+    ("LoRAs the server does not serve", {**GOOD, "loras": [{"name": "x", "scale": 1}]}, 400,
+     "unknown LoRA 'x'; this server was started with: none"),
+    ("loras not a list", {**GOOD, "loras": "style"}, 400, "'loras' must be a list"),
+    ("LoRA scale not a number", {**GOOD, "loras": [{"name": "x", "scale": "big"}]}, 400, "scale 'big' is not a number"),
     ("steps beyond the limit", {**GOOD, "steps": 100000}, 400, "'steps' must be from 1 to 500"),
     ("a body that is not an object", [1, 2], 400, "must be a JSON object"),
 ]
@@ -407,6 +543,9 @@ def test_serve_command_warns_and_shuts_down_gracefully():
     (["--port", "99999"], "--port must be from 0 to 65535"),
     (["--model", MODEL, "--model", MODEL], "two --model values have the same name"),
     (["--model", "no-such-model"], "'no-such-model' is neither an existing folder nor a Hugging Face repo id"),
+    (["--lora", "one/style.safetensors", "--lora", "two/style.safetensors:0.5"], "two --lora files have the same"),
+    (["--lora", "style.safetensors:strong"], "scale 'strong' is not a number"),
+    (["--lora", "/no/such/style.safetensors"], "/no/such/style.safetensors"),
 ])
 def test_serve_command_refuses_bad_flags(flags, message):
     result = subprocess.run([sys.executable, "-m", "mlx_flash", "serve", *(flags if "--model" in flags else

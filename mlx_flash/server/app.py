@@ -326,8 +326,10 @@ def edits(h: Handler) -> None:
 @route("POST", "/v1/jobs")
 def create_job(h: Handler) -> None:
     body = h.read_json()
-    image = fields.base64_image(body["image"], "image") if isinstance(body, dict) and body.get("image") else None
-    spec, _ = openai_api.image_spec(body, h.server.pool, image)
+    given = body if isinstance(body, dict) else {}
+    image = fields.base64_image(given["image"], "image") if given.get("image") else None
+    mask = openai_api.transparent_mask(fields.base64_image(given["mask"], "mask")) if given.get("mask") else None
+    spec, _ = openai_api.image_spec(body, h.server.pool, image, mask)
     job = h.server.worker.submit(spec, previews=True)
     h.send_json(202, job.describe(h.base_url), {"Location": f"/v1/jobs/{job.id}"})
 

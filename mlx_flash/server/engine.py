@@ -49,7 +49,8 @@ def prepare(pipe: Pipeline, spec: ImageSpec, fits: set[tuple] | None = None) -> 
         request = pipe.request(
             spec.prompt, negative_prompt=spec.negative_prompt, num_inference_steps=spec.steps,
             guidance_scale=spec.guidance, height=spec.height, width=spec.width, seed=spec.seed, image=spec.image,
-            strength=spec.strength, num_images=spec.n, sampler=spec.sampler)
+            strength=spec.strength, num_images=spec.n, sampler=spec.sampler, mask=spec.mask, mask_blur=spec.mask_blur,
+            padding_mask_crop=spec.padding_mask_crop)
         shape = (id(pipe), request.height, request.width, request.batch, request.cfg, request.max_sequence_length)
         if fits is None or shape not in fits:
             pipe.plan_memory(request)

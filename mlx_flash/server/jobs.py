@@ -158,7 +158,7 @@ class Worker:
         if self._queue.full():  # before the checks, which cost more than this answer
             raise self._queue_full()
         try:
-            request = self._checker.submit(engine.prepare, self.pool.pipeline(spec.model), spec, self._fits).result()
+            request = self._checker.submit(self._prepare, spec).result()
         except RuntimeError:  # the checker was shut down
             if self._stopping:
                 raise shutting_down() from None
@@ -175,6 +175,10 @@ class Worker:
             self._forget_old()
         job.publish("queued", {"id": job.id, "position": self.waiting})
         return job
+
+    def _prepare(self, spec: ImageSpec) -> GenerationRequest:
+        """On the checker's thread: the model's pipeline (made there when first asked for) checks `spec`."""
+        return engine.prepare(self.pool.pipeline(spec.model), spec, self._fits)
 
     def _queue_full(self) -> ApiError:
         retry = max(1, round(self._seconds * (self.waiting + 1)))
@@ -265,6 +269,7 @@ class Worker:
 
         try:
             pipe = self.pool.acquire(job.spec.model)
+            self.pool.set_lora_scales(job.spec.model, job.spec.loras)
             result = engine.run(pipe, job.request, on_step=on_step, cancel=job.cancel, preview_every=self.preview_every,
                                 on_preview=on_preview if job.previews and self.preview_every else None)
             job.metadata = [result.metadata(i) for i in range(len(result.images))]

@@ -6,8 +6,10 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..loading import load_pipeline
+from ..lora import check_scale
 from ..memory import memory_budget
 from ..pipeline import Pipeline
 from .errors import ApiError
@@ -23,6 +25,12 @@ class ModelOptions:
     quantize: int | None = None
     use_t5: bool = True
     low_memory: bool | None = None
+    loras: tuple[tuple[str, float], ...] = ()  # (file or ORG/REPO/FILE.safetensors, start scale), as --lora gives
+
+
+def lora_name(source: str) -> str:
+    """The name requests use for a LoRA the server was started with: its file's stem."""
+    return Path(source).stem
 
 
 def served_name(source: str) -> str:
@@ -44,8 +52,12 @@ class ModelPool:
         if len(self.sources) != len(sources):
             raise ValueError("two --model values have the same name; pass each model once.")
         self.options = options
+        self.loras = {lora_name(source): scale for source, scale in options.loras}  # name -> start scale
+        if len(self.loras) != len(options.loras):
+            raise ValueError("two --lora files have the same file name; rename one (requests name LoRAs by it).")
         self.default = next(iter(self.sources))
         self._pipes: dict[str, Pipeline] = {}
+        self._own_scales: dict[str, tuple[float, ...]] = {}  # a preset's own LoRA, loaded before the served ones
         self._ran: list[str] = []  # models that have run (so hold weights), least recently run first
         self._lock = threading.Lock()
 
@@ -68,14 +80,40 @@ class ModelPool:
         raise ApiError(404, f"model {name!r} is not served here; use one of: {served}.", param="model",
                        code="model_not_found")
 
+    def lora_scales(self, value: Any) -> tuple[tuple[str, float], ...]:
+        """A request's `loras` field -> (name, scale) of each LoRA the server was started with, in order: None
+        keeps the start scales; a list of {"name", "scale"} objects (or "name[:scale]" strings) applies those
+        LoRAs, at their start scale when none is given, and sets the others to 0."""
+        if value is None:
+            return tuple(self.loras.items())
+        if not isinstance(value, list):
+            raise ApiError(400, "'loras' must be a list of {\"name\": ..., \"scale\": ...} objects.", param="loras")
+        chosen: dict[str, float] = {}
+        for item in value:
+            name, scale = _lora_item(item)
+            if name not in self.loras:
+                served = ", ".join(self.loras) or "none"
+                raise ApiError(400, f"unknown LoRA {name!r}; this server was started with: {served} (--lora).",
+                               param="loras", code="lora_not_found")
+            chosen[name] = self.loras[name] if scale is None else scale
+        return tuple((name, chosen.get(name, 0.0)) for name in self.loras)
+
     def pipeline(self, name: str) -> Pipeline:
         """The pipeline of a served model (its components load when it first runs)."""
         with self._lock:
             if name not in self._pipes:
                 o = self.options
                 self._pipes[name] = load_pipeline(self.sources[name], dtype=o.dtype, quantize=o.quantize,
-                                                  use_t5=o.use_t5, low_memory=o.low_memory)
+                                                  use_t5=o.use_t5, low_memory=o.low_memory, loras=o.loras)
+                scales = self._pipes[name].loras.scales.values
+                self._own_scales[name] = tuple(scales[:len(scales) - len(o.loras)])
             return self._pipes[name]
+
+    def set_lora_scales(self, name: str, loras: tuple[tuple[str, float], ...]) -> None:
+        """Give the served LoRAs of model `name` the scales of `lora_scales`' answer (a preset's own LoRA keeps
+        its scale)."""
+        if self.loras:
+            self.pipeline(name).set_lora_scales([*self._own_scales[name], *(scale for _, scale in loras)])
 
     def acquire(self, name: str) -> Pipeline:
         """`pipeline(name)`, most recently used, after releasing others whose weights would not fit beside it
@@ -99,6 +137,23 @@ class ModelPool:
             for name in self._ran:
                 self._pipes[name].release()
             self._ran.clear()
+
+
+def _lora_item(item: Any) -> tuple[str, float | None]:
+    """One entry of a request's `loras`: (name, scale or None)."""
+    if isinstance(item, str):
+        name, sep, tail = item.rpartition(":")
+        item = {"name": name, "scale": tail} if sep else {"name": item}
+    if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+        raise ApiError(400, f"each of 'loras' must be {{\"name\": ..., \"scale\": ...}} or \"name:scale\", "
+                            f"got {item!r}.", param="loras")
+    scale = item.get("scale")
+    if scale is None:
+        return item["name"], None
+    try:
+        return item["name"], check_scale(scale, item["name"])
+    except ValueError as err:
+        raise ApiError(400, str(err), param="loras") from None
 
 
 def _weights(pipe: Pipeline) -> int:

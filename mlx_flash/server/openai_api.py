@@ -1,12 +1,15 @@
 """OpenAI's Images API (POST /v1/images/generations and /v1/images/edits) mapped to ImageSpec, and its answers.
 
-Besides OpenAI's fields a request may carry `steps`, `seed`, `guidance`, `negative_prompt`, `sampler` and,
-for edits, `strength`; `quality` sets the steps when `steps` is absent (QUALITY_STEPS)."""
+Besides OpenAI's fields a request may carry `steps`, `seed`, `guidance`, `negative_prompt`, `sampler`, `loras`
+(names the server was started with, see ModelPool.lora_scales) and, for edits, `strength`; `quality` sets the
+steps when `steps` is absent (QUALITY_STEPS). An edit's `mask` is OpenAI's: its transparent pixels are repainted."""
 
 from __future__ import annotations
 
 import base64
 from typing import Any
+
+from PIL import Image
 
 from . import spec as fields
 from .errors import ApiError
@@ -18,8 +21,9 @@ QUALITY_STEPS = {"low": 0.5, "medium": 1.0, "standard": 1.0, "auto": 1.0, "high"
 RESPONSE_FORMATS = ("b64_json", "url")
 
 
-def image_spec(body: dict[str, Any], pool: ModelPool, image=None) -> tuple[ImageSpec, str]:
-    """A generations (or, with `image`, edits) body -> (ImageSpec, response_format)."""
+def image_spec(body: dict[str, Any], pool: ModelPool, image=None, mask=None) -> tuple[ImageSpec, str]:
+    """A generations (or, with `image` and maybe a white-repaints `mask`, edits) body -> (ImageSpec,
+    response_format)."""
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}.")
     model = pool.resolve(body.get("model"))
@@ -30,12 +34,10 @@ def image_spec(body: dict[str, Any], pool: ModelPool, image=None) -> tuple[Image
     quality = fields.choice(body, "quality", tuple(QUALITY_STEPS), "auto")
     if steps is None and QUALITY_STEPS[quality] != 1.0:
         steps = max(1, round(pool.pipeline(model).defaults()[0] * QUALITY_STEPS[quality]))
-    if body.get("loras"):
-        raise ApiError(400, "'loras': this server serves no LoRAs; drop the field.", param="loras")
     spec = ImageSpec(
         model=model, prompt=prompt, n=n, seed=fields.seed(body, "seed", n), width=width, height=height, steps=steps,
         negative_prompt=fields.text(body, "negative_prompt"), guidance=fields.number(body, "guidance", 0, 100),
-        sampler=fields.text(body, "sampler"), image=image,
+        sampler=fields.text(body, "sampler"), image=image, mask=mask, loras=pool.lora_scales(body.get("loras")),
         strength=fields.number(body, "strength", 0, 1, low_open=True) if image is not None else None,
         output_format=fields.choice(body, "output_format", tuple(OUTPUT_FORMATS), "png"),
         compression=fields.integer(body, "output_compression", 0, 100),
@@ -49,11 +51,24 @@ def edit_spec(form: dict[str, Any], pool: ModelPool) -> tuple[ImageSpec, str]:
     images = [i for group in images for i in (group if isinstance(group, list) else [group])]
     if len(images) != 1 or not isinstance(images[0], bytes):
         raise ApiError(400, f"'image' must be one uploaded image file, got {len(images)}; send one.", param="image")
-    if "mask" in form:
-        raise ApiError(400, "'mask': inpainting is not available in this version; send the image without a mask "
-                            "for img2img.", param="mask")
+    mask = form.get("mask")
+    if mask is not None and not isinstance(mask, bytes):
+        raise ApiError(400, "'mask' must be an uploaded PNG file whose transparent pixels mark what to edit.",
+                       param="mask")
     text = {k: v for k, v in form.items() if isinstance(v, str)}
-    return image_spec(text, pool, fields.image_bytes(images[0], "image"))
+    if isinstance(text.get("loras"), str):  # a form field: JSON text
+        text["loras"] = fields.json_text(text["loras"], "loras")
+    return image_spec(text, pool, fields.image_bytes(images[0], "image"),
+                      transparent_mask(fields.image_bytes(mask, "mask")) if mask is not None else None)
+
+
+def transparent_mask(mask: Image.Image) -> Image.Image:
+    """OpenAI's mask (fully transparent pixels are edited) -> the pipeline's (white repaints, black keeps)."""
+    if "A" not in mask.getbands() and "transparency" not in mask.info:
+        raise ApiError(400, "'mask' has no alpha channel; send a PNG whose transparent (alpha 0) pixels mark what "
+                            "to edit, as OpenAI's API takes.", param="mask")
+    alpha = mask.convert("RGBA").getchannel("A")
+    return alpha.point(lambda a: 255 if a == 0 else 0)
 
 
 def images_response(job: Job, response_format: str, base_url: str) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,10 @@ class ImageSpec:
     sampler: str | None = None
     image: Image.Image | None = None  # img2img input
     strength: float | None = None
+    mask: Image.Image | None = None  # inpainting: grey, white repaints
+    mask_blur: float | None = None
+    padding_mask_crop: int | None = None
+    loras: tuple[tuple[str, float], ...] = ()  # (name, scale) of every LoRA served (ModelPool.lora_scales)
     output_format: str = "png"
     compression: int | None = None  # JPEG / WebP quality, 0-100
 
@@ -45,7 +50,8 @@ class ImageSpec:
         return {"model": self.model, "prompt": self.prompt, "negative_prompt": self.negative_prompt, "n": self.n,
                 "seed": self.seed, "width": self.width, "height": self.height, "steps": self.steps,
                 "guidance": self.guidance, "sampler": self.sampler, "img2img": self.image is not None,
-                "strength": self.strength, "output_format": self.output_format}
+                "inpaint": self.mask is not None, "strength": self.strength, "output_format": self.output_format,
+                "loras": [{"name": name, "scale": scale} for name, scale in self.loras]}
 
 
 def random_seed(n: int) -> int:
@@ -137,6 +143,15 @@ def image_bytes(data: bytes, key: str) -> Image.Image:
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
         raise ApiError(400, f"'{key}' is not an image PIL can read; send a PNG, JPEG or WebP image.",
                        param=key) from None
+
+
+def json_text(value: str, key: str) -> Any:
+    """A form field holding JSON (e.g. `loras` in a multipart edits request)."""
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        raise ApiError(400, f"'{key}' is not valid JSON; send it as JSON text, e.g. "
+                            '[{"name": "style", "scale": 0.8}].', param=key) from None
 
 
 def base64_image(value: Any, key: str) -> Image.Image:
