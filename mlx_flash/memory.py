@@ -155,3 +155,62 @@ def estimate(
 
 def describe(stages: list[StageEstimate]) -> str:
     return ", ".join(f"{s.name} {s.peak / GB:.1f} GB" for s in stages)
+
+
+# Training: one optimiser step of a LoRA (or full) fine-tuning run, measured on the CPU backend (float32
+# activations, attention over all heads in one call): one block's backward holds about 34 hidden-size vectors
+# per token plus three float32 copies of every head's attention scores; with checkpointing each block keeps its
+# inputs and outputs (about 3 vectors per token) for the recomputation (benchmarks/train_memory.py).
+CPU_TRAIN_BLOCK_VECTORS, CPU_TRAIN_SAVED_VECTORS, CPU_TRAIN_SCORE_COPIES = 34, 3, 3
+
+
+@dataclass(frozen=True)
+class TrainingEstimate:
+    """Predicted bytes of one training step: the frozen base, the trained parameters with their gradients and
+    AdamW moments (and EMA), and the activations."""
+
+    base: int
+    trained: int
+    activations: int
+
+    @property
+    def peak(self) -> int:
+        return self.base + self.trained + self.activations
+
+
+def estimate_training(
+    transformer: MMDiTConfig,
+    *,
+    height: int,
+    width: int,
+    dtype: mx.Dtype = mx.float32,
+    quantize: Callable[[nn.Module], object] | None = None,
+    lora: Callable[[nn.Module], object] | None = None,
+    batch: int = 1,
+    text_tokens: int = 77 + 77,
+    checkpointing: bool = True,
+    ema: bool = False,
+    vae_factor: int = 8,
+) -> TrainingEstimate:
+    """Peak bytes of one training step at `height` x `width` (the text encoders and VAE run before, alone).
+    `quantize(model)` quantizes the frozen base as loaded; `lora(model)` attaches the trained adapters (None:
+    full fine-tuning, every weight trained in `dtype`)."""
+    model = MMDiT(transformer)
+    model.set_dtype(dtype)
+    if quantize is not None:
+        quantize(model)
+    if lora is not None:
+        lora(model)
+        trained = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
+        base = model_bytes(model) - trained
+    else:
+        base, trained = 0, model_bytes(model)
+    copies = 4 + (1 if ema else 0)  # the weights, their gradients, AdamW's two moments, the EMA
+    d, patch = transformer.hidden_size, transformer.patch_size * vae_factor
+    seq = (height // patch) * (width // patch) + text_tokens
+    layers = transformer.num_layers
+    vectors = CPU_TRAIN_BLOCK_VECTORS + (CPU_TRAIN_SAVED_VECTORS * layers if checkpointing
+                                         else CPU_TRAIN_BLOCK_VECTORS * (layers - 1))
+    scores = CPU_TRAIN_SCORE_COPIES * transformer.num_attention_heads * seq**2 * 4 * (1 if checkpointing else layers)
+    activations = batch * (vectors * seq * d * 4 + scores)
+    return TrainingEstimate(base, copies * trained, activations)

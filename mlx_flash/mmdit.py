@@ -28,13 +28,14 @@ from .weights import (
 NORM_EPS = 1e-6
 
 
-def attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+def attention(q: mx.array, k: mx.array, v: mx.array, per_head: bool = True) -> mx.array:
     """Scaled dot-product attention of (B, heads, tokens, head_dim) arrays. On the CPU, where attention is not
     fused, one head at a time, each evaluated before the next: the scores of one head exist at once instead of
     all heads' (24x less memory for SD3.5), and MLX's q k^T products (K = 64) run at about three quarters of the
-    float32 matmul peak instead of a quarter for all heads batched (benchmarks/mmdit_step.py)."""
+    float32 matmul peak instead of a quarter for all heads batched (benchmarks/mmdit_step.py). `per_head=False`
+    in training: evaluating inside a checkpointed block's recomputation keeps a copy of the block's weights."""
     scale = q.shape[-1] ** -0.5
-    if mx.default_device() != mx.cpu:
+    if mx.default_device() != mx.cpu or not per_head:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
     heads = []
     for i in range(q.shape[1]):
@@ -194,6 +195,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, qk_norm: bool, joint: bool = False, context_out: bool = True):
         super().__init__()
         self.heads = heads
+        self.per_head = True  # see attention(); off in training
         self.qkv = nn.Linear(dim, 3 * dim)
         self.to_out = nn.Linear(dim, dim)
         head_dim = dim // heads
@@ -221,7 +223,7 @@ class Attention(nn.Module):
         if context is not None:
             cq, ck, cv = self._heads(self.add_qkv, context, "norm_added_q", "norm_added_k")
             q, k, v = (mx.concatenate(pair, axis=2) for pair in ((q, cq), (k, ck), (v, cv)))
-        out = attention(q, k, v)
+        out = attention(q, k, v, self.per_head)
         out = out.transpose(0, 2, 1, 3).reshape(b, -1, d)
         x_out, c_out = out[:, :n], out[:, n:]
         c_out = self.to_add_out(c_out) if "to_add_out" in self else None
@@ -306,8 +308,7 @@ class MMDiT(nn.Module):
     prompt embeddings (B, L, joint_attention_dim) and pooled embeddings (B, pooled_projection_dim).
 
     `float32_residual` keeps the residual streams in float32 when the weights are half precision
-    (SD3.5 Large overflows in pure float16). `gradient_checkpointing`: in training, keep only each block's
-    inputs and recompute its activations for the backward pass."""
+    (SD3.5 Large overflows in pure float16). `set_training` prepares it for differentiation."""
 
     def __init__(self, config: MMDiTConfig, float32_residual: bool = False):
         super().__init__()
@@ -324,6 +325,14 @@ class MMDiT(nn.Module):
         ]
         self.norm_out = AdaNorm(dim, 2)
         self.proj_out = nn.Linear(dim, config.patch_size**2 * config.out_channels)
+
+    def set_training(self, training: bool, checkpointing: bool = True) -> None:
+        """For differentiation: gradient checkpointing per block (if `checkpointing`) and attention over all
+        heads in one call (see `attention`); `set_training(False)` restores inference."""
+        self.gradient_checkpointing = training and checkpointing
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.per_head = not training
 
     def modulation(self, timesteps: mx.array, pooled: mx.array) -> list:
         """Every adaLN vector of a forward pass (per block, then the output norm's scale and shift). They depend

@@ -73,7 +73,7 @@ def test_loss_decreases(mode):
     if mode == "lora":
         modules = lora.target_modules(model, "transformer", ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2"])
         lora.add_adapters(model, "transformer", modules, 4, 4.0, mx.random.key(1))
-    model.gradient_checkpointing = True
+    model.set_training(True)
     losses = train(model, batch_of(SMALL), 12, 1e-2 if mode == "lora" else 3e-3)
     print(f"\n{mode}: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     assert losses[-1] < 0.8 * losses[0]
@@ -92,7 +92,7 @@ def test_lora_gradients_match_finite_differences():
     rng = np.random.default_rng(0)  # random up matrices too (they start at zero)
     model.update(tree_map(lambda p: mx.array(rng.standard_normal(p.shape).astype(np.float32)),
                           model.trainable_parameters()))
-    model.gradient_checkpointing = True
+    model.set_training(True)
     batch = batch_of(SMALL)
 
     def loss_of(params: dict) -> mx.array:
@@ -300,7 +300,8 @@ def test_checkpointing_gives_the_same_gradients():
     model = MMDiT(SMALL)
     batch = batch_of(SMALL)
     grad = nn.value_and_grad(model, lambda *b: flow_loss(model, *b))
+    model.set_training(True, checkpointing=False)
     plain = dict(tree_flatten(grad(*batch)[1]))
-    model.gradient_checkpointing = True
+    model.set_training(True)
     checkpointed = dict(tree_flatten(grad(*batch)[1]))
     assert max(float(mx.abs(plain[k] - checkpointed[k]).max()) for k in plain) < 1e-6

@@ -79,3 +79,27 @@ def grid(images: np.ndarray, cols: int) -> Image.Image:
     canvas[:n] = images
     canvas = canvas.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
     return Image.fromarray((canvas * 255).round().astype(np.uint8))
+
+
+LETTER_TEMPLATES = ("the letter x", "a handwritten letter x", "a handwritten x", "letter x", "a drawing of the letter x")
+
+
+def letter_x(count: int, seed: int) -> np.ndarray:
+    """Handwritten-looking letters X as (count, 8, 8) ink in 0-16, like the digits: two strokes with jittered
+    ends and widths drawn at 32x32, averaged down to 8x8."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        canvas = Image.new("F", (32, 32), 0.0)
+        draw = ImageDraw.Draw(canvas)
+        left, right = rng.uniform(5, 10), rng.uniform(22, 27)
+        top, bottom = rng.uniform(3, 8), rng.uniform(24, 29)
+        for start, end in (((left, top), (right, bottom)), ((right, top), (left, bottom))):
+            jitter = rng.normal(0, 1.2, 4)
+            draw.line((start[0] + jitter[0], start[1] + jitter[1], end[0] + jitter[2], end[1] + jitter[3]),
+                      fill=1.0, width=int(rng.integers(3, 6)))
+        ink = np.asarray(canvas).reshape(8, 4, 8, 4).mean(axis=(1, 3))
+        out.append(16 * ink / ink.max())
+    return np.stack(out).astype(np.float32)

@@ -97,7 +97,7 @@ def trainable_transformer(root: Path, config: FinetuneConfig, dtype: mx.Dtype) -
     """The transformer to train and the LoRA's modules (none for full fine-tuning): a frozen base (in `dtype`,
     quantized to `config.quantize` bits) with float32 adapters, or every weight trainable."""
     model = load_mmdit(root / "transformer", dtype, float32_residual=dtype == mx.float16)
-    model.gradient_checkpointing = config.gradient_checkpointing
+    model.set_training(True, config.gradient_checkpointing)
     if config.full:
         if is_quantized(model):
             raise ValueError(f"{root}: the transformer is stored quantized; full fine-tuning needs a float model.")
@@ -138,8 +138,11 @@ class Validation:
         if step % self.every and step != self.steps:
             return
         self.pipe.transformer_transforms[:] = [lambda _: self.model]
+        checkpointing = self.model.gradient_checkpointing
+        self.model.set_training(False)
         request = self.pipe.request(self.prompts, seed=self.seed)
         result = self.pipe.run(request)
+        self.model.set_training(True, checkpointing)
         self.folder.mkdir(parents=True, exist_ok=True)
         for i, image in enumerate(result.images):
             save_png(image, self.folder / f"step-{step:06d}-{i}.png", {**result.metadata(i), "training_step": step},
@@ -167,11 +170,18 @@ def make_batches(data: Dataset, prior: Dataset | None, config: FinetuneConfig, s
 
 
 def make_loss(model: MMDiT, prior_weight: float):
-    """The rectified-flow loss of the instance batch, plus `prior_weight` times the class batch's."""
+    """The rectified-flow loss of the instance batch, plus `prior_weight` times the class batch's; in one
+    forward pass when both batches have the same size (as diffusers' DreamBooth concatenates them)."""
 
     def loss(instance: tuple, prior: tuple | None = None) -> mx.array:
-        value = flow_loss(model, *instance)
-        return value if prior is None else value + prior_weight * flow_loss(model, *prior)
+        if prior is None:
+            return flow_loss(model, *instance)
+        if instance[0].shape == prior[0].shape and instance[3].shape == prior[3].shape:
+            n = instance[0].shape[0]
+            weights = mx.concatenate([mx.ones(n), mx.full(prior[0].shape[:1], prior_weight)])
+            both = [mx.concatenate(pair) for pair in zip(instance, prior)]
+            return 2 * flow_loss(model, *both, weights=weights)
+        return flow_loss(model, *instance) + prior_weight * flow_loss(model, *prior)
 
     return loss
 
@@ -187,7 +197,7 @@ def write_output(config: FinetuneConfig, model: MMDiT, trainer: Trainer, modules
     partial = config.output.with_name(config.output.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     shutil.copytree(root, partial, ignore=shutil.ignore_patterns("transformer"))
-    model.gradient_checkpointing = False
+    model.set_training(False)
     model.set_dtype(dtype)
     save_mmdit(partial / "transformer", model)
     if config.output.exists():
