@@ -216,7 +216,10 @@ class Models(nn.Module):
             adapters = [layer["lora"][a] for a in self.adapters.students]
             layer["lora"][merged] = (dmd.merge_adapters(adapters[0], adapters[1], ratio) if len(adapters) == 2
                                      else adapters[0])
-        return lora.adapter_tensors(self.base, "transformer", modules, adapter=merged)
+        tensors = lora.adapter_tensors(self.base, "transformer", modules, adapter=merged)
+        for layer in lora.lora_layers(self.base).values():
+            del layer["lora"][merged]
+        return tensors
 
 
 @dataclass
@@ -491,7 +494,7 @@ def distill(teacher: str, output: Path, prompts: Sequence[str], config: DistillC
         raise ValueError("no prompts to distil on; give a file with one prompt per line.")
     if output.exists() and not force and not resume:
         raise FileExistsError(f"{output} already exists; pass --force to overwrite it or choose another output.")
-    folder = work_dir or output.with_name(output.stem + ".distill")
+    folder = work_dir or output.with_name(output.name + ".distill")
     if not resume and (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir()):
         raise FileExistsError(f"{folder} holds checkpoints of an earlier run; pass --resume to continue it, or "
                               "remove the folder to start again.")

@@ -49,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-every", type=int, default=100)
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    parser.add_argument("--work-dir", type=Path, default=None, help="checkpoints and caches (default OUTPUT.distill)")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="checkpoints, caches, the loss log (default: OUTPUT.distill beside the output)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output")
     return parser
 
