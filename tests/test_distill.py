@@ -9,6 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from PIL import Image
 from mlx.utils import tree_flatten, tree_unflatten
 
 import mlx_flash
@@ -275,13 +276,21 @@ def test_config_refuses_bad_settings():
 
 
 def test_cli_distils_digits(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((64, 64, 3), 60 + 100 * i, np.uint8)).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text("a digit")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("the number 1\nthe number 7\n")
     out = tmp_path / "student"
     code = main(["distill", "digits", str(out), "--steps", "2", "--prompts", str(prompts), "--train-steps", "3",
                  "--rank", "4", "--fake-rank", "4", "--teacher-samples", "4", "--trajectory-warmup", "1",
-                 "--t5-dropout", "0.5"])
+                 "--t5-dropout", "0.5", "--validation-prompt", "the number 3", "--validate-every", "2"])
     assert code == 0
+    work = tmp_path / "student.distill"
+    assert [json.loads(line)["step"] for line in (work / "losses.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert sorted(p.name for p in (work / "validation").iterdir()) == ["step-000002.png", "step-000003.png"]
     manifest = json.loads((out / "mlx_flash.json").read_text())
     assert manifest["defaults"]["num_inference_steps"] == 2 and manifest["defaults"]["guidance_scale"] == 1.0
     pipe = mlx_flash.load_pipeline(str(out))
@@ -290,7 +299,7 @@ def test_cli_distils_digits(tmp_path):
     assert main(["distill", "digits", str(out), "--steps", "2", "--prompts", str(prompts)]) == 1  # exists
     lora_out = tmp_path / "student.safetensors"
     assert main(["distill", "digits", str(lora_out), "--steps", "2", "--prompts", str(prompts), "--train-steps", "2",
-                 "--rank", "4", "--fake-rank", "4", "--adversarial-weight", "0", "--renoise"]) == 0
+                 "--rank", "4", "--fake-rank", "4", "--renoise", "--data", str(images)]) == 0
     pipe = mlx_flash.load_pipeline("digits", loras=[str(lora_out)])
     assert np.isfinite(pipe.generate("the number 1", seed=0, output_type="np", num_inference_steps=2,
                                      guidance_scale=1.0)[0]).all()

@@ -44,6 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="steps of trajectory regression onto teacher samples before distribution matching")
     parser.add_argument("--teacher-samples", type=int, default=16,
                         help="teacher samples for the warm-up and the discriminator's real side")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="a folder of images: their latents are the discriminator's real side (default: teacher "
+                             "samples)")
+    parser.add_argument("--validation-prompt", action="append", default=[], dest="validation_prompts",
+                        help="a prompt the student generates every --validate-every steps (repeatable)")
+    parser.add_argument("--validate-every", type=int, default=None)
     parser.add_argument("--t5-dropout", type=float, default=0.0, help="fraction of prompts trained without T5")
     parser.add_argument("--quantize", type=int, choices=BITS, default=None, help="quantize the frozen base")
     parser.add_argument("--seed", type=int, default=0)
@@ -79,7 +85,8 @@ def run(args: argparse.Namespace) -> None:
         batch_size=args.batch_size, teacher_samples=args.teacher_samples)
     try:
         output = distill(args.teacher, args.output, read_prompts(args.prompts), config, work_dir=args.work_dir,
-                         resume=args.resume, force=args.force)
+                         data=args.data, resume=args.resume, force=args.force,
+                         validate_every=args.validate_every, validation_prompts=args.validation_prompts)
     except KeyboardInterrupt:
         print("mlx-flash: distillation interrupted; continue it with --resume.", file=sys.stderr)
         raise
