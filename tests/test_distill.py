@@ -270,9 +270,26 @@ def test_config_refuses_bad_settings():
     with pytest.raises(ValueError, match="split ratio"):
         config(split_ratio=(-1.0, 2.0))
     cfg = config(steps=1)
-    trainer = Distiller(models(cfg), cfg, conditions(), 3.0, 1.0, None, None)
     with pytest.raises(ValueError, match="timestep sharing needs one"):
-        trainer.branch_steps(1)
+        Distiller(models(cfg), cfg, conditions(), 3.0, 1.0, None, None)
+    Distiller(models(config(steps=1, split=False)), config(steps=1, split=False), conditions(), 3.0, 1.0, None, None)
+
+
+def test_full_students_train_and_merge():
+    cfg = config(full=True, train_steps=4)
+    m = models(cfg)
+    trainer = Distiller(m, cfg, conditions(), 3.0, 2.0, None, None)
+    base = dict(tree_flatten(tiny(0).parameters()))
+    while trainer.step < 4:
+        trainer.train_step()
+    high, low = (dict(tree_flatten(s.parameters())) for s in m.students)
+    key = "transformer_blocks.0.attn.qkv.weight"
+    assert np.abs(np.array(high[key] - base[key])).max() > 0 and np.abs(np.array(low[key] - high[key])).max() > 0
+    assert np.allclose(np.array(m.base.parameters()["transformer_blocks"][0]["attn"]["qkv"]["weight"]),
+                       np.array(base[key]))  # the teacher is untouched
+    merged = dict(tree_flatten(m.merged_student(0.3).parameters()))
+    assert all(np.allclose(np.array(merged[k]), 0.3 * np.array(high[k]) + 0.7 * np.array(low[k]), atol=1e-6)
+               for k in high)
 
 
 def test_cli_distils_digits(tmp_path):

@@ -279,6 +279,9 @@ class Distiller(Trainer):
         self.optimizer = optim.MultiOptimizer([self.student_optimizer, self.fake_optimizer],
                                               [lambda path, _: False])  # holds both states for checkpoints
         self.losses: dict[str, float] = {}
+        if config.timestep_sharing:  # each branch needs a student step in its range: refuse now, not mid-run
+            for branch in range(2 if config.split else 1):
+                self.branch_steps(branch)
 
     # What each step sees -------------------------------------------------------------------------------------
 
