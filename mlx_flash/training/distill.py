@@ -126,7 +126,7 @@ class Models(nn.Module):
             self.students = [MMDiT(base.config) for _ in range(branches)]
             for student in self.students:
                 student.update(base.parameters())
-                student.gradient_checkpointing = base.gradient_checkpointing
+                student.set_training(True)
         self.base = base
         self.scales = lora.LoRAScales()
         alpha = config.alpha or config.rank
@@ -470,7 +470,11 @@ class Validation:
             self.pipe.transformer_transforms[:] = [lambda _: model]
             request = self.pipe.request(self.prompts, seed=self.seed, guidance_scale=1.0,
                                         num_inference_steps=self.trainer.dconfig.steps)
-            images = self.pipe.run(request).images
+            model.set_training(False)
+            try:
+                images = self.pipe.run(request).images
+            finally:
+                model.set_training(True)
         self.pipe.release()
         grid = Image.new("RGB", (sum(i.width for i in images), max(i.height for i in images)))
         for n, image in enumerate(images):
@@ -496,6 +500,7 @@ def real_latents(root: Path, folder: Path, cache: Path, shape: tuple[int, ...], 
 def teacher_samples(models: Models, conditions: Conditions, count: int, steps: int, guidance: float, shift: float,
                     shape: tuple[int, ...], seed: int) -> tuple[mx.array, mx.array, mx.array]:
     """(noise, prompt rows, samples): the teacher's samples from seeded noise with its CFG sampler."""
+    models.base.set_training(False)
     rng = np.random.default_rng([seed, 2**31])
     rows = mx.array(np.arange(count) % conditions.empty)
     noise = mx.array(rng.standard_normal((count, *shape), dtype=np.float32))
@@ -510,14 +515,14 @@ def teacher_samples(models: Models, conditions: Conditions, count: int, steps: i
                 model, x, mx.full((n,), sigma * NUM_TRAIN_TIMESTEPS), conditions.embeds[r], conditions.pooled[r],
                 conditions.embeds[empty], conditions.pooled[empty], guidance)
             out.append(dmd.trajectory_point(velocity, noise[start: start + n], sigmas, steps))
+    models.base.set_training(True)
     return noise, rows, mx.concatenate(out)
 
 
 def load_models(root: Path, config: DistillConfig, dtype: mx.Dtype) -> tuple[Models, list[str]]:
     """The teacher's transformer (quantized to `config.quantize` bits) with the distillation's adapters."""
-    base = load_mmdit(root / "transformer", dtype)
-    base.gradient_checkpointing = True
-    base = quantized(base, config.quantize)
+    base = quantized(load_mmdit(root / "transformer", dtype), config.quantize)
+    base.set_training(True)
     modules = lora.target_modules(base, "transformer", config.targets)
     return Models(base, config, modules, mx.random.key(config.train.seed)), modules
 
@@ -539,7 +544,7 @@ def write_model(models: Models, config: DistillConfig, modules: Sequence[str], r
         alpha = (config.alpha or config.rank) * (2 if config.split else 1)
         return lora.save_lora(output, tensors, {"transformer": lora.peft_config(modules, rank, alpha)})
     student = models.merged_student(config.ratio)
-    student.gradient_checkpointing = False
+    student.set_training(False)
     partial = output.with_name(output.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     shutil.copytree(root, partial, ignore=shutil.ignore_patterns("transformer", MANIFEST))
