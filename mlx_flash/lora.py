@@ -548,7 +548,8 @@ FILE_NAMINGS = {"transformer": "diffusers", "text_encoder": "transformers", "tex
 def _to_ours(model: nn.Module, component: str):
     if component == "transformer":
         return _ours_from_diffusers
-    return _ours_by_rules(t5.RULES if isinstance(model, t5.T5Encoder) else clip.RULES)
+    rules = t5.RULES if isinstance(model, t5.T5Encoder) else clip.RULES
+    return lambda module: (_renamed(module, rules), 0, 1)
 
 
 def target_modules(model: nn.Module, component: str, targets: str | Sequence[str]) -> list[str]:

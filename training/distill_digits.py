@@ -32,9 +32,9 @@ from benchmarks.common import preload_openblas  # noqa: E402
 from mlx_flash import sampler  # noqa: E402
 from mlx_flash.layout import MANIFEST, read_manifest  # noqa: E402
 from mlx_flash.mmdit import MMDiT, load_mmdit, save_mmdit  # noqa: E402
+from mlx_flash.training import flow_loss  # noqa: E402
 from training.common import MODELS, fit, half  # noqa: E402
 from training.digits_data import TEMPLATES  # noqa: E402
-from mlx_flash.training import flow_loss  # noqa: E402
 from training.train_digits import (  # noqa: E402
     MAX_SEQUENCE_LENGTH,
     Prompts,
