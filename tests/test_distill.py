@@ -6,11 +6,11 @@ values and gradient signs), the roles on one base, resume, and the CLI on the pa
 import json
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 import pytest
-from PIL import Image
+from mlx import nn
 from mlx.utils import tree_flatten, tree_unflatten
+from PIL import Image
 
 import mlx_flash
 from mlx_flash import lora, sampler
@@ -94,7 +94,7 @@ def test_dm_gradient_is_the_score_difference():
     x_t, v_real, v_fake, x0 = (mx.array(rng.standard_normal(shape, dtype=np.float32)) for _ in range(4))
     t = mx.array([0.3, 0.8])
     s = t[:, None, None, None]
-    score = lambda v: -(x_t + (1 - s) * v) / s  # noqa: E731  (rectified flow: x_t = (1 - t) x0 + t eps, v = eps - x0)
+    score = lambda v: -(x_t + (1 - s) * v) / s
     x0_real = x_t - s * v_real
     norm = mx.abs(x0 - x0_real).mean(axis=(1, 2, 3), keepdims=True)
     expected = s**2 / (1 - s) * (score(v_fake) - score(v_real)) / norm
@@ -179,8 +179,8 @@ def test_merge_is_weight_interpolation():
     assert tensors["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"].shape == (4, SMALL.hidden_size)
     merged = m.merged_student(ratio)
     weights = dict(tree_flatten(merged.parameters()))
-    for path in high:
-        expected = ratio * high[path] + (1 - ratio) * low[path]
+    for path, weight_high in high.items():
+        expected = ratio * weight_high + (1 - ratio) * low[path]
         assert np.allclose(np.array(weights[f"{path}.weight"]), expected, atol=1e-6), path
     # the merged LoRA file's update is the same interpolation
     a = {k: v for k, v in tensors.items() if "transformer_blocks.0.attn.to_q" in k}
@@ -199,7 +199,7 @@ def test_merge_is_weight_interpolation():
 @pytest.mark.parametrize("kind", dmd.GAN_LOSSES)
 def test_adversarial_losses(kind):
     real, fake = mx.array([2.0, -0.5]), mx.array([0.5, -1.5])
-    sig = lambda v: 1 / (1 + np.exp(-np.array(v)))  # noqa: E731
+    sig = lambda v: 1 / (1 + np.exp(-np.array(v)))
     if kind == "hinge":
         d_expected = np.maximum(0, 1 - np.array(real)).mean() + np.maximum(0, 1 + np.array(fake)).mean()
         g_expected = -np.array(fake).mean()

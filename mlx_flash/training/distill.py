@@ -23,17 +23,16 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from mlx import nn
 from mlx.utils import tree_flatten
-
 from PIL import Image
 from tqdm import tqdm
 
@@ -41,8 +40,8 @@ from .. import lora
 from ..image_io import save_png
 from ..layout import MANIFEST, read_manifest
 from ..mmdit import MMDiT, load_mmdit, save_mmdit
-from ..sampler import NUM_TRAIN_TIMESTEPS, flow_sigmas
 from ..quantization import quantized
+from ..sampler import NUM_TRAIN_TIMESTEPS, flow_sigmas
 from . import dmd
 from .data import encode_prompts
 from .objective import flow_loss
@@ -148,9 +147,9 @@ class Models(nn.Module):
         """The trainable parameters of `role`: "student" (its adapters, or full copies) or "fake" (the fake
         score's adapter and the discriminator head), by path."""
         if role == "student":
-            keep = lambda p: p.startswith("students.") or any(f".lora.{a}." in p for a in self.adapters.students)  # noqa: E731
+            keep = lambda p: p.startswith("students.") or any(f".lora.{a}." in p for a in self.adapters.students)
         else:
-            keep = lambda p: p.startswith("head.") or f".lora.{self.adapters.fake}." in p  # noqa: E731
+            keep = lambda p: p.startswith("head.") or f".lora.{self.adapters.fake}." in p
         return [p for p, _ in tree_flatten(self.trainable_parameters()) if keep(p)]
 
     def assign(self, arrays: dict[str, mx.array]) -> None:
@@ -245,7 +244,7 @@ def encode_conditions(root: Path, prompts: Sequence[str], cache: Path, *, max_se
                       joint_attention_dim: int, dtype: mx.Dtype, t5: bool) -> Conditions:
     """The prompts (and the empty one, last) encoded with T5 and, when `t5` dropout is used, without."""
     texts = [*prompts, ""]
-    kwargs = dict(max_sequence_length=max_sequence_length, joint_attention_dim=joint_attention_dim, dtype=dtype)
+    kwargs = {"max_sequence_length": max_sequence_length, "joint_attention_dim": joint_attention_dim, "dtype": dtype}
     embeds, pooled = encode_prompts(root, texts, cache, **kwargs)
     plain = encode_prompts(root, texts, cache, use_t5=False, **kwargs) if t5 else (embeds, pooled)
     return Conditions(embeds, pooled, *plain, empty=len(texts) - 1)
@@ -362,7 +361,7 @@ class Distiller(Trainer):
         """(x_k, sigma_k) of the batch: the student's trajectory point at step k (timestep sharing)."""
         k = d["k"]
         n = d["noise"].shape[0]
-        velocity = lambda x, sigma, i: self._velocity("student", branch, x, mx.full((n,), sigma), d)  # noqa: E731
+        velocity = lambda x, sigma, i: self._velocity("student", branch, x, mx.full((n,), sigma), d)
         return dmd.trajectory_point(velocity, d["noise"], self.sigmas, k), mx.full((n,), float(self.sigmas[k]))
 
     def train_step(self) -> float:
@@ -380,7 +379,7 @@ class Distiller(Trainer):
         losses = {}
 
         for noise in d["fake_noise"]:
-            def fake_loss() -> mx.array:
+            def fake_loss(noise: mx.array = noise) -> mx.array:
                 with self.models.role("fake") as model:
                     value = flow_loss(model, x0, noise, t, d["embeds"], d["pooled"])
                 if weight and "real" in d:
@@ -510,10 +509,10 @@ def teacher_samples(models: Models, conditions: Conditions, count: int, steps: i
         r = rows[start: start + 32]
         n = r.shape[0]
         empty = mx.full((n,), conditions.empty)
+        prompts = (conditions.embeds[r], conditions.pooled[r], conditions.embeds[empty], conditions.pooled[empty])
         with models.role("teacher") as model:
-            velocity = lambda x, sigma, i: dmd.guided_velocity(  # noqa: E731
-                model, x, mx.full((n,), sigma * NUM_TRAIN_TIMESTEPS), conditions.embeds[r], conditions.pooled[r],
-                conditions.embeds[empty], conditions.pooled[empty], guidance)
+            def velocity(x: mx.array, sigma: float, i: int, model=model, n=n, prompts=prompts) -> mx.array:
+                return dmd.guided_velocity(model, x, mx.full((n,), sigma * NUM_TRAIN_TIMESTEPS), *prompts, guidance)
             out.append(dmd.trajectory_point(velocity, noise[start: start + n], sigmas, steps))
     models.base.set_training(True)
     return noise, rows, mx.concatenate(out)
