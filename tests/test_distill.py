@@ -19,7 +19,7 @@ from mlx_flash.denoise import Callback, Prompts, denoise
 from mlx_flash.mmdit import MMDiT, MMDiTConfig
 from mlx_flash.samplers import Euler
 from mlx_flash.training import TrainConfig, dmd
-from mlx_flash.training.distill import Conditions, DistillConfig, Distiller, Models
+from mlx_flash.training.distill import Conditions, DistillConfig, Distiller, Models, teacher_samples
 
 SMALL = MMDiTConfig(num_layers=2, num_attention_heads=2, attention_head_dim=16, joint_attention_dim=32,
                     pooled_projection_dim=16, pos_embed_max_size=8, sample_size=4)
@@ -262,6 +262,23 @@ def test_steps_train_and_resume_exactly(tmp_path, sharing):
     resumed, _ = run(tmp_path, resume=True)
     again = dict(tree_flatten(resumed.trainable_parameters()))
     assert all(np.allclose(np.array(again[k]), np.array(after[k]), atol=1e-6) for k in after)
+
+
+def test_warmup_regresses_every_branch_onto_teacher_samples():
+    cfg = config(train_steps=3, warmup_steps=1)
+    m = models(cfg)
+    c = conditions()
+    pairs = teacher_samples(m, c, 4, 3, 2.0, 3.0, (4, 4, 16), 0)
+    assert pairs[2].shape == (4, 4, 4, 16) and np.array(pairs[1]).tolist() == [0, 1, 2, 0]
+    trainer = Distiller(m, cfg, c, 3.0, 2.0, pairs, None)
+    before = dict(tree_flatten(m.trainable_parameters()))
+    trainer.train_step()
+    assert set(trainer.losses) == {"warmup"}
+    after = dict(tree_flatten(m.trainable_parameters()))
+    for adapter in ("0", "1"):
+        assert max(np.abs(np.array(after[k] - before[k])).max() for k in after if f".lora.{adapter}.up" in k) > 0
+    assert all(np.array_equal(np.array(after[k]), np.array(before[k])) for k in m.paths("fake"))
+    assert [trainer.branch(s) for s in (2, 3)] == [0, 1]
 
 
 def test_config_refuses_bad_settings():

@@ -14,8 +14,8 @@ on, a student branch the base with only its adapter on. Each step (after an opti
 3. the student is trained on DMD's surrogate with the teacher's guided velocity as the real score and the
    fake score's, plus the adversarial generator loss through the fake score's block features.
 
-Branches (split-timestep fine-tuning) train one after the other, each on its half of the steps, with a fresh
-fake score, and are merged by weight interpolation (`split_ratio` high : low; which share the paper gives
+Branches (split-timestep fine-tuning) train one after the other, each on its half of the steps after the
+warm-up (which trains every branch), each with a fresh fake score, and are merged by weight interpolation (`split_ratio` high : low; which share the paper gives
 which branch is unverified). Checkpoints, resume and the loss log are the training core's.
 """
 
@@ -285,8 +285,10 @@ class Distiller(Trainer):
     # What each step sees -------------------------------------------------------------------------------------
 
     def branch(self, step: int) -> int:
-        """0 (high noise) in the first half of the run when split, else 0 / 1 (low noise)."""
-        return int(self.dconfig.split and step > self.config.steps // 2)
+        """The branch trained at `step`: without split 0; with split 0 (t > boundary) in the first half of the
+        steps after the warm-up, then 1 (t <= boundary). (The warm-up trains every branch.)"""
+        warmup = self.dconfig.warmup_steps
+        return int(self.dconfig.split and step > warmup + (self.config.steps - warmup) // 2)
 
     def noise_range(self, branch: int) -> tuple[float, float]:
         if not self.dconfig.split:
@@ -297,7 +299,7 @@ class Distiller(Trainer):
     def branch_steps(self, branch: int) -> list[int]:
         """The student's step indices whose noise level lies in the branch's range (low, high]."""
         low, high = self.noise_range(branch)
-        found = [k for k, s in enumerate(self.sigmas[:-1]) if low < s <= high or (low == 0 and s == 0)]
+        found = [k for k, s in enumerate(self.sigmas[:-1]) if low < s <= high]
         if not found:
             raise ValueError(f"no step of the {self.dconfig.steps}-step student has a noise level in "
                              f"({low}, {high}]; timestep sharing needs one: use re-noising, or no split.")
@@ -367,10 +369,10 @@ class Distiller(Trainer):
     def train_step(self) -> float:
         self.step += 1
         d, branch = self.draw(self.step), self.branch(self.step)
-        if self.dconfig.split and self.step == self.config.steps // 2 + 1:
-            self.reset_fake()
         if self.step <= self.dconfig.warmup_steps:
-            return self._warmup(d, branch)
+            return self._warmup(d)
+        if branch and self.branch(self.step - 1) == 0:
+            self.reset_fake()
         x_k, s_k = self.student_point(d, branch)
         sk = s_k[:, None, None, None]
         x0 = mx.stop_gradient(x_k - sk * self._velocity("student", branch, x_k, s_k, d))
@@ -415,18 +417,22 @@ class Distiller(Trainer):
         self.fake_optimizer.state = {"step": kept["step"], "learning_rate": kept["learning_rate"]}
         self.fake_optimizer.init(self._parameters("fake"))
 
-    def _warmup(self, d: dict, branch: int) -> float:
-        """Trajectory regression (the digit distillation): at the branch's student noise levels, the velocity
-        `noise - x0` on the line from the teacher's sample x0 to its noise."""
+    def _warmup(self, d: dict) -> float:
+        """Trajectory regression (the digit distillation) of every student branch: at the student's noise levels,
+        the velocity `noise - x0` on the line from the teacher's sample x0 to its noise (branches summed)."""
         noise, rows, samples = self.teacher
         i = d["pairs"]
-        levels = mx.array(self.sigmas[self.branch_steps(branch)])
-        sigmas = levels[mx.array(np.arange(i.shape[0]) % levels.shape[0])]
+        levels = mx.array(self.sigmas[:-1])
+        sigmas = levels[mx.array((np.arange(i.shape[0]) + d["k"]) % levels.shape[0])]
         c = self.conditions
 
         def loss() -> mx.array:
-            with self.models.role("student", branch) as model:
-                return flow_loss(model, samples[i], noise[i], sigmas, c.embeds[rows[i]], c.pooled[rows[i]])
+            total = mx.array(0.0)
+            for branch in range(2 if self.dconfig.split else 1):
+                with self.models.role("student", branch) as model:
+                    total = total + flow_loss(model, samples[i], noise[i], sigmas, c.embeds[rows[i]],
+                                              c.pooled[rows[i]])
+            return total
         self.losses = {"warmup": self._update("student", self.student_optimizer, loss)}
         return self.losses["warmup"]
 
