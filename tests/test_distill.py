@@ -19,7 +19,13 @@ from mlx_flash.denoise import Callback, Prompts, denoise
 from mlx_flash.mmdit import MMDiT, MMDiTConfig
 from mlx_flash.samplers import Euler
 from mlx_flash.training import TrainConfig, dmd
-from mlx_flash.training.distill import Conditions, DistillConfig, Distiller, Models, teacher_samples
+from mlx_flash.training.distill import (
+    Conditions,
+    DistillConfig,
+    Distiller,
+    Models,
+    teacher_samples,
+)
 
 SMALL = MMDiTConfig(num_layers=2, num_attention_heads=2, attention_head_dim=16, joint_attention_dim=32,
                     pooled_projection_dim=16, pos_embed_max_size=8, sample_size=4)
