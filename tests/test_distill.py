@@ -337,6 +337,8 @@ def test_cli_distils_digits(tmp_path):
     image = pipe.generate("the number 7", seed=0, output_type="np")[0]
     assert image.shape == (64, 64, 3) and np.isfinite(image).all() and image.std() > 0.01
     assert main(["distill", "digits", str(out), "--steps", "2", "--prompts", str(prompts)]) == 1  # exists
+    assert main(["distill", "digits", str(tmp_path / "x.safetensors"), "--full", "--prompts", str(prompts)]) == 1
+    assert main(["distill", "digits", str(tmp_path / "y"), "--prompts", str(tmp_path / "none.txt")]) == 1
     lora_out = tmp_path / "student.safetensors"
     assert main(["distill", "digits", str(lora_out), "--steps", "2", "--prompts", str(prompts), "--train-steps", "2",
                  "--rank", "4", "--fake-rank", "4", "--renoise", "--data", str(images)]) == 0

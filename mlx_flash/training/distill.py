@@ -542,8 +542,6 @@ def write_model(models: Models, config: DistillConfig, modules: Sequence[str], r
     settings = {k: v for k, v in asdict(config).items() if k != "train"} | {"seed": config.train.seed,
                                                                             "distill_steps": config.train.steps}
     if output.suffix == ".safetensors":
-        if config.full:
-            raise ValueError(f"{output}: a full student is written as a model folder; pass a folder name.")
         tensors = models.merged_adapter_tensors(modules, config.ratio)
         rank = config.rank * (2 if config.split else 1)
         alpha = (config.alpha or config.rank) * (2 if config.split else 1)
@@ -571,6 +569,8 @@ def distill(teacher: str, output: Path, prompts: Sequence[str], config: DistillC
 
     if not prompts:
         raise ValueError("no prompts to distil on; give a file with one prompt per line.")
+    if config.full and output.suffix == ".safetensors":
+        raise ValueError(f"{output}: a full student is written as a model folder; pass a folder name.")
     if output.exists() and not force and not resume:
         raise FileExistsError(f"{output} already exists; pass --force to overwrite it or choose another output.")
     folder = work_dir or output.with_name(output.name + ".distill")
