@@ -140,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
         "convert", help="convert a checkpoint (hub repo, diffusers folder or single file) to an mlx-flash folder, "
                         "optionally quantized"))
     train_cli.add_arguments(commands.add_parser("train", help="fine-tune a model (LoRA or full) on captioned images"))
+    from .training import distill_cli
+
+    distill_cli.add_arguments(commands.add_parser("distill", help="distil a model into a 1-4 step student "
+                                                                  "(SD3.5-Flash's method)"))
     return parser
 
 
@@ -462,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
             from .convert.cli import run as command
         elif args.command == "train":
             from .training.cli import run as command
+        elif args.command == "distill":
+            from .training.distill_cli import run as command
         else:
             command = {"generate": generate, "info": info, "models": models, "serve": serve}[args.command]
         command(args)

@@ -575,10 +575,11 @@ def target_modules(model: nn.Module, component: str, targets: str | Sequence[str
 
 
 def add_adapters(model: nn.Module, component: str, modules: Sequence[str], rank: int, alpha: float,
-                 key: mx.array) -> LoRAScales:
+                 key: mx.array, scales: LoRAScales | None = None) -> LoRAScales:
     """Attach one trainable float32 adapter of `rank` to each of `modules` (reference names, from
     `target_modules`), initialised as PEFT does (down uniform in +-1/sqrt(in), up zero), scaled alpha / rank.
-    Freezes everything else in `model`; returns the shared scales."""
+    Freezes everything else in `model`; returns the shared scales. With `scales` (those of adapters added
+    before), the new set is appended to them as adapter `str(len(scales.values))` beside the earlier ones."""
     if rank < 1:
         raise ValueError(f"LoRA rank must be at least 1, got {rank}.")
     to_ours = _to_ours(model, component)
@@ -587,7 +588,9 @@ def add_adapters(model: nn.Module, component: str, modules: Sequence[str], rank:
     for module in modules:
         path, index, count = to_ours(module)
         parts.setdefault(path, (count, set()))[1].add(index)
-    scales = LoRAScales([alpha / rank])
+    scales = scales if scales is not None else LoRAScales()
+    name = str(len(scales.values))
+    scales.values.append(alpha / rank)
     adapted = {}
     for (path, (count, chosen)), layer_key in zip(parts.items(), mx.random.split(key, len(parts))):
         out, inputs = _layer_dims(layers[path])
@@ -595,11 +598,11 @@ def add_adapters(model: nn.Module, component: str, modules: Sequence[str], rank:
         down = mx.random.uniform(-bound, bound, (count * rank, inputs), key=layer_key)
         mask = mx.repeat(mx.array([float(i in chosen) for i in range(count)]), rank)[:, None]
         adapter = {"down": down * mask, "up": mx.zeros((count, out // count, rank))}
-        adapted[path] = _adapted(layers[path], {"0": adapter}, scales)
+        adapted[path] = _adapted(layers[path], {name: adapter}, scales)
     model.update_modules(tree_unflatten(list(adapted.items())))
     model.freeze()
     for layer in adapted.values():
-        layer.unfreeze(keys=[k for k, _ in tree_flatten({"lora": layer["lora"]})], recurse=False)
+        layer.unfreeze(keys=[k for k, _ in tree_flatten({"lora": {name: layer["lora"][name]}})], recurse=False)
     return scales
 
 
