@@ -32,13 +32,18 @@ from .t5 import T5_XXL, T5Config, T5Encoder, keeps_float32
 from .vae import Autoencoder, VAEConfig
 
 GB = 1e9
-CPU_VAE_BYTES_PER_PIXEL = 30_800  # measured: float32 decode on MLX's CPU backend, 128 to 384 pixels square
+# measured: float32 decode on MLX's CPU backend at 128 pixels square, its stride-1 convolutions as nine BLAS
+# matmuls (about 2.4 GB at 512 pixels square; MLX's own unfolding convolutions took 30.8 KB per pixel)
+CPU_VAE_BYTES_PER_PIXEL = 9_950
 # fitted: float16, 512 (tiles) and 1024 pixels square; the per-pixel cost then raised by the 1024x1024 decode's
 # growth (+1.0 GiB) when GroupNorm started to gather each group contiguously (a float32 copy per norm)
 GPU_VAE_BYTES_PER_PIXEL, GPU_VAE_FIXED = 5_360, 0.55e9
 # float32 activations per token and hidden unit at the block peak: measured on the CPU (attention one head at a
 # time), fitted on a GPU (fused attention) together with GPU_PENDING_BUFFERS
-CPU_TRANSFORMER_VECTORS, GPU_TRANSFORMER_VECTORS = 13, 10
+CPU_TRANSFORMER_VECTORS, GPU_TRANSFORMER_VECTORS = 16, 10
+# CPU: float32 copies of one head's attention scores alive at once in the compiled softmax (cpu_ops), fitted with
+# CPU_TRANSFORMER_VECTORS to measured steps at 256 and 512 pixels square (within 1.3%)
+CPU_SCORE_COPIES = 2.5
 GPU_PENDING_BUFFERS = 0.75e9  # fitted: freed buffers whose command batch has not completed yet
 
 
@@ -135,7 +140,7 @@ def estimate(
     tokens = (height // patch) * (width // patch)
     seq = tokens + 77 + max_sequence_length
     batch = images * (2 if cfg else 1)
-    overhead = GPU_PENDING_BUFFERS if gpu else batch * seq**2 * 4  # CPU: one head's scores
+    overhead = GPU_PENDING_BUFFERS if gpu else batch * seq**2 * 4 * CPU_SCORE_COPIES  # CPU: one head's scores
     vectors = GPU_TRANSFORMER_VECTORS if gpu else CPU_TRANSFORMER_VECTORS
     denoise_act = batch * vectors * seq * d * act + int(overhead)
     model = MMDiT(transformer)
