@@ -408,6 +408,15 @@ class LoRAScales:
         self.values = list(values)
 
 
+def dense_up(up: mx.array) -> mx.array:
+    """An adapter's up matrix (out, R). Trainable adapters (`add_adapters`) keep one up per part of a fused layer,
+    (parts, out / parts, r): they act block-diagonally, part i's rows on its own r columns of down."""
+    if up.ndim == 2:
+        return up
+    parts, _, r = up.shape
+    return mx.concatenate([mx.pad(up[i], [(0, 0), (i * r, (parts - 1 - i) * r)]) for i in range(parts)])
+
+
 class _Adapted:
     """Mixed into a linear layer class: its output plus sum_i scale_i * up_i (down_i x) over its adapters,
     stored in `self.lora` = {str(LoRA position): {"down": (R, in), "up": (out, R)}}. The up product and the sum
@@ -420,14 +429,14 @@ class _Adapted:
         for key, adapter in self["lora"].items():
             scale = self.lora_scales.values[int(key)]
             if scale != 0:
-                y = mx.addmm(y, x @ adapter["down"].T, adapter["up"].T, alpha=scale)
+                y = mx.addmm(y, x @ adapter["down"].T, dense_up(adapter["up"]).T, alpha=scale)
         return y
 
     def delta_weight(self) -> mx.array:
         """sum_i scale_i * up_i @ down_i, float32."""
         total = mx.zeros(_layer_dims(self))
         for key, adapter in self["lora"].items():
-            up, down = (adapter[k].astype(mx.float32) for k in ("up", "down"))
+            up, down = dense_up(adapter["up"]).astype(mx.float32), adapter["down"].astype(mx.float32)
             total = total + self.lora_scales.values[int(key)] * (up @ down)
         return total
 

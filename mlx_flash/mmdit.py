@@ -242,9 +242,10 @@ class FeedForward(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, 4 * dim)
         self.fc2 = nn.Linear(4 * dim, dim)
+        self.fast = True  # cpu_ops' tanh where it applies; off in training (its backward keeps every term)
 
     def __call__(self, x: mx.array) -> mx.array:
-        gelu = cpu_ops.gelu_approx if fast_path(x) else nn.gelu_approx  # MLX's CPU tanh is slow
+        gelu = cpu_ops.gelu_approx if self.fast and fast_path(x) else nn.gelu_approx  # MLX's CPU tanh is slow
         return self.fc2(gelu(self.fc1(x)))
 
 
@@ -341,6 +342,8 @@ class MMDiT(nn.Module):
         for module in self.modules():
             if isinstance(module, Attention):
                 module.per_head = not training
+            elif isinstance(module, FeedForward):
+                module.fast = not training
 
     def modulation(self, timesteps: mx.array, pooled: mx.array) -> list:
         """Every adaLN vector of a forward pass (per block, then the output norm's scale and shift). They depend
