@@ -221,9 +221,11 @@ def test_loras_served_by_name_equal_the_api(tmp_path):
     detail = save_digits_lora(tmp_path / "detail.safetensors", 1)
     prompt, body = "a handwritten digit five", {"size": "64x64", "seed": 3}
 
-    def api(loras, **kwargs) -> np.ndarray:
+    def api(loras, **kwargs) -> tuple[np.ndarray, dict]:
+        """The in-process API's image and metadata with `loras` (and no other) loaded."""
         pipe = load_pipeline(MODEL, loras=loras)
-        return np.asarray(pipe.generate(prompt, seed=3, progress=False, **kwargs)[0])
+        result = pipe.run(pipe.request(prompt, seed=3, **kwargs))
+        return np.asarray(result.images[0]), json.loads(json.dumps(result.metadata(0)))
 
     with running_server(options=ModelOptions(loras=((str(style), 1.0), (str(detail), 0.5)))) as served:
         answers = {}
@@ -250,12 +252,48 @@ def test_loras_served_by_name_equal_the_api(tmp_path):
 
     expected = {"start scales": [(style, 1.0), (detail, 0.5)], "style at 0.7": [(style, 0.7)], "none": [],
                 "detail as text": [(detail, 0.25)]}
-    for case, loras in expected.items():
-        assert np.array_equal(pixels(answers[case]), api(loras)), case
-    assert np.array_equal(pixels(answers["edit"]), api([(style, 0.7)], image=Image.fromarray(source)))
+    for case, loras in expected.items():  # each request ran on a pipeline with its own LoRA set, as the API's
+        image, metadata = api(loras)
+        assert np.array_equal(pixels(answers[case]), image), case
+        assert read_metadata_bytes(answers[case]) == metadata, case
+    assert np.array_equal(pixels(answers["edit"]), api([(style, 0.7)], image=Image.fromarray(source))[0])
     assert not np.array_equal(pixels(answers["style at 0.7"]), pixels(answers["none"]))  # the LoRA changes pixels
-    assert read_metadata_bytes(answers["style at 0.7"])["loras"] == [
-        {"source": str(style), "scale": 0.7}, {"source": str(detail), "scale": 0.0}]
+    assert read_metadata_bytes(answers["style at 0.7"])["loras"] == [{"source": str(style), "scale": 0.7}]
+
+
+def test_pipelines_kept_by_lora_set_within_the_memory_budget(tmp_path, monkeypatch):
+    """One pipeline per LoRA set, its LoRAs rescaled per request without reloading; with a budget for only some of
+    them, the least recently used is dropped before the next runs and its memory returned."""
+    import weakref
+
+    import mlx.core as mx
+
+    files = {name: str(save_digits_lora(tmp_path / f"{name}.safetensors", seed))
+             for seed, name in enumerate(["style", "detail"])}
+    pool = ModelPool([MODEL], ModelOptions(low_memory=False, loras=((files["style"], 1.0), (files["detail"], 0.5))))
+    request = pool.pipeline(MODEL).request("a handwritten digit five", seed=3)
+    sets = {"none": (), "style": (("style", 1.0),), "both": (("style", 0.7), ("detail", 0.5))}
+    pipes = {}
+    for case, loras in sets.items():
+        pipes[case] = pool.acquire(MODEL, loras, request)
+        pipes[case].run(request)
+    assert [key.loras for key in pool.loaded] == [(), ("style",), ("style", "detail")]
+    assert [pipes[case].loras.sources for case in sets] == [[], [files["style"]], [files["style"], files["detail"]]]
+    assert pool.acquire(MODEL, (("style", 0.25),), request) is pipes["style"]  # rescaled, not reloaded
+    assert pipes["style"].loras.scales.values == [0.25] and pipes["style"]._transformer is not None
+    assert [key.loras for key in pool.loaded] == [(), ("style", "detail"), ("style",)]
+
+    detail = (("detail", 0.5),)
+    key = pool.key(MODEL, detail)
+    need = pool._need(key, pool.pipeline(MODEL, detail), request)
+    kept = {loras: pool._kept(pool.key(MODEL, sets[case])) for case, loras in [("both", 2), ("style", 1)]}
+    monkeypatch.setattr("mlx_flash.server.models.memory_budget", lambda: kept[1] + kept[2] + need)
+    transformer, dropped = weakref.ref(pipes.pop("none")._transformer), pool._kept(pool.key(MODEL))
+    active = mx.get_active_memory()
+    pool.acquire(MODEL, detail, request)
+    assert [key.loras for key in pool.loaded] == [("style", "detail"), ("style",), ("detail",)]
+    freed = active - mx.get_active_memory()
+    assert transformer() is None and mx.get_cache_memory() == 0 and freed > 0.9 * dropped
 
 
 def square_mask(transparent: bool) -> Image.Image:

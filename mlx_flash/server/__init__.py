@@ -22,8 +22,7 @@ def serve(models: list[str], *, host: str = "127.0.0.1", port: int = 8080, limit
     if not 0 <= port <= 65535:
         raise ValueError(f"--port must be from 0 to 65535 (0: any free port), got {port}.")
     pool = ModelPool(models, options)
-    for name in pool.names:  # unknown or incomplete models fail now, not at the first request
-        pool.pipeline(name)
+    pool.check()
     try:
         server = ImageServer((host, port), pool, limits=limits, max_queue=max_queue, preview_every=preview_every)
     except OSError as err:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable
+from typing import Callable, Hashable
 
 import mlx.core as mx
 import numpy as np
@@ -30,10 +30,11 @@ class Cancelled(Exception):
     """The job was cancelled before its images were made."""
 
 
-def prepare(pipe: Pipeline, spec: ImageSpec, fits: set[tuple] | None = None) -> GenerationRequest:
+def prepare(pipe: Pipeline, spec: ImageSpec, fits: set[tuple] | None = None, key: Hashable = None
+            ) -> GenerationRequest:
     """`spec` resolved against the model and checked (size, memory, every field) before it is queued: ApiError
-    400 with the pipeline's one-line reason. `fits` remembers the shapes whose memory check passed (the check
-    reads every component's config and weight headers: tens of milliseconds)."""
+    400 with the pipeline's one-line reason. `fits` remembers the shapes (of pipeline `key`) whose memory check
+    passed (the check reads every component's config and weight headers: tens of milliseconds)."""
     if spec.sampler is not None and spec.sampler not in SAMPLERS:
         raise ApiError(400, f"unknown sampler {spec.sampler!r}; use one of {', '.join(SAMPLERS)}.", param="sampler")
     defaults = pipe.sampling_defaults()
@@ -51,7 +52,7 @@ def prepare(pipe: Pipeline, spec: ImageSpec, fits: set[tuple] | None = None) -> 
             guidance_scale=spec.guidance, height=spec.height, width=spec.width, seed=spec.seed, image=spec.image,
             strength=spec.strength, num_images=spec.n, sampler=spec.sampler, mask=spec.mask, mask_blur=spec.mask_blur,
             padding_mask_crop=spec.padding_mask_crop)
-        shape = (id(pipe), request.height, request.width, request.batch, request.cfg, request.max_sequence_length)
+        shape = (key, request.height, request.width, request.batch, request.cfg, request.max_sequence_length)
         if fits is None or shape not in fits:
             pipe.plan_memory(request)
             if fits is not None:

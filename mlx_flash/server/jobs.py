@@ -178,7 +178,8 @@ class Worker:
 
     def _prepare(self, spec: ImageSpec) -> GenerationRequest:
         """On the checker's thread: the model's pipeline (made there when first asked for) checks `spec`."""
-        return engine.prepare(self.pool.pipeline(spec.model), spec, self._fits)
+        return engine.prepare(self.pool.pipeline(spec.model, spec.loras), spec, self._fits,
+                              self.pool.key(spec.model, spec.loras))
 
     def _queue_full(self) -> ApiError:
         retry = max(1, round(self._seconds * (self.waiting + 1)))
@@ -268,8 +269,7 @@ class Worker:
             job.publish("preview", {"step": job.step, "image": preview_url(image)})
 
         try:
-            pipe = self.pool.acquire(job.spec.model)
-            self.pool.set_lora_scales(job.spec.model, job.spec.loras)
+            pipe = self.pool.acquire(job.spec.model, job.spec.loras, job.request)
             result = engine.run(pipe, job.request, on_step=on_step, cancel=job.cancel, preview_every=self.preview_every,
                                 on_preview=on_preview if job.previews and self.preview_every else None)
             job.metadata = [result.metadata(i) for i in range(len(result.images))]
