@@ -509,43 +509,87 @@ def test_host_cors_and_routes(server):
 
 # The web page ----------------------------------------------------------------------------------------------
 
-def test_web_page_in_headless_chromium(server, reference):
+def browser_or_skip() -> Chromium:
     executable = find_chromium()
     if executable is None:
         if os.environ.get("CI") == "true":
             pytest.fail("chromium is not installed; .ci/run installs Debian's chromium package (apt-get install -y "
                         "chromium) for this test.")
         pytest.skip("chromium is not installed (apt-get install -y chromium); CI installs it and runs this test.")
-    browser = Chromium(executable)
+    return Chromium(executable)
+
+
+def open_page(browser: Chromium, server) -> None:
+    """The server's page, with the API key typed in and the models listed."""
+    browser.navigate(server.url + "/")
+    browser.wait_for("document.readyState === 'complete' && document.getElementById('key') !== null")
+    browser.evaluate("document.getElementById('key').focus()")
+    browser.type(KEY)
+    browser.evaluate("document.getElementById('key').dispatchEvent(new Event('change'))")
+    browser.wait_for(f"document.getElementById('model').value === '{MODEL}'")
+
+
+def generate_in_page(browser: Chromium, prompt: str, seed: int) -> dict:
+    """Type a seed and a prompt, click Generate, wait for the gallery's image: what the page then shows."""
+    browser.evaluate("document.getElementById('seed').focus()")
+    browser.type(str(seed))
+    browser.evaluate("document.getElementById('prompt').focus()")
+    browser.type(prompt)
+    browser.evaluate("document.getElementById('generate').click()")
+    browser.wait_for("(i => i && i.complete && i.naturalWidth)(document.querySelector('#gallery img'))", 120)
+    shown = browser.evaluate("""(() => {
+        const img = document.querySelector('#gallery img'), canvas = document.createElement('canvas');
+        canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+        const context = canvas.getContext('2d'); context.drawImage(img, 0, 0);
+        return {seed: img.dataset.seed, status: document.getElementById('status').textContent,
+                preview: document.getElementById('preview').src.slice(0, 23),
+                caption: document.querySelector('#gallery figcaption').textContent,
+                download: document.querySelector('#gallery a').download,
+                rgba: Array.from(context.getImageData(0, 0, canvas.width, canvas.height).data)};
+    })()""")
+    shown["rgb"] = np.array(shown.pop("rgba"), np.uint8).reshape(64, 64, 4)[..., :3]
+    return shown
+
+
+def test_web_page_in_headless_chromium(server, reference):
+    browser = browser_or_skip()
     try:
-        browser.navigate(server.url + "/")
-        browser.wait_for("document.readyState === 'complete' && document.getElementById('key') !== null")
-        browser.evaluate("document.getElementById('key').focus()")
-        browser.type(KEY)
-        browser.evaluate("document.getElementById('key').dispatchEvent(new Event('change'))")
-        browser.wait_for(f"document.getElementById('model').value === '{MODEL}'")
-        browser.evaluate("document.getElementById('seed').focus()")
-        browser.type("42")
-        browser.evaluate("document.getElementById('prompt').focus()")
-        browser.type("a handwritten digit three")
-        browser.evaluate("document.getElementById('generate').click()")
-        browser.wait_for("(i => i && i.complete && i.naturalWidth)(document.querySelector('#gallery img'))", 120)
-        shown = browser.evaluate("""(() => {
-            const img = document.querySelector('#gallery img'), canvas = document.createElement('canvas');
-            canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
-            const context = canvas.getContext('2d'); context.drawImage(img, 0, 0);
-            return {seed: img.dataset.seed, status: document.getElementById('status').textContent,
-                    preview: document.getElementById('preview').src.slice(0, 23),
-                    caption: document.querySelector('#gallery figcaption').textContent,
-                    download: document.querySelector('#gallery a').download,
-                    rgba: Array.from(context.getImageData(0, 0, canvas.width, canvas.height).data)};
-        })()""")
+        open_page(browser, server)
+        assert browser.evaluate("document.getElementById('loras').hidden")  # this server has no LoRAs
+        shown = generate_in_page(browser, "a handwritten digit three", 42)
     finally:
         browser.close()
     assert shown["seed"] == "42" and shown["status"] == "succeeded" and shown["download"] == "mlx-flash-42.png"
     assert "a handwritten digit three" in shown["caption"] and shown["preview"] == "data:image/jpeg;base64,"
-    rgb = np.array(shown["rgba"], np.uint8).reshape(64, 64, 4)[..., :3]
-    assert np.array_equal(rgb, reference("a handwritten digit three", 42)[0])
+    assert np.array_equal(shown["rgb"], reference("a handwritten digit three", 42)[0])
+
+
+def test_web_page_loras_in_headless_chromium(tmp_path):
+    """The page lists the served LoRAs at their start scales; the ticked ones, at the scales typed, are sent with
+    the request and shown in the gallery's settings."""
+    style = save_digits_lora(tmp_path / "style.safetensors", 0)
+    detail = save_digits_lora(tmp_path / "detail.safetensors", 1)
+    browser = browser_or_skip()
+    try:
+        with running_server(options=ModelOptions(loras=((str(style), 1.0), (str(detail), 0.5)))) as served:
+            open_page(browser, served)
+            listed = browser.wait_for("""(() => { const rows = [...document.querySelectorAll('#loras .lora')];
+                return rows.length && rows.map((r) => [r.children[1].textContent, r.children[0].checked,
+                                                        r.children[2].value]); })()""")
+            browser.evaluate("document.querySelector('[data-lora=detail]').click()")  # untick detail
+            browser.evaluate("(e => { e.value = ''; e.focus(); })(document.querySelector('[data-scale=style]'))")
+            browser.type("0.7")
+            shown = generate_in_page(browser, "a handwritten digit five", 42)
+            _, _, served_loras = call(served, "GET", "/sdapi/v1/loras")
+    finally:
+        browser.close()
+    assert listed == [["style", True, "1"], ["detail", True, "0.5"]]
+    assert served_loras == [{"name": "style", "alias": "style", "scale": 1.0}, {"name": "detail", "alias": "detail",
+                                                                          "scale": 0.5}]
+    assert shown["status"] == "succeeded" and "LoRA style 0.7" in shown["caption"] and "detail" not in shown["caption"]
+    pipe = load_pipeline(MODEL, loras=[(style, 0.7)])
+    expected = np.asarray(pipe.generate("a handwritten digit five", seed=42, progress=False)[0])
+    assert np.array_equal(shown["rgb"], expected)
 
 
 # The command -----------------------------------------------------------------------------------------------

@@ -382,6 +382,12 @@ def samplers(h: Handler) -> None:
     h.send_json(200, [{"name": name, "aliases": [], "options": {}} for name in SAMPLERS])
 
 
+@route("GET", "/sdapi/v1/loras")
+def loras(h: Handler) -> None:
+    """The LoRAs the server was started with (A1111's route; no file paths), each with its start scale."""
+    h.send_json(200, [{"name": name, "alias": name, "scale": scale} for name, scale in h.server.pool.loras.items()])
+
+
 @route("GET", "/sdapi/v1/options")
 def get_options(h: Handler) -> None:
     h.send_json(200, h.server.checkpoint.options())
