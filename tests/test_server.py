@@ -476,6 +476,24 @@ def test_bad_request(server, body, status, message):
     assert set(answer["error"]) == {"message", "type", "param", "code"}
 
 
+def test_size_beyond_the_memory_budget(monkeypatch):
+    """A size the memory guard refuses: 400 naming the need, the budget and the nearest size that fits."""
+    from mlx_flash.memory import required_bytes
+
+    pipe = load_pipeline(MODEL)
+    budget = required_bytes(pipe.estimate_memory(32, 32, images=10), pipe.low_memory) + 1
+    monkeypatch.setattr("mlx_flash.memory.memory_budget", lambda: budget)
+    with running_server() as small:
+        status, _, answer = call(small, "POST", "/v1/images/generations", {**GOOD, "n": 10, "size": "64x64"})
+        assert status == 400 and answer["error"]["param"] == "size", answer
+        message = answer["error"]["message"]
+        assert f"but {budget / 1e9:.1f} GB are available; the nearest size that works is " in message, message
+        nearest = message.rsplit(" ", 1)[1].rstrip(".")
+        assert nearest in ("32x32", "48x48")  # 48 when a tiled decode makes it fit
+        status, _, answer = call(small, "POST", "/v1/images/generations", {**GOOD, "n": 10, "size": nearest})
+        assert status == 200 and len(answer["data"]) == 10, answer
+
+
 def test_fifty_megabyte_body_is_refused(server):
     status, _, answer = call(server, "POST", "/v1/images/generations", b" " * (50 * 2**20),
                              {"Content-Type": "application/json"})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import replace
 from typing import Callable, Hashable
 
 import mlx.core as mx
@@ -57,9 +58,26 @@ def prepare(pipe: Pipeline, spec: ImageSpec, fits: set[tuple] | None = None, key
             pipe.plan_memory(request)
             if fits is not None:
                 fits.add(shape)
-    except (ValueError, MemoryError) as err:
+    except MemoryError as err:
+        raise ApiError(400, memory_advice(pipe, request, str(err)), param="size") from None
+    except ValueError as err:
         raise ApiError(400, str(err)) from None
     return request
+
+
+def memory_advice(pipe: Pipeline, request: GenerationRequest, reason: str) -> str:
+    """The memory guard's reason, with the largest size of the same shape that fits (the request's terms rather
+    than the command line's)."""
+    multiple, (height, width) = pipe.sampling_defaults().multiple, (request.height, request.width)
+    for side in range(max(height, width) - multiple, multiple - 1, -multiple):
+        h, w = (max(multiple, round(x * side / max(height, width) / multiple) * multiple) for x in (height, width))
+        try:
+            pipe.plan_memory(replace(request, height=h, width=w))
+        except MemoryError:
+            continue
+        return f"{reason.split('; ')[0]}; the nearest size that works is {w}x{h}."
+    fewer = "; send fewer images" if request.batch > 1 else ""
+    return f"{reason.split('; ')[0]}; no size fits this server's memory{fewer}."
 
 
 def nearest_size(width: int, height: int, multiple: int, largest: int) -> tuple[int, int]:
