@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from .. import __version__
 from . import a1111, openai_api
 from . import spec as fields
+from .cluster import Cluster
 from .engine import SAMPLERS
 from .errors import ApiError
 from .jobs import FINISHED, Job, Worker
@@ -50,12 +51,12 @@ class ImageServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], pool: ModelPool, *, limits: Limits = Limits(), max_queue: int = 8,
-                 preview_every: int = 1):
+                 preview_every: int = 1, cluster: Cluster | None = None):
         self.pool, self.limits = pool, limits
         self.checkpoint = a1111.Checkpoint(pool)
         self.loopback = address[0] == "localhost" or _is_loopback(address[0])
         super().__init__(address, Handler)
-        self.worker = Worker(pool, max_queue, preview_every)
+        self.worker = Worker(pool, max_queue, preview_every, cluster)
         self._active = 0  # requests being answered
         self._idle = threading.Condition()
 
