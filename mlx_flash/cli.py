@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     distill_cli.add_arguments(commands.add_parser("distill", help="distil a model into a 1-4 step student "
                                                                   "(SD3.5-Flash's method)"))
+    commands.add_parser("launch", help="mlx-flash launch [mlx.launch options] COMMAND ...: run a command on every "
+                                       "rank of an mlx.launch job, exiting non-zero when a rank fails")
     return parser
 
 
@@ -458,6 +460,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         ensure_openblas()
     try:
+        line = sys.argv[1:] if argv is None else argv
+        if line[:1] == ["launch"]:  # its options are mlx.launch's: passed on, not parsed here
+            from .launch import main as launch
+
+            return launch(line[1:])
         args = build_parser().parse_args(argv)
         logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                             format="%(message)s")
