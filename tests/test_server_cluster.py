@@ -65,3 +65,26 @@ def test_two_ranks_serve_the_images_of_one_process():
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_a_job_travels_to_the_other_ranks_whole():
+    """What rank 0 sends: every field of the request, its images (img2img source, inpainting mask) pixel for pixel."""
+    import numpy as np
+    from PIL import Image
+
+    from mlx_flash.server.cluster import read_spec_message, spec_message
+    from mlx_flash.server.spec import ImageSpec
+
+    rng = np.random.default_rng(0)
+    source = Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    mask = Image.fromarray(rng.integers(0, 256, (48, 64), dtype=np.uint8))
+    spec = ImageSpec(model=MODEL, prompt="a digit", seed=5, n=3, negative_prompt="blur", width=64, height=48, steps=3,
+                     guidance=2.5, sampler="euler", image=source, strength=0.6, mask=mask, mask_blur=2.0,
+                     padding_mask_crop=8, loras=(("style", 0.7),), output_format="webp", compression=80)
+    back, shape = read_spec_message(spec_message(spec, (48, 64)))
+    assert shape == (48, 64)
+    for name in ("image", "mask"):
+        assert getattr(back, name).mode == getattr(spec, name).mode
+        assert np.array_equal(np.asarray(getattr(back, name)), np.asarray(getattr(spec, name)))
+    plain = {"image": None, "mask": None}
+    assert ImageSpec(**{**back.__dict__, **plain}) == ImageSpec(**{**spec.__dict__, **plain})
