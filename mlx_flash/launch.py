@@ -1,5 +1,5 @@
 """`mlx-flash launch [mlx.launch options] COMMAND ...`: MLX's launcher running `mlx-flash COMMAND ...` on every
-rank, exiting with the status of the first rank that failed. (`mlx.launch` itself exits 0 whatever its ranks do:
+rank, exiting with the status of the lowest rank that failed. (`mlx.launch` itself exits 0 whatever its ranks do:
 it only prints a warning for each that failed, which this reads.)"""
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ def exit_status(failures: dict[int, int | None]) -> int:
 
 
 def main(argv: list[str]) -> int:
+    if argv in (["-h"], ["--help"]):
+        print(__doc__.split("\n\n")[0])
+        return 0
     options, command = split(argv)
     launcher, program = shutil.which("mlx.launch"), shutil.which("mlx-flash")
     if launcher is None or program is None:
