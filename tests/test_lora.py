@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+import lora_maker
 from lora_maker import (
     CLIP_TARGETS,
     TRANSFORMER_TARGETS,
@@ -536,3 +537,28 @@ def test_cli_lora_metadata_and_from(tiny_pipeline_dir, clip_loras, tmp_path):
         result = run("generate", "a fox", *common, "--lora", bad, "--output", str(tmp_path / "c.png"))
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 1 and len(lines) == 1 and message in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("style", ["diffusers", "kohya", "comfy"])
+def test_patch_embedding_convolution_lora(medium_loras, tmp_path, style):
+    """A LoRA on the patch embedding's convolution (Hyper-SD3's files carry one): peft's conv adapter, loaded by
+    diffusers, against ours unfused and fused, in the diffusers and the Stability namings."""
+    _, path, _, config = medium_loras
+    made = add_adapter(SD3Transformer2DModel.from_pretrained(path), "a", ["pos_embed.proj", "to_q", "to_k", "to_v", "proj_out"],
+                       5, 0.3, r=3, lora_alpha=6)
+    file = save_lora(tmp_path / "conv.safetensors", transformer=made)
+    x = inputs(config, seed=2)
+    ref = run_reference(diffusers_transformer(path, [file], [0.8]), x)
+    if style != "diffusers":
+        file = lora_maker.to_kohya(file, tmp_path / f"{style}.safetensors", config["num_layers"], style=style)
+    model, _ = ours_with(path, [file], [0.8])
+    assert isinstance(model.pos_embed.proj, lora.LoRAPatchConv2d)
+    unfused = run_ours(model, x)
+    adapter = model.pos_embed.proj["lora"]["0"]
+    kept, adapter["up"] = adapter["up"], mx.zeros_like(adapter["up"])
+    assert rel(run_ours(model, x), ref) > 0.01  # the convolution's adapter matters
+    adapter["up"] = kept
+    lora.fuse_loras(model)
+    fused = run_ours(model, x)
+    assert rel(unfused, ref) <= 1e-5 and rel(fused, ref) <= 1e-5
+    assert not lora.lora_layers(model)
