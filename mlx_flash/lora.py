@@ -106,24 +106,25 @@ class LoRAFile:
     unknown: list[str] = field(default_factory=list)  # keys of no known naming
 
 
-def parse_lora_arg(text: str) -> tuple[str, float]:
-    """`PATH_OR_REPO_FILE[:SCALE]` (the CLI's --lora) -> (source, scale); scale 1 when not given."""
+def parse_scaled_arg(text: str, kind: str = "LoRA") -> tuple[str, float]:
+    """`SOURCE[:SCALE]` (the CLI's --lora and --controlnet) -> (source, scale); scale 1 when not given. ValueError
+    naming the `kind` and source when the scale is not a number."""
     source, sep, tail = text.rpartition(":")
     if not sep or "/" in tail or not source:
         return text, 1.0
-    return source, check_scale(tail, source)
+    return source, check_scale(tail, source, kind)
 
 
-def check_scale(scale: object, source: str) -> float:
-    """A LoRA scale as a float; ValueError naming the LoRA unless it is a finite number."""
+def check_scale(scale: object, source: str, kind: str = "LoRA") -> float:
+    """A LoRA's (or a ControlNet's) scale as a float; ValueError naming it unless it is a finite number."""
     try:
         if isinstance(scale, bool):
             raise ValueError
         value = float(scale)
     except (TypeError, ValueError):
-        raise ValueError(f"LoRA {source}: scale {scale!r} is not a number; give e.g. {source}:0.8.") from None
+        raise ValueError(f"{kind} {source}: scale {scale!r} is not a number; give e.g. {source}:0.8.") from None
     if not math.isfinite(value):
-        raise ValueError(f"LoRA {source}: scale {scale!r} is not finite; give a number such as 0.8.")
+        raise ValueError(f"{kind} {source}: scale {scale!r} is not finite; give a number such as 0.8.")
     return value
 
 

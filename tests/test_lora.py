@@ -361,13 +361,13 @@ def test_missing_file_and_pickles(tmp_path):
 @pytest.mark.parametrize("text", ["a.safetensors:abc", "a.safetensors:nan", "a.safetensors:"])
 def test_scale_not_a_number(text):
     with pytest.raises(ValueError) as err:
-        lora.parse_lora_arg(text)
+        lora.parse_scaled_arg(text)
     assert "scale" in _one_line(err)
 
 
 def test_scale_parsing():
-    assert lora.parse_lora_arg("dir/a.safetensors:0.5") == ("dir/a.safetensors", 0.5)
-    assert lora.parse_lora_arg("org/repo/a.safetensors") == ("org/repo/a.safetensors", 1.0)
+    assert lora.parse_scaled_arg("dir/a.safetensors:0.5") == ("dir/a.safetensors", 0.5)
+    assert lora.parse_scaled_arg("org/repo/a.safetensors") == ("org/repo/a.safetensors", 1.0)
     with pytest.raises(ValueError):
         lora.check_scale(True, "a")
 
@@ -533,8 +533,10 @@ def test_cli_lora_metadata_and_from(tiny_pipeline_dir, clip_loras, tmp_path):
     from PIL import Image
 
     assert Image.open(tmp_path / "a.png").tobytes() == Image.open(tmp_path / "b.png").tobytes()
-    for bad, message in ((f"{files[0]}:abc", "is not a number"), (str(tmp_path / "none.safetensors"), "no such file")):
-        result = run("generate", "a fox", *common, "--lora", bad, "--output", str(tmp_path / "c.png"))
+    for option, bad, message in (("--lora", f"{files[0]}:abc", "is not a number"),
+                                 ("--lora", str(tmp_path / "none.safetensors"), "no such file"),
+                                 ("--controlnet", "net:strong", "ControlNet net: scale 'strong' is not a number")):
+        result = run("generate", "a fox", *common, option, bad, "--output", str(tmp_path / "c.png"))
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 1 and len(lines) == 1 and message in lines[0], result.stderr
 
