@@ -76,10 +76,8 @@ def plan_memory(request: GenerationRequest, estimate: Estimator, *, low_memory: 
     with_nets = {"controlnets": True} if request.control_images else {}
 
     def need(low_memory: bool = low_memory, h: int = height, w: int = width, **changes) -> int:
-        stages = estimate(h, w, images, cfg, request.max_sequence_length, steps, **with_nets, **changes)
-        if low_memory:
-            return max(s.peak for s in stages)
-        return sum(s.weights for s in stages) + max(s.activations for s in stages)
+        return memory.required_bytes(estimate(h, w, images, cfg, request.max_sequence_length, steps, **with_nets,
+                                              **changes), low_memory)
 
     required = need()
     if required <= budget:
