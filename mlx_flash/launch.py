@@ -9,18 +9,27 @@ import shutil
 import subprocess
 import sys
 
-COMMANDS = ("generate", "serve", "info", "models", "convert", "train", "distill")
 # What mlx.launch (MLX 0.32) prints on stderr for a rank that failed.
 RANK_FAILED = re.compile(r"Node with rank (\d+) (?:exited with code (-?\d+)|was killed)")
 
 
 def split(argv: list[str]) -> tuple[list[str], list[str]]:
     """(mlx.launch's options, the mlx-flash command line): the command starts at the first command name."""
-    start = next((i for i, arg in enumerate(argv) if arg in COMMANDS), None)
+    commands = _commands()
+    start = next((i for i, arg in enumerate(argv) if arg in commands), None)
     if start is None:
-        raise ValueError(f"launch needs an mlx-flash command ({', '.join(COMMANDS)}) after mlx.launch's options, "
+        raise ValueError(f"launch needs an mlx-flash command ({', '.join(commands)}) after mlx.launch's options, "
                          "e.g. mlx-flash launch -n 2 --backend ring generate --prompt-file job.jsonl.")
     return argv[:start], argv[start:]
+
+
+def _commands() -> list[str]:
+    """The mlx-flash commands a rank can run: the CLI's, but launch itself."""
+    from .cli import build_parser
+
+    parser = build_parser()
+    choices = next(a.choices for a in parser._subparsers._group_actions if a.choices)
+    return [name for name in choices if name != "launch"]
 
 
 def exit_status(failures: dict[int, int | None]) -> int:

@@ -110,6 +110,7 @@ def estimate(
     adapters: Mapping[str, int] | None = None,
     controlnets: Sequence[ControlNetConfig] = (),
     device: mx.Device | None = None,
+    low_memory: bool = True,
 ) -> list[StageEstimate]:
     """Peak bytes of the text-encoder, transformer and VAE-decoder stages of one `generate` call.
 
@@ -118,7 +119,9 @@ def estimate(
     weights are freed before the transformer blocks load (few-step runs in low-memory mode). `controlnets` run
     in the transformer stage: their weights (quantized like the transformer's) and their residuals, one image
     stream per block, held while the transformer runs (each ControlNet runs before it, within its peak). `adapters`: bytes of
-    the unfused LoRA adapters per component ("transformer", "text_encoder", ...), added to its weights."""
+    the unfused LoRA adapters per component ("transformer", "text_encoder", ...), added to its weights. The text
+    encoders run one at a time with `low_memory` (the stage is the encoder of the largest peak), else all stay
+    loaded (the stage holds every encoder's weights and the largest activations)."""
     adapters = adapters or {}
     gpu = (device or mx.default_device()) == mx.gpu
     prompts = images * (2 if cfg else 1)
@@ -158,8 +161,10 @@ def estimate(
     output = images * height * width * 3 * 4 * (2 if images == 1 else 3)  # images (joined) and a [0, 1] copy
     decode_act = per_pixel * pixels + int(fixed) + output  # one image at a time (Autoencoder.latents_to_image)
 
+    encoders = (max(text, key=lambda stage: stage.peak) if low_memory else
+                StageEstimate("text encoders", sum(s.weights for s in text), max(s.activations for s in text)))
     return [
-        max(text, key=lambda stage: stage.peak),
+        encoders,
         StageEstimate("transformer", denoise_weights, denoise_act),
         StageEstimate("vae decoder", vae_weights, decode_act),
     ]

@@ -15,6 +15,7 @@ from PIL import Image
 from ..callbacks import Cancel, Preview
 from ..denoise import Callback, GenerationStopped, StepState
 from ..image_io import numpy_to_pil
+from ..memory_plan import smaller_sizes
 from ..pipeline import Pipeline
 from ..request import GenerationRequest, GenerationResult, check_size
 from ..samplers import SAMPLERS
@@ -69,8 +70,7 @@ def memory_advice(pipe: Pipeline, request: GenerationRequest, reason: str) -> st
     """The memory guard's reason, with the largest size of the same shape that fits (the request's terms rather
     than the command line's)."""
     multiple, (height, width) = pipe.sampling_defaults().multiple, (request.height, request.width)
-    for side in range(max(height, width) - multiple, multiple - 1, -multiple):
-        h, w = (max(multiple, round(x * side / max(height, width) / multiple) * multiple) for x in (height, width))
+    for h, w in smaller_sizes(height, width, multiple):
         try:
             pipe.plan_memory(replace(request, height=h, width=w))
         except MemoryError:
