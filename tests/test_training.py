@@ -160,6 +160,54 @@ def test_trained_lora_loads_in_diffusers_with_the_same_images(tiny_pipeline_dir,
     assert metadata["transformer.r"] == 4 and "transformer_blocks.0.norm1.linear" in metadata["transformer.target_modules"]
 
 
+def test_text_encoder_lora_trains_and_loads_in_diffusers(tiny_pipeline_dir, image_folder, tmp_path):
+    """CLIP-L / CLIP-G adapters trained with the transformer's (embeddings computed in the step): the file loads
+    in diffusers' `load_lora_weights`, whose encode_prompt then gives what mlx-flash's text encoders with the file
+    give, and so do the images."""
+    from diffusers import StableDiffusion3Pipeline
+
+    path = finetune(tiny_config(tiny_pipeline_dir, image_folder, tmp_path / "te.safetensors", train_text_encoder=True,
+                                text_encoder_rank=2, text_encoder_alpha=4.0, text_encoder_learning_rate=3e-2),
+                    progress=False)
+    tensors = mx.load(str(path))
+    for component in ("text_encoder", "text_encoder_2"):
+        names = {k.split(".lora_")[0] for k in tensors if k.startswith(f"{component}.")}
+        layers = json.loads((tiny_pipeline_dir / component / "config.json").read_text())["num_hidden_layers"]
+        assert names == {f"{component}.text_model.encoder.layers.{i}.self_attn.{p}"
+                         for i in range(layers) for p in ("q_proj", "k_proj", "v_proj", "out_proj")}
+        assert tensors[f"{component}.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"].shape[0] == 2
+    metadata = json.loads(_header(path)["lora_adapter_metadata"])
+    assert (metadata["text_encoder.r"], metadata["text_encoder_2.lora_alpha"], metadata["transformer.r"]) == (2, 4.0, 4)
+
+    prompts = ["a red gradient", "a blue gradient, bright"]
+    reference = StableDiffusion3Pipeline.from_pretrained(tiny_pipeline_dir, dtype=torch.float32)
+    reference.set_progress_bar_config(disable=True)
+    settings = dict(do_classifier_free_guidance=False, max_sequence_length=32)
+    with torch.no_grad():
+        before = reference.encode_prompt(prompts, prompts, prompts, **settings)
+        reference.load_lora_weights(str(path))
+        expected = reference.encode_prompt(prompts, prompts, prompts, **settings)
+    ours = mlx_flash.load_pipeline(tiny_pipeline_dir, dtype="float32", low_memory=False, loras=[path])
+    got = ours.text_encoders.encode(prompts, do_cfg=False, max_sequence_length=32)
+    errors, effects = [], []
+    for i in (0, 2):  # embeds, pooled
+        errors.append(float(np.abs(expected[i].numpy() - np.array(got[i // 2])).max()))
+        effects.append(float(np.abs(expected[i].numpy() - before[i].numpy()).max()))
+    scale = max(float(np.abs(e.numpy()).max()) for e in (expected[0], expected[2]))
+    print(f"\ntext-encoder LoRA, diffusers vs mlx-flash encode_prompt: max abs error {max(errors):.2e} "
+          f"(outputs up to {scale:.2f}); the LoRA changes them by up to {min(effects):.3f}")
+    assert max(errors) <= 1e-5 * scale
+    assert min(effects) > 1e-2
+
+    latents = torch.randn((1, 16, HEIGHT // 8, WIDTH // 8), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(prompt=prompts[0], num_inference_steps=3, guidance_scale=3.0, height=HEIGHT, width=WIDTH)
+    image = reference(**kwargs, latents=latents, output_type="np").images
+    mine = ours.generate(**kwargs, latents=latents.numpy(), output_type="np", skip_layer_guidance=False,
+                         progress=False)
+    print(f"images: max abs error {np.abs(image - mine).max():.2e}")
+    assert np.abs(image - mine).max() <= TOLERANCE
+
+
 def _header(path) -> dict:
     import struct
 
