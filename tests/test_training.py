@@ -19,7 +19,7 @@ from mlx_flash.mmdit import MMDiT, MMDiTConfig
 from mlx_flash.quantization import is_quantized, quantized
 from mlx_flash.training import TrainConfig, Trainer, flow_loss, sample_sigmas
 from mlx_flash.training.data import bucket, read_folder
-from mlx_flash.training.finetune import FinetuneConfig, finetune
+from mlx_flash.training.finetune import FinetuneConfig, finetune, make_loss
 
 HEIGHT = WIDTH = 64
 TOLERANCE = 1e-3  # max abs error on [0, 1] images
@@ -166,9 +166,10 @@ def test_text_encoder_lora_trains_and_loads_in_diffusers(tiny_pipeline_dir, imag
     give, and so do the images."""
     from diffusers import StableDiffusion3Pipeline
 
-    path = finetune(tiny_config(tiny_pipeline_dir, image_folder, tmp_path / "te.safetensors", train_text_encoder=True,
-                                text_encoder_rank=2, text_encoder_alpha=4.0, text_encoder_learning_rate=3e-2),
-                    progress=False)
+    config = tiny_config(tiny_pipeline_dir, image_folder, tmp_path / "te.safetensors", train_text_encoder=True,
+                         text_encoder_rank=2, text_encoder_alpha=4.0, text_encoder_learning_rate=3e-2,
+                         validation_prompts=("a green gradient",), validate_every=2)
+    path = finetune(config, progress=False)
     tensors = mx.load(str(path))
     for component in ("text_encoder", "text_encoder_2"):
         names = {k.split(".lora_")[0] for k in tensors if k.startswith(f"{component}.")}
@@ -207,6 +208,16 @@ def test_text_encoder_lora_trains_and_loads_in_diffusers(tiny_pipeline_dir, imag
     print(f"images: max abs error {np.abs(image - mine).max():.2e}")
     assert np.abs(image - mine).max() <= TOLERANCE
 
+    # the last validation image: the transformer and encoders being trained, as the saved file gives them
+    shown = [p.name for p in sorted((config.folder / "validation").iterdir())]
+    assert shown == ["step-000002-0.png", "step-000004-0.png"]
+    last = Image.open(config.folder / "validation" / shown[-1])
+    assert json.loads(last.text["mlx_flash"])["training_step"] == 4
+    again = ours.run(ours.request(["a green gradient"], seed=0)).images[0]
+    difference = np.abs(np.asarray(last.convert("RGB"), dtype=np.int16) - np.asarray(again, dtype=np.int16)).max()
+    print(f"last validation image vs the saved LoRA's: max difference {difference}/255")
+    assert difference <= 1
+
 
 def _header(path) -> dict:
     import struct
@@ -225,10 +236,12 @@ class Interrupt:
             raise KeyboardInterrupt
 
 
-def test_resumed_run_gives_identical_weights(tiny_pipeline_dir, image_folder, tmp_path):
+@pytest.mark.parametrize("text_encoders", [False, True])
+def test_resumed_run_gives_identical_weights(tiny_pipeline_dir, image_folder, tmp_path, text_encoders):
     train = TrainConfig(steps=5, learning_rate=1e-2, warmup=2, accumulation=2, ema_decay=0.9, checkpoint_every=2,
                         seed=1)
-    extra = dict(train=train, flip=True, caption_dropout=0.2, batch_size=2)
+    extra = dict(train=train, flip=True, caption_dropout=0.2, batch_size=2, train_text_encoder=text_encoders,
+                 text_encoder_learning_rate=1e-2)
     whole = finetune(tiny_config(tiny_pipeline_dir, image_folder, tmp_path / "whole.safetensors", **extra),
                      progress=False)
     config = tiny_config(tiny_pipeline_dir, image_folder, tmp_path / "resumed.safetensors", **extra)
@@ -240,6 +253,7 @@ def test_resumed_run_gives_identical_weights(tiny_pipeline_dir, image_folder, tm
     resumed = finetune(config, resume=True, progress=False)
     a, b = mx.load(str(whole)), mx.load(str(resumed))
     assert a.keys() == b.keys() and len(a) > 0
+    assert any(k.startswith("text_encoder_2.") for k in a) == text_encoders
     assert all(np.array_equal(np.array(a[k]), np.array(b[k])) for k in a)
     steps = [json.loads(line)["step"] for line in (config.folder / "loss.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]
@@ -249,18 +263,19 @@ def test_resumed_run_gives_identical_weights(tiny_pipeline_dir, image_folder, tm
         finetune(other, resume=True, progress=False)
 
 
-def test_qlora_trains_and_applies_to_the_float_base(tmp_path):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qlora_trains_and_applies_to_the_float_base(tmp_path, bits):
     mx.random.seed(0)
     base = MMDiT(SMALL)
     mx.eval(base.parameters())
     float_weights = dict(tree_flatten(base.parameters()))
-    model = quantized(base, 4)
+    model = quantized(base, bits)
     assert is_quantized(model)
     modules = lora.target_modules(model, "transformer", lora.DREAMBOOTH_TARGETS + ("ff.net.2",))
     lora.add_adapters(model, "transformer", modules, 4, 8.0, mx.random.key(1))
     batch = batch_of(SMALL, size=4)
     losses = train(model, batch, 12, 1e-2)
-    print(f"\nQLoRA 4-bit: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    print(f"\nQLoRA {bits}-bit: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     assert losses[-1] < 0.8 * losses[0]
     path = lora.save_lora(tmp_path / "qlora.safetensors", lora.adapter_tensors(model, "transformer", modules),
                           {"transformer": lora.peft_config(modules, 4, 8.0)})
@@ -272,6 +287,43 @@ def test_qlora_trains_and_applies_to_the_float_base(tmp_path):
     with_lora = flow_loss(plain, *batch).item()
     print(f"float base: loss {without:.4f} without the LoRA, {with_lora:.4f} with it")
     assert with_lora < 0.9 * without
+
+
+def test_prior_preservation_in_one_pass_is_the_weighted_sum():
+    """DreamBooth's prior loss: instance and class batches of one size go through the model together (weighted
+    per image); the result is the instance loss plus prior_weight times the class loss."""
+    mx.random.seed(0)
+    model = MMDiT(SMALL)
+    instance, prior = batch_of(SMALL, seed=0), batch_of(SMALL, seed=1)
+    together = make_loss(model, 0.7)(instance, prior).item()
+    apart = flow_loss(model, *instance).item() + 0.7 * flow_loss(model, *prior).item()
+    assert abs(together - apart) <= 1e-6 * apart
+
+
+def test_text_encoder_training_memory_estimate():
+    """A trained CLIP's backward (LoRA on q/k/v/out, 77 tokens, CPU float32) against the estimator's."""
+    from dataclasses import replace
+
+    from mlx_flash import memory
+    from mlx_flash.clip import CLIP_G, CLIPTextModel
+
+    config = replace(CLIP_G, num_layers=4)
+    model = CLIPTextModel(config)
+    mx.eval(model.parameters())
+    lora.add_adapters(model, "text_encoder_2", lora.target_modules(model, "text_encoder_2",
+                                                                   lora.TEXT_ENCODER_TARGETS), 16, 16, mx.random.key(0))
+    ids = mx.array(np.random.default_rng(0).integers(0, 1000, (1, 77)), dtype=mx.int32)
+    grad = nn.value_and_grad(model, lambda ids: sum((x**2).mean() for x in model(ids)))
+    mx.eval(model.parameters(), ids)
+    mx.clear_cache()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    mx.eval(grad(ids))
+    measured = mx.get_peak_memory() - base
+    predicted = memory.clip_training_activations(config)
+    print(f"\nCLIP-G width, 4 layers, trained: activations measured {measured / 1e6:.1f} MB, predicted "
+          f"{predicted / 1e6:.1f} MB")
+    assert abs(predicted - measured) <= 0.15 * measured
 
 
 def test_bucket_sizes():
