@@ -66,15 +66,19 @@ def test_logit_normal_sigmas_are_shifted_sigmoids():
                        np.array(mx.sigmoid(0.5 + 2.0 * normal)), atol=1e-7)
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("mode", ["full", "lora", "lora-bfloat16"])
 def test_loss_decreases(mode):
     mx.random.seed(0)
     model = MMDiT(SMALL)
-    if mode == "lora":
+    if mode == "lora-bfloat16":  # a frozen bfloat16 base; the adapters are float32
+        model.set_dtype(mx.bfloat16)
+    if mode.startswith("lora"):
         modules = lora.target_modules(model, "transformer", ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2"])
         lora.add_adapters(model, "transformer", modules, 4, 4.0, mx.random.key(1))
     model.set_training(True)
-    losses = train(model, batch_of(SMALL), 12, 1e-2 if mode == "lora" else 3e-3)
+    losses = train(model, batch_of(SMALL), 12, 3e-3 if mode == "full" else 1e-2)
+    if mode == "lora-bfloat16":
+        assert all(v.dtype == mx.float32 for _, v in tree_flatten(model.trainable_parameters()))
     print(f"\n{mode}: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     assert losses[-1] < 0.8 * losses[0]
 
@@ -380,6 +384,10 @@ def test_cli_train_and_its_errors(tiny_pipeline_dir, image_folder, tmp_path, cap
     assert ".safetensors" in capsys.readouterr().err
     assert main([*args, "--full", "--quantize", "4", "--force"]) == 1
     assert "cannot train a quantized base" in capsys.readouterr().err
+    assert main([*args, "--full", "--train-text-encoder", "--force"]) == 1
+    assert "drop --full, or drop --train-text-encoder" in capsys.readouterr().err
+    assert main([*args, "--train-text-encoder", "--text-encoder-learning-rate", "0", "--force"]) == 1
+    assert "text-encoder learning rate must be positive" in capsys.readouterr().err
 
 
 def test_full_fine_tuning_writes_a_model_folder(tiny_pipeline_dir, image_folder, tmp_path):
