@@ -165,6 +165,14 @@ def estimate(
     ]
 
 
+def required_bytes(stages: list[StageEstimate], low_memory: bool) -> int:
+    """Peak bytes of a run of `stages`: the largest stage's peak when each component is loaded, run and freed in
+    turn (low-memory mode), else every stage's weights plus the largest activations."""
+    if low_memory:
+        return max(s.peak for s in stages)
+    return sum(s.weights for s in stages) + max(s.activations for s in stages)
+
+
 def describe(stages: list[StageEstimate]) -> str:
     return ", ".join(f"{s.name} {s.peak / GB:.1f} GB" for s in stages)
 
