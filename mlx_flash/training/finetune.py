@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from .. import lora
 from ..clip import CLIPTextModel, load_clip
+from ..components import CLIP_ENCODERS
 from ..image_io import save_png
 from ..loading import load_pipeline
 from ..mmdit import MMDiT, load_mmdit, save_mmdit
@@ -125,9 +126,6 @@ def trainable_transformer(root: Path, config: FinetuneConfig, dtype: mx.Dtype) -
     return model, modules
 
 
-CLIP_COMPONENTS = ("text_encoder", "text_encoder_2")
-
-
 class WithTextEncoders(nn.Module):
     """The transformer and the CLIP-L / CLIP-G encoders trained together: the prompt embeddings are computed in
     every step from the captions' CLIP token ids, beside T5's part (computed once)."""
@@ -147,7 +145,7 @@ def trainable_text_encoders(root: Path, config: FinetuneConfig, dtype: mx.Dtype)
     """{component: (CLIP encoder with trainable float32 adapters on its attention projections, their modules)}."""
     rank = config.text_encoder_rank or config.rank
     out = {}
-    for component, key in zip(CLIP_COMPONENTS, mx.random.split(mx.random.key(config.train.seed + 1), 2)):
+    for component, key in zip(CLIP_ENCODERS, mx.random.split(mx.random.key(config.train.seed + 1), 2)):
         model = load_clip(root / component, dtype)
         modules = lora.target_modules(model, component, lora.TEXT_ENCODER_TARGETS)
         lora.add_adapters(model, component, modules, rank, config.text_encoder_alpha or rank, key)
