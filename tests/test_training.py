@@ -293,6 +293,28 @@ def test_qlora_trains_and_applies_to_the_float_base(tmp_path, bits):
     assert with_lora < 0.9 * without
 
 
+def test_group_learning_rates():
+    """A group with its own learning rate moves by that rate: AdamW's first step is the same multiple of the
+    learning rate for every weight (MLX's AdamW, without bias correction: lr * 0.1 / sqrt(0.001))."""
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = nn.Linear(3, 2), nn.Linear(3, 2)
+
+    model = Two()
+    before = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    x = mx.array(np.random.default_rng(0).standard_normal((4, 3), dtype=np.float32))
+    config = TrainConfig(steps=4, learning_rate=1e-3, warmup=0, group_learning_rates=(("second", 1e-2),))
+    trainer = Trainer(model, lambda x: (model.first(x) ** 2).sum() + (model.second(x) ** 2).sum(),
+                      lambda step, micro: (x,), config)
+    trainer.train_step()
+    moved = {k: np.abs(np.array(v) - before[k]).max() for k, v in tree_flatten(model.parameters())}
+    step = 0.1 / np.sqrt(0.001)
+    assert np.isclose(moved["first.weight"], 1e-3 * step, rtol=1e-3)
+    assert np.isclose(moved["second.weight"], 1e-2 * step, rtol=1e-3)
+
+
 def test_prior_preservation_in_one_pass_is_the_weighted_sum():
     """DreamBooth's prior loss: instance and class batches of one size go through the model together (weighted
     per image); the result is the instance loss plus prior_weight times the class loss."""
