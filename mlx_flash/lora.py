@@ -32,6 +32,7 @@ from safetensors import safe_open
 from . import clip, mmdit, t5
 from .hub import ModelNotFoundError, download_file, is_repo_id
 from .presets import PRESETS
+from .quantization import QuantizedLinear
 from .single_file import map_tensors, transformer_modules, transformer_rules
 from .weights import Fuse, Rule, WeightsError, load_safetensors, refuse_pickle, remap
 
@@ -470,12 +471,12 @@ class LoRALinear(_Adapted, nn.Linear):
     """`nn.Linear` with unfused LoRA adapters (same parameter names, plus `lora`)."""
 
     def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine", **kwargs) -> nn.Module:
-        quantized = nn.QuantizedLinear.from_linear(self, group_size, bits, mode)
+        quantized = QuantizedLinear.from_linear(self, group_size, bits, mode)
         return _adapted(quantized, self["lora"], self.lora_scales)
 
 
-class LoRAQuantizedLinear(_Adapted, nn.QuantizedLinear):
-    """`nn.QuantizedLinear` with unfused LoRA adapters in full precision."""
+class LoRAQuantizedLinear(_Adapted, QuantizedLinear):
+    """A quantized linear layer (with the CPU backend's fast path) with unfused LoRA adapters in full precision."""
 
 
 class LoRAPatchConv2d(_Adapted, nn.Conv2d):
@@ -565,7 +566,7 @@ def fuse_loras(model: nn.Module) -> FuseReport:
             exact = weight.astype(mx.float32) + delta
             plain = nn.Linear(exact.shape[1], exact.shape[0], bias="bias" in layer)
             plain.weight = exact.astype(weight.dtype)
-            new = nn.QuantizedLinear.from_linear(plain, layer.group_size, layer.bits, layer.mode)
+            new = QuantizedLinear.from_linear(plain, layer.group_size, layer.bits, layer.mode)
             restored = mx.dequantize(new.weight, new.scales, new.get("biases"), new.group_size, new.bits,
                                      mode=new.mode)
             max_error = max(max_error, mx.abs(restored.astype(mx.float32) - exact).max().item())

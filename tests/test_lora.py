@@ -26,7 +26,7 @@ from transformers import CLIPTextModelWithProjection
 from mlx_flash import lora
 from mlx_flash.clip import load_clip
 from mlx_flash.mmdit import load_mmdit
-from mlx_flash.quantization import quantized
+from mlx_flash.quantization import QuantizedLinear, quantized
 
 SCALES = [0.7, 0.4]
 TINY = dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=3, attention_head_dim=8,
@@ -309,6 +309,7 @@ def test_quantized_base_takes_adapters(tmp_path):
     adapted = lora.lora_layers(model)
     full_layers = lora.lora_layers(full)
     assert adapted and all(isinstance(m, lora.LoRAQuantizedLinear) for m in adapted.values())
+    assert all(isinstance(m, QuantizedLinear) for m in adapted.values())  # the CPU backend's fast path too
     rng = np.random.default_rng(0)
     worst = 0.0
     for path, layer in adapted.items():
@@ -329,6 +330,7 @@ def test_quantized_base_takes_adapters(tmp_path):
           f"{rel(fused, unfused):.2e}")
     assert worst <= 1e-5
     assert report.requantized == len(adapted) and 0 < report.max_error
+    assert all(type(dict(model.named_modules())[path]) is QuantizedLinear for path in adapted)
     assert rel(fused, unfused) < 0.2  # requantizing adds 4-bit rounding noise, not a different model
 
 
