@@ -3,7 +3,7 @@ RMS qk-norm) transformer trained with SD3's rectified-flow objective through the
 latents of the drawn training scenes, each conditioned on its own prompt as the pipeline encodes it, with
 classifier-free guidance dropout; the weights are an exponential moving average (as the digits' teacher).
 
-    python training/train_shapes.py [--model mlx_flash/models/shapes] [--steps 1500] [--seed 0]
+    python training/train_shapes.py [--model mlx_flash/models/shapes] [--steps 900] [--seed 0]
 
 Needs stage 1 (train_shapes_vae.py) in --model. Writes transformer/ (float16, the EMA weights) and
 mlx_flash.json (sampling defaults), and a PNG of samples by the pipeline with their detector score.
@@ -28,7 +28,7 @@ from mlx_flash.mmdit import MMDiTConfig, save_mmdit  # noqa: E402
 from mlx_flash.training import flow_loss, sample_sigmas  # noqa: E402
 from training.common import MODELS, fit, half  # noqa: E402
 from training.encoders import T5_WIDTH, encode  # noqa: E402
-from training.shapes_data import dataset, grid, prompt, split, to_model  # noqa: E402
+from training.shapes_data import grid, prompt, split, to_model  # noqa: E402
 from training.shapes_detector import correct, detect  # noqa: E402
 from training.train_digits import CFG_DROPOUT, encode_latents, new_transformer, scheduler_shift  # noqa: E402
 from training.train_shapes_vae import training_scenes  # noqa: E402
@@ -51,7 +51,7 @@ def prompt_table(root: Path, texts: list[str], bits: int | None = None) -> tuple
     return mx.array(np.concatenate([e for e, _ in parts])), mx.array(np.concatenate([p for _, p in parts])), unique
 
 
-def preview(root: Path, path: Path, count: int = 24, seed: int = 7) -> float:
+def preview(root: Path, path: Path, count: int = 16, seed: int = 7) -> float:
     """Generate `count` held-out prompts with the pipeline's defaults, save a grid and return the fraction the
     detector finds correct (GenEval's rules)."""
     specs = split()[1]
@@ -66,15 +66,16 @@ def preview(root: Path, path: Path, count: int = 24, seed: int = 7) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=MODELS / "shapes")
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=900)
+    parser.add_argument("--images", type=int, default=3000, help="the first N training scenes")
+    parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--preview", type=Path, default=Path("shapes_teacher_samples.png"))
     args = parser.parse_args()
     preload_openblas()
 
-    pixels, texts, _ = training_scenes()
+    pixels, texts, _ = training_scenes(args.images)
     mean, std, vae_config = encode_latents(args.model, to_model(pixels))
     embeds, pooled, unique = prompt_table(args.model, texts)
     rows_of = np.array([unique.index(t) for t in texts])
@@ -91,7 +92,7 @@ def main() -> None:
         sigmas = sample_sigmas(mx.random.normal((args.batch,)), shift)
         return x0, mx.random.normal(x0.shape), sigmas, embeds[rows], pooled[rows]
 
-    ema = fit(model, lambda *b: flow_loss(model, *b), batch, args.steps, args.lr, warmup=100, ema_decay=0.998,
+    ema = fit(model, lambda *b: flow_loss(model, *b), batch, args.steps, args.lr, warmup=100, ema_decay=0.995,
               log_every=25)
     model.update(ema)
     save_mmdit(args.model / "transformer", half(model))

@@ -46,6 +46,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init", type=Path, default=None, help="continue from this vae/ folder's weights")
+    parser.add_argument("--decoder-only", action="store_true",
+                        help="train only the decoder (with --init: the latents, and a teacher trained on them, stay)")
     parser.add_argument("--preview", type=Path, default=Path("shapes_vae_reconstructions.png"))
     args = parser.parse_args()
     preload_openblas()
@@ -62,6 +64,8 @@ def main() -> None:
     model = Autoencoder(VAE)
     if args.init is not None:
         model.update(load_vae(args.init, mx.float32).parameters())
+    if args.decoder_only:
+        model.encoder.freeze()
     rng = np.random.default_rng(args.seed)
     side = images.shape[1] // VAE.factor
 
