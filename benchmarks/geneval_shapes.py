@@ -2,7 +2,7 @@
 `shapes-flash` follow a prompt's objects, counts, colours and positions, scored by the world's detector
 (training/shapes_detector.py) on held-out prompt combinations.
 
-    python benchmarks/geneval_shapes.py [--per-category 8] [--out benchmarks/results]
+    python benchmarks/geneval_shapes.py [--per-category 8] [--out benchmarks/results] [--models shapes shapes-flash]
 
 First the detector's own accuracy on drawn scenes (the whole layout recovered, and GenEval's rule on the drawn
 image of each benchmark prompt). Then for the teacher at 1, 2, 4, 8 and 28 steps (its default guidance) and
@@ -16,6 +16,7 @@ the teacher's 28-step float32 score.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -79,6 +80,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--per-category", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--models", nargs="+", default=["shapes", "shapes-flash"],
+                        help="generate only these models' rows, the others from an earlier run's row files")
     args = parser.parse_args()
     preload_openblas()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -88,20 +91,35 @@ def main() -> None:
 
     lines = detector_rows(specs)
     print("\n".join(lines[1:]), flush=True)
-    results, samples = {}, {}
+    cache = args.out / "geneval_shapes_rows"  # one .json (+ .npy samples) per row: a run may do some rows
+    cache.mkdir(exist_ok=True)
     for model, steps in RUNS:
         for precision, bits in PRECISIONS.items():
+            name = f"{model}-{steps}-{precision}-{len(specs)}"
+            if model not in args.models and (cache / f"{name}.json").is_file():
+                continue
+            if model not in args.models:
+                raise SystemExit(f"row {name} missing: run with --models {model}")
             pipe = load_pipeline(model, dtype="float32", quantize=bits)
             start = time.perf_counter()
             images = pipe.generate(texts, num_inference_steps=steps, seed=seeds, output_type="np", progress=False)
             seconds = (time.perf_counter() - start) / len(texts)
-            result = results[model, steps, precision] = scores(specs, images)
-            guidance = pipe.defaults()[1]
-            lines.append(f"| {model} {steps} steps, guidance {guidance:g}, {precision} | "
+            result = scores(specs, images) | {"seconds": seconds, "guidance": pipe.defaults()[1]}
+            (cache / f"{name}.json").write_text(json.dumps(result))
+            np.save(cache / f"{name}.npy", images[:: args.per_category])
+            print(name, result, flush=True)
+    if set(args.models) != {m for m, _ in RUNS}:
+        return
+    results, samples = {}, {}
+    for model, steps in RUNS:
+        for precision in PRECISIONS:
+            name = f"{model}-{steps}-{precision}-{len(specs)}"
+            result = results[model, steps, precision] = json.loads((cache / f"{name}.json").read_text())
+            samples[model, steps, precision] = np.load(cache / f"{name}.npy")
+            lines.append(f"| {model} {steps} steps, guidance {result['guidance']:g}, {precision} | "
                          + " | ".join(f"{result[c]:.2f}" for c in CATEGORIES)
-                         + f" | {result['overall']:.3f} | {seconds:.3f} |")
+                         + f" | {result['overall']:.3f} | {result['seconds']:.3f} |")
             print(lines[-1], flush=True)
-            samples[model, steps, precision] = images[:: args.per_category]
 
     header = (f"Prompts per row: {len(specs)} ({args.per_category} per category, held-out combinations where the "
               f"category has them; seeds {seeds[0]}-{seeds[-1]}; the same in every row). GenEval's rules on the "

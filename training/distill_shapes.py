@@ -3,7 +3,7 @@ SD3.5-Flash's method, `mlx-flash distill` (mlx_flash/training/distill.py), on tr
 in float16 like the other shipped folders.
 
     python training/distill_shapes.py [--teacher mlx_flash/models/shapes] [--out mlx_flash/models/shapes-flash]
-        [--prompts 192] [any `mlx-flash distill` option, e.g. --train-steps 300]
+        [--prompts 128] [any `mlx-flash distill` option, e.g. --train-steps 300]
 
 The prompts file (`--prompts` distinct training prompts, seeded) is written to --work (default
 ./shapes-flash.train, with the distillation's checkpoints and logs); the
@@ -27,8 +27,8 @@ from mlx_flash.training import distill_cli  # noqa: E402
 from training.common import MODELS, half  # noqa: E402
 from training.shapes_data import prompt, split  # noqa: E402
 
-SETTINGS = ["--steps", "4", "--full", "--no-split", "--train-steps", "300", "--trajectory-warmup", "250",
-            "--teacher-samples", "192", "--batch-size", "16", "--learning-rate", "3e-4", "--adversarial-weight", "0",
+SETTINGS = ["--steps", "4", "--full", "--no-split", "--train-steps", "180", "--trajectory-warmup", "150",
+            "--teacher-samples", "128", "--batch-size", "16", "--learning-rate", "5e-4", "--adversarial-weight", "0",
             "--checkpoint-every", "50", "--seed", "0", "--force"]
 
 
@@ -51,7 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", type=Path, default=MODELS / "shapes")
     parser.add_argument("--out", type=Path, default=MODELS / "shapes-flash")
-    parser.add_argument("--prompts", type=int, default=192)
+    parser.add_argument("--prompts", type=int, default=128)
     parser.add_argument("--work", type=Path, default=Path("shapes-flash.train"), help="prompts, checkpoints, logs")
     args, rest = parser.parse_known_args()
     preload_openblas()
@@ -63,7 +63,9 @@ def main() -> None:
     options = cli.parse_args([str(args.teacher), str(args.out), "--prompts", str(prompts), "--work-dir",
                               str(args.work), *SETTINGS, *rest])
     distill_cli.run(options)
-    save_mmdit(args.out / "transformer", half(load_mmdit(args.out / "transformer", mx.float32)))
+    student = half(load_mmdit(args.out / "transformer", mx.float32))
+    mx.eval(student.parameters())  # read before the file is replaced
+    save_mmdit(args.out / "transformer", student)
 
 
 if __name__ == "__main__":

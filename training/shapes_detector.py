@@ -3,7 +3,9 @@ and shape by geometry; and GenEval's rules scoring a detected scene against its 
 
 Colour: each pixel is explained as a blend `a C + (1 - a) white` of one palette colour C (the one whose segment
 from white passes nearest the pixel), so anti-aliased or blurred edges keep their object's colour; pixels with
-coverage a >= 0.5 are foreground. Objects: 8-connected components of one colour, at least MIN_AREA pixels.
+coverage a >= 0.5 are foreground. Objects: 8-connected foreground regions; a colour covering under MIN_SHARE of
+its region (a blurred fringe) joins the region's main colour, and each remaining colour's connected parts of at
+least MIN_AREA pixels are objects (touching objects of different colours stay apart).
 Shape: a star is the only non-convex shape (area / convex-hull area); among the convex ones a square fills its
 bounding box, a circle pi / 4 of it and a triangle half."""
 
@@ -18,6 +20,7 @@ from scipy.spatial import ConvexHull, QhullError
 from .shapes_data import BACKGROUND, COLOURS, Item, Spec, holds
 
 MIN_AREA = 20  # pixels: smaller blobs are noise (the smallest drawn object covers about 70)
+MIN_SHARE = 0.35  # of a connected foreground region: a colour with less is a fringe of the region's main colour
 STAR_SOLIDITY = 0.78  # a drawn star: about 0.6; convex shapes about 1
 SQUARE_FILL = 0.89  # a square: about 1; a circle: about 0.8
 CIRCLE_FILL = 0.65  # a triangle: about 0.55
@@ -63,16 +66,24 @@ def detect(image: np.ndarray) -> list[Detection]:
     """Every object in an image: colour, shape, bounding-box centre (x, y) and area in pixels."""
     best, coverage = segment(image)
     names = list(COLOURS)
+    eight = np.ones((3, 3))
+    regions, count = ndimage.label(coverage >= 0.5, structure=eight)
     found = []
-    for k, name in enumerate(names):
-        labels, count = ndimage.label((best == k) & (coverage >= 0.5), structure=np.ones((3, 3)))
-        for index in range(1, count + 1):
-            mask = labels == index
-            area = int(mask.sum())
-            if area >= MIN_AREA:
-                ys, xs = np.nonzero(mask)
-                x, y = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
-                found.append(Detection(name, classify(mask), float(x), float(y), area))
+    for index in range(1, count + 1):
+        region = regions == index
+        colours = np.bincount(best[region], minlength=len(names))
+        kept = np.flatnonzero(colours >= MIN_SHARE * colours.sum())
+        majority = colours.argmax()
+        assigned = np.where(np.isin(best, kept), best, majority)  # minor colours (blurred fringes) join the majority
+        for k in kept:
+            labels, parts = ndimage.label(region & (assigned == k), structure=eight)
+            for part in range(1, parts + 1):
+                mask = labels == part
+                area = int(mask.sum())
+                if area >= MIN_AREA:
+                    ys, xs = np.nonzero(mask)
+                    x, y = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
+                    found.append(Detection(names[k], classify(mask), float(x), float(y), area))
     return found
 
 
