@@ -9,7 +9,9 @@ image of each benchmark prompt). Then for the teacher at 1, 2, 4, 8 and 28 steps
 the student at 1, 2 and 4 (no guidance), each in float32 and quantized on load to 8 and 4 bits, it generates
 one image per prompt, `per-category` prompts in each of GenEval's six categories (the same prompts and seeds
 in every row), and reports each category's fraction correct and the overall score (their mean, as GenEval's).
-Writes geneval_shapes.md and shapes_grid.png; the last line is the ratio of the student's 4-step float32 score to
+Each row's scores and samples go to geneval_shapes_rows/ as they are made, so `--models shapes` and then
+`--models shapes-flash` (two runs, e.g. at the same time) make the same table as one run. With every row present it
+writes geneval_shapes.md and shapes_grid.png; the last line is the ratio of the student's 4-step float32 score to
 the teacher's 28-step float32 score.
 """
 

@@ -47,11 +47,11 @@ def test_shipped_models_fit_in_20_mb():
     assert size <= 20e6
 
 
-def test_readme_digit_command(tmp_path, digit_classifier):
-    """The README's digit command, `mlx-flash generate --model digits "a handwritten digit seven"` (seeded here),
-    offline, from any directory."""
+def test_readme_first_command(tmp_path, digit_classifier):
+    """`mlx-flash generate --model digits "a handwritten digit seven"` (seeded here), offline, from any directory."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert 'mlx-flash generate --model digits "a handwritten digit seven"' in readme
+    first = next(line for line in readme.splitlines() if "mlx-flash " in line)
+    assert 'mlx-flash generate --model digits "a handwritten digit seven"' in first
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(["mlx-flash", "generate", "--model", "digits", "a handwritten digit seven", "--seed", "0"],
                             capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)

@@ -3,7 +3,7 @@ RMS qk-norm) transformer trained with SD3's rectified-flow objective through the
 latents of the drawn training scenes, each conditioned on its own prompt as the pipeline encodes it, with
 classifier-free guidance dropout; the weights are an exponential moving average (as the digits' teacher).
 
-    python training/train_shapes.py [--model mlx_flash/models/shapes] [--steps 900] [--seed 0]
+    python training/train_shapes.py [--model mlx_flash/models/shapes] [--steps 900] [--seed 0] [--init FOLDER]
 
 Needs stage 1 (train_shapes_vae.py) in --model. Writes transformer/ (float16, the EMA weights) and
 mlx_flash.json (sampling defaults), and a PNG of samples by the pipeline with their detector score.
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import preload_openblas  # noqa: E402
 from mlx_flash import load_pipeline  # noqa: E402
 from mlx_flash.layout import MANIFEST  # noqa: E402
-from mlx_flash.mmdit import MMDiTConfig, save_mmdit  # noqa: E402
+from mlx_flash.mmdit import MMDiTConfig, load_mmdit, save_mmdit  # noqa: E402
 from mlx_flash.training import flow_loss, sample_sigmas  # noqa: E402
 from training.common import MODELS, fit, half  # noqa: E402
 from training.encoders import T5_WIDTH, encode  # noqa: E402
@@ -71,6 +71,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", type=Path, default=None, help="continue from this transformer/ folder's weights")
+    parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--preview", type=Path, default=Path("shapes_teacher_samples.png"))
     args = parser.parse_args()
     preload_openblas()
@@ -82,6 +84,8 @@ def main() -> None:
     empty = len(unique) - 1
     shift = scheduler_shift(args.model)
     model = new_transformer(args.seed, TRANSFORMER)
+    if args.init is not None:
+        model.update(load_mmdit(args.init, mx.float32).parameters())
     rng = np.random.default_rng(args.seed)
 
     def batch(step: int) -> tuple:
@@ -92,7 +96,7 @@ def main() -> None:
         sigmas = sample_sigmas(mx.random.normal((args.batch,)), shift)
         return x0, mx.random.normal(x0.shape), sigmas, embeds[rows], pooled[rows]
 
-    ema = fit(model, lambda *b: flow_loss(model, *b), batch, args.steps, args.lr, warmup=100, ema_decay=0.995,
+    ema = fit(model, lambda *b: flow_loss(model, *b), batch, args.steps, args.lr, warmup=args.warmup, ema_decay=0.995,
               log_every=25)
     model.update(ema)
     save_mmdit(args.model / "transformer", half(model))
