@@ -1,9 +1,14 @@
 """The coloured-shapes world (training/shapes_data.py) of the planned `shapes` demo models: the scene generator is
 deterministic, the held-out split is disjoint, and the detector (the benchmark's oracle) recovers drawn layouts and
-applies GenEval's rules; the demo models together stay within 25 MB."""
+applies GenEval's rules; the training stages run end to end; the demo models together stay within 25 MB."""
+
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 
+from mlx_flash import load_pipeline
 from mlx_flash.loading import PACKAGED_MODELS
 from training.shapes_data import Item, Spec, dataset, draw, holds, prompt, scene, split
 from training.shapes_detector import correct, detect, layout_matches
@@ -57,3 +62,27 @@ def test_all_demo_models_fit_in_25_mb():
     size = sum(f.stat().st_size for f in files)
     print(f"shipped demo models: {size / 1e6:.1f} MB")
     assert size <= 25e6
+
+
+def test_training_scripts_run_end_to_end(tmp_path):
+    """The three shapes stages, a few steps on a few scenes each, write model folders the pipeline loads."""
+    root = Path(__file__).resolve().parents[1]
+    teacher, student = tmp_path / "shapes", tmp_path / "shapes-flash"
+    stages = [
+        ["training/train_shapes_vae.py", "--out", teacher, "--steps", "2", "--images", "32", "--batch", "4",
+         "--preview", tmp_path / "vae.png"],
+        ["training/train_shapes.py", "--model", teacher, "--steps", "2", "--images", "32", "--batch", "4",
+         "--preview", tmp_path / "teacher.png", "--preview-prompts", "2"],
+        ["training/distill_shapes.py", "--teacher", teacher, "--out", student, "--work", tmp_path / "work",
+         "--prompts", "4", "--train-steps", "2", "--trajectory-warmup", "1", "--teacher-samples", "4",
+         "--batch-size", "2"],
+    ]
+    for stage in stages:
+        result = subprocess.run([sys.executable, *map(str, stage)], cwd=root, capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+    for folder, steps in ((teacher, 28), (student, 4)):
+        pipe = load_pipeline(folder, dtype="float32")
+        assert pipe.defaults()[0] == steps and pipe.vae_factor == 4
+        image = pipe.generate("a red circle above a blue star", seed=0, output_type="np", progress=False)
+        assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()

@@ -59,7 +59,7 @@ def preview(root: Path, path: Path, count: int = 16, seed: int = 7) -> float:
     chosen = [specs[i] for i in rng.choice(len(specs), count, replace=False)]
     pipe = load_pipeline(root, dtype="float32")
     images = pipe.generate([prompt(s) for s in chosen], seed=list(range(count)), output_type="np", progress=False)
-    grid(images, 8).save(path)
+    grid(images, min(count, 8)).save(path)
     return float(np.mean([correct(s, detect(im)) for s, im in zip(chosen, images)]))
 
 
@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--init", type=Path, default=None, help="continue from this transformer/ folder's weights")
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--preview", type=Path, default=Path("shapes_teacher_samples.png"))
+    parser.add_argument("--preview-prompts", type=int, default=16)
     args = parser.parse_args()
     preload_openblas()
 
@@ -101,7 +102,8 @@ def main() -> None:
     model.update(ema)
     save_mmdit(args.model / "transformer", half(model))
     (args.model / MANIFEST).write_text(json.dumps({"defaults": TEACHER_DEFAULTS}, indent=2))
-    print(f"preview: {preview(args.model, args.preview):.3f} of held-out prompts correct", flush=True)
+    score = preview(args.model, args.preview, args.preview_prompts)
+    print(f"preview: {score:.3f} of {args.preview_prompts} held-out prompts correct", flush=True)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=MODELS / "shapes")
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--images", type=int, default=IMAGES, help="the first N training scenes")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
@@ -58,7 +59,7 @@ def main() -> None:
     (args.out / "scheduler" / "scheduler_config.json").write_text(json.dumps(
         {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": SHIFT}, indent=2))
 
-    pixels, _, _ = training_scenes()
+    pixels, _, _ = training_scenes(args.images)
     images = to_model(pixels)
     mx.random.seed(args.seed)
     model = Autoencoder(VAE)
@@ -83,7 +84,7 @@ def main() -> None:
     (args.out / "vae" / "config.json").write_text(json.dumps(config, indent=2))
     print(f"latents: shift_factor {shift:.4f}, scaling_factor {1 / std:.4f}")
 
-    real, _, layouts = dataset(split()[1], 200, DATA_SEED + 1)
+    real, _, layouts = dataset(split()[1], min(200, args.images), DATA_SEED + 1)
     mean, _ = shipped.encode(mx.array(to_model(real)), tiled=False)
     recon = np.clip(np.array(shipped.decode(mean, tiled=False)) / 2 + 0.5, 0, 1)
     print(f"held-out reconstruction MSE {((recon - real / 255) ** 2).mean():.5f}; detector recovers "
