@@ -87,3 +87,10 @@ def normalize_silu(x: mx.array, mean: mx.array, scale: mx.array, bias: mx.array)
 def normalize(x: mx.array, mean: mx.array, scale: mx.array, bias: mx.array) -> mx.array:
     """(x - mean) * scale + bias in float32, one pass."""
     return (x.astype(mx.float32) - mean) * scale + bias
+
+
+@mx.compile
+def squared_deviation(x: mx.array, mean: mx.array) -> mx.array:
+    """(x - mean)^2 (broadcast mean), one pass."""
+    d = x - mean
+    return d * d
