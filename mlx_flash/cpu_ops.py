@@ -94,3 +94,9 @@ def squared_deviation(x: mx.array, mean: mx.array) -> mx.array:
     """(x - mean)^2 (broadcast mean), one pass."""
     d = x - mean
     return d * d
+
+
+@mx.compile
+def add3(x: mx.array, y: mx.array, z: mx.array) -> mx.array:
+    """x + y + z (broadcast), one pass."""
+    return x + y + z

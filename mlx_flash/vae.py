@@ -174,8 +174,10 @@ class Conv2d(nn.Conv2d):
             y = super().__call__(x)
             return y if residual is None else residual + y
         y = shifted_matmul_conv(x, self.weight)
+        if "bias" in self and residual is not None:
+            return cpu_ops.add3(y, self.bias, residual)
         if "bias" in self:
-            y = y + self.bias
+            return y + self.bias
         return y if residual is None else residual + y
 
 
