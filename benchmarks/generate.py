@@ -96,7 +96,8 @@ def run_diffusers(folder: str, size: int, steps: int, device: str) -> dict:
 
     device = "cuda" if device == "gpu" else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    pipe = StableDiffusion3Pipeline.from_pretrained(folder, torch_dtype=torch.float32).to(device)
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None,
+                                                    torch_dtype=torch.float32).to(device)
     pipe.set_progress_bar_config(disable=True)
     stages = {"text encoders": 0.0, "vae decoder": 0.0}
 
