@@ -15,6 +15,11 @@ from mlx_flash.blas import ensure_openblas as preload_openblas  # noqa: F401  (t
 REFERENCES = ("diffusers", "transformers", "torch", "peft")  # parts whose names start with these run PyTorch
 
 
+def load_average() -> str:
+    """The machine's load average over 1, 5 and 15 minutes, as "1.2 / 3.4 / 5.6"."""
+    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def best_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
     """Best wall time of `fn()` in seconds over `repeats` runs after `warmup` runs."""
     for _ in range(warmup):
