@@ -48,8 +48,8 @@ class VAEConfig:
     tile_size: int = 64  # 512x512 image pixels
     tile_overlap: int = 16
     # Tile automatically when latent height * width exceeds this. None: 128 * 128 (1024x1024 images
-    # untiled) on a GPU, 64 * 64 on the CPU (there float32 convolutions are matmuls, half-precision ones unfold
-    # their input, 9x its size; the memory planner tiles larger decodes anyway when they do not fit).
+    # untiled) on a GPU, 64 * 64 on the CPU (its half-precision convolutions unfold their input, 9x its size;
+    # float32 ones are matmuls, untiled above this size not yet measured against tiled).
     tile_above: int | None = None
     # Passes over the tiles that gather the whole image's GroupNorm statistics before the one that decodes
     # (or encodes); each pass makes them more exact, at the cost of one more decode (encode) of the tiled part.
