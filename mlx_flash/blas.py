@@ -45,21 +45,25 @@ def cpu_flags() -> set[str]:
     return set(line.partition(":")[2].split())
 
 
-def core_type(library: str) -> str | None:
-    """The OPENBLAS_CORETYPE that `library` needs on this CPU: None where OpenBLAS picks AVX2-or-newer kernels by
-    itself (or the CPU has none), else "SkylakeX" (AVX-512) or "Haswell" (AVX2 and FMA)."""
-    try:
-        lib = ctypes.CDLL(library)
-        lib.openblas_get_corename.restype = ctypes.c_char_p
-        core = lib.openblas_get_corename().decode().lower()
-    except (OSError, AttributeError):
+def kernels_for(core: str, flags: set[str]) -> str | None:
+    """The OPENBLAS_CORETYPE for a CPU with `flags` on which OpenBLAS picked the kernels `core`: None where
+    those are AVX2 or newer (or the CPU has no AVX2), else "SkylakeX" (AVX-512) or "Haswell" (AVX2 and FMA)."""
+    if core.lower() not in PRE_AVX2_CORES:
         return None
-    if core not in PRE_AVX2_CORES:
-        return None
-    flags = cpu_flags()
     if AVX512 <= flags:
         return "SkylakeX"
     return "Haswell" if {"avx2", "fma"} <= flags else None
+
+
+def core_type(library: str) -> str | None:
+    """The OPENBLAS_CORETYPE that the OpenBLAS `library` needs on this CPU (`kernels_for`), None if unknown."""
+    try:
+        lib = ctypes.CDLL(library)
+        lib.openblas_get_corename.restype = ctypes.c_char_p
+        core = lib.openblas_get_corename().decode()
+    except (OSError, AttributeError):
+        return None
+    return kernels_for(core, cpu_flags())
 
 
 def ensure_openblas() -> None:
