@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from benchmarks.common import preload_openblas, run_part  # noqa: E402
+from benchmarks.common import load_average, preload_openblas, run_part  # noqa: E402
 from mlx_flash.presets import SD35_MEDIUM  # noqa: E402
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
@@ -161,9 +160,8 @@ def main() -> None:
                 r = run_part(__file__, framework, *extra)
                 best[framework] = min(best.get(framework, float("inf")), r["seconds"])
                 s = r["stages"]
-                load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
                 print(f"| {framework} | {r['seconds']:.2f} | {s['text encoders']:.2f} | {s['transformer']:.2f} | "
-                      f"{s['vae decoder']:.2f} | {load} |", flush=True)
+                      f"{s['vae decoder']:.2f} | {load_average()} |", flush=True)
     print(f"ratio: {best['mlx'] / best['diffusers']:.2f}")
 
 
