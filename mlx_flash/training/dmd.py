@@ -6,6 +6,8 @@
   `0.5 * |x0 - sg(x0 - g)|^2` pushes through the student's output x0;
 - timestep sharing: the points where it is taken are the student's own trajectory points (its few-step Euler
   sampler run from the noise), at the student's timesteps;
+- trajectory guidance (auxiliary): the student's step from such a point regressed onto the teacher's ODE
+  solution over the same step;
 - an adversarial loss on a small head over a transformer block's image tokens (non-saturating or hinge);
 - split-timestep fine-tuning's merge: weight interpolation of two branches (exact, also for LoRAs).
 """
@@ -45,6 +47,20 @@ def trajectory_point(velocity: Callable[[mx.array, float, int], mx.array], noise
         x, _, _ = euler.step(velocity, x, i, sigmas, None)
         mx.eval(x)
     return mx.stop_gradient(x)
+
+
+def segment_velocity(velocity: Callable[[mx.array, float, int], mx.array], x: mx.array, sigma_from: float,
+                     sigma_to: float, substeps: int) -> mx.array:
+    """The mean velocity (x' - x) / (sigma_to - sigma_from) of the ODE `velocity` from x at sigma_from, x' its
+    solution at sigma_to by `substeps` Euler steps evenly spaced in sigma: where the teacher's trajectory takes
+    x over the student's step (the target of trajectory guidance); no gradient flows through it."""
+    sigmas = np.linspace(sigma_from, sigma_to, substeps + 1)
+    return mx.stop_gradient((trajectory_point(velocity, x, sigmas, substeps) - x) / (sigma_to - sigma_from))
+
+
+def trajectory_loss(v_student: mx.array, v_target: mx.array) -> mx.array:
+    """Trajectory guidance: mean |v_student - v_target|^2, the student's step regressed onto the teacher's."""
+    return ((v_student.astype(mx.float32) - v_target) ** 2).mean()
 
 
 def dm_gradient(x0: mx.array, x_t: mx.array, sigmas: mx.array, v_real: mx.array, v_fake: mx.array) -> mx.array:
