@@ -396,3 +396,17 @@ def test_real_side_keeps_its_own_captions():
         assert np.array_equal(np.array(d["real_embeds"][i]), np.array(table[int(rows[j])]))
         assert np.array_equal(np.array(d["real_pooled"][i]), np.array(c.pooled[int(rows[j])]))
     assert dropped == {True, False}
+
+
+def test_estimate_distillation_counts_both_adapters_and_the_head():
+    """The estimator's trained bytes are the distiller's own trainable parameters (student and fake-score
+    adapters on the DreamBooth targets, the head) times four (weights, gradients, AdamW's two moments)."""
+    from mlx_flash import memory
+
+    cfg = DistillConfig(train=TrainConfig(steps=2, learning_rate=1e-3), split=False, rank=4, fake_rank=2)
+    base = MMDiT(SMALL)
+    m = Models(base, cfg, lora.target_modules(base, "transformer", cfg.targets), mx.random.key(0))
+    trained = sum(v.nbytes for _, v in tree_flatten(m.trainable_parameters()))
+    estimate = memory.estimate_distillation(SMALL, height=32, width=32, rank=4, fake_rank=2)
+    assert estimate.trained == 4 * trained
+    assert estimate.base == memory.estimate_training(SMALL, height=32, width=32).trained // 4
