@@ -334,6 +334,8 @@ def test_cli_distils_digits(tmp_path):
     assert sorted(p.name for p in (work / "validation").iterdir()) == ["step-000002.png", "step-000003.png"]
     manifest = json.loads((out / "mlx_flash.json").read_text())
     assert manifest["defaults"]["num_inference_steps"] == 4 and manifest["defaults"]["guidance_scale"] == 1.0
+    teacher = json.loads((mlx_flash.loading.PACKAGED_MODELS / "digits" / "mlx_flash.json").read_text())
+    assert manifest["latent_rgb"] == teacher["latent_rgb"]  # the VAE's preview map is kept
     pipe = mlx_flash.load_pipeline(str(out))
     image = pipe.generate("the number 7", seed=0, output_type="np")[0]
     assert image.shape == (64, 64, 3) and np.isfinite(image).all() and image.std() > 0.01

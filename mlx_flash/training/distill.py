@@ -625,7 +625,8 @@ def write_model(models: Models, config: DistillConfig, modules: Sequence[str], r
     shutil.rmtree(partial, ignore_errors=True)
     shutil.copytree(root, partial, ignore=shutil.ignore_patterns("transformer", MANIFEST))
     save_mmdit(partial / "transformer", student)
-    manifest = {"defaults": defaults, "distillation": json.loads(json.dumps(settings, default=str))}
+    manifest = read_manifest(root) | {"defaults": defaults,  # the rest (e.g. the preview map) is the VAE's: kept
+                                       "distillation": json.loads(json.dumps(settings, default=str))}
     (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))
     if output.exists():
         shutil.rmtree(output)
