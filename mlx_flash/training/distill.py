@@ -144,7 +144,8 @@ class Models(nn.Module):
             students.append(str(len(self.scales.values) - 1))
         lora.add_adapters(base, "transformer", modules, config.fake_rank, config.fake_rank, keys[-1], self.scales)
         self.adapters = Adapters(tuple(students), str(len(self.scales.values) - 1), tuple(self.scales.values))
-        self.head = dmd.DiscriminatorHead(base.config.hidden_size)
+        self.head_keys = iter(mx.random.split(mx.random.split(keys[-1])[1], 3))  # the first head, then fresh ones
+        self.head = dmd.DiscriminatorHead(base.config.hidden_size, key=next(self.head_keys))
         self.freeze()  # the base; every adapter, the head and full students are trained (each by its role)
         for layer in lora.lora_layers(base).values():
             layer.unfreeze(keys=[k for k, _ in tree_flatten({"lora": layer["lora"]})], recurse=False)
@@ -202,7 +203,7 @@ class Models(nn.Module):
             adapter = layer["lora"].get(self.adapters.fake)
             if adapter is not None:
                 adapter["up"] = mx.zeros_like(adapter["up"])
-        self.head.update(dmd.DiscriminatorHead(self.base.config.hidden_size).parameters())
+        self.head.update(dmd.DiscriminatorHead(self.base.config.hidden_size, key=next(self.head_keys)).parameters())
 
     def merged_student(self, ratio: float) -> MMDiT:
         """The student with its branches merged by weight interpolation (ratio * high + (1 - ratio) * low), as

@@ -95,11 +95,16 @@ def block_features(model: MMDiT, x: mx.array, timesteps: mx.array, context: mx.a
 class DiscriminatorHead(nn.Module):
     """A small discriminator on a block's image tokens: layer norm, an MLP per token, the mean logit (B,)."""
 
-    def __init__(self, dim: int, hidden: int = 64):
+    def __init__(self, dim: int, hidden: int = 64, key: mx.array | None = None):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, 1)
+        if key is not None:  # nn.Linear's initialisation, uniform in +-1/sqrt(in), drawn from `key`
+            for layer, k in zip((self.fc1, self.fc2), mx.random.split(key)):
+                bound, (kw, kb) = layer.weight.shape[1] ** -0.5, mx.random.split(k)
+                layer.weight = mx.random.uniform(-bound, bound, layer.weight.shape, key=kw)
+                layer.bias = mx.random.uniform(-bound, bound, layer.bias.shape, key=kb)
 
     def __call__(self, features: mx.array) -> mx.array:
         return self.fc2(nn.silu(self.fc1(self.norm(features.astype(mx.float32))))).mean(axis=(1, 2))
