@@ -6,7 +6,8 @@ each encoder and framework in its own process, as a markdown table.
 CLIP-L and CLIP-G encode 77 tokens, T5-XXL 256. T5-XXL has 24 layers (18.5 GB in float32); by default it runs
 with as many as fit in 60% of the available memory, said in its row. On Linux the script re-executes itself with
 OpenBLAS preloaded (mlx_flash.blas). The last line is the ratio of the summed MLX times to the summed
-transformers times.
+transformers times. Each row ends with the machine's load average (1, 5, 15 min) after it; transformers keeps
+PyTorch's own BLAS (benchmarks.common.run_part).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import best_time, preload_openblas, run_part  # noqa: E402
+from benchmarks.common import best_time, load_average, preload_openblas, run_part  # noqa: E402
 from mlx_flash.clip import CLIP_G, CLIP_L  # noqa: E402
 from mlx_flash.t5 import T5_XXL  # noqa: E402
 
@@ -92,8 +93,8 @@ def main() -> None:
     if args.device == "cpu":
         preload_openblas()
     print(f"SD3 text encoders, one prompt, float32, random weights, {args.device}\n")
-    print("| encoder | tokens | MLX (s) | transformers (s) | ratio |")
-    print("|---|---|---|---|---|")
+    print("| encoder | tokens | MLX (s) | transformers (s) | ratio | load average |")
+    print("|---|---|---|---|---|---|")
     totals = {"mlx": 0.0, "transformers": 0.0}
     for name in TOKENS:
         times = {}
@@ -103,7 +104,7 @@ def main() -> None:
             totals[framework] += times[framework]
         label = f"T5-XXL ({layers} of 24 layers)" if name == "t5" else {"clip_l": "CLIP-L", "clip_g": "CLIP-G"}[name]
         print(f"| {label} | {TOKENS[name]} | {times['mlx']:.3f} | {times['transformers']:.3f} | "
-              f"{times['mlx'] / times['transformers']:.2f} |", flush=True)
+              f"{times['mlx'] / times['transformers']:.2f} | {load_average()} |", flush=True)
     print(f"ratio: {totals['mlx'] / totals['transformers']:.2f}")
 
 

@@ -8,12 +8,14 @@ Each row runs in a fresh process. Memory columns:
 - "peak RSS": peak resident memory of the process during the decode (Linux VmHWM, reset just before)
   minus the resident memory before it (model and latent already built): every allocation of either
   framework, comparable.
-- "framework peak": mx.get_peak_memory() after mx.reset_peak_memory(): MLX's own buffers (on the CPU backend
-  this includes the unfolded inputs of convolutions, 9x the input of a 3x3 conv); on a GPU, also PyTorch's
-  torch.cuda.max_memory_allocated() (on the CPU PyTorch has no such counter).
+- "framework peak": mx.get_peak_memory() after mx.reset_peak_memory(): MLX's own buffers (on the CPU backend in
+  half precision this includes the unfolded inputs of MLX's convolutions, 9x the input of a 3x3 conv; float32
+  ones are matmuls here); on a GPU, also PyTorch's torch.cuda.max_memory_allocated() (on the CPU PyTorch has no
+  such counter).
 Times: the second of two decodes (the first compiles GPU kernels); peaks: over both.
 Diffusers' tiling uses our tile size and overlap (SD3's config would tile only above 1024x1024). Rows run
-MLX and diffusers alternately. The last line is the ratio of MLX's time in the mode mlx-flash picks by default at
+MLX and diffusers alternately, each with the machine's load average (1, 5, 15 min) after it; diffusers keeps
+PyTorch's own BLAS (benchmarks.common.run_part). The last line is the ratio of MLX's time in the mode mlx-flash picks by default at
 this size (on the CPU: untiled up to 512x512, exact tiling above) to diffusers' untiled time.
 On Linux the script re-executes itself with OpenBLAS preloaded (MLX's bundled BLAS is ~30x slower).
 MLX untiled in half precision is skipped on the CPU when its measured memory scaling (7.5 GiB at 512x512, growing
@@ -32,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-from benchmarks.common import preload_openblas, run_part  # noqa: E402
+from benchmarks.common import load_average, preload_openblas, run_part  # noqa: E402
 from mlx_flash.memory import CPU_VAE_BYTES_PER_PIXEL  # noqa: E402
 from mlx_flash.vae import VAEConfig  # noqa: E402
 
@@ -142,21 +144,22 @@ def main() -> None:
     print(f"SD3 VAE decode, {args.size}x{args.size} image ({args.size // 8}x{args.size // 8}x16 latent), {args.dtype}, "
           f"random weights, MLX on {mx.default_device()}; tiles {args.tile_size * 8} px, "
           f"overlap {args.tile_overlap * 8} px\n")
-    print("| framework | mode | time (s) | peak RSS (GiB) | framework peak (GiB) |")
-    print("|---|---|---|---|---|")
+    print("| framework | mode | time (s) | peak RSS (GiB) | framework peak (GiB) | load average |")
+    print("|---|---|---|---|---|---|")
     seconds = {}
     for mode in args.modes.split(","):
         for framework in ("mlx", "diffusers"):  # interleaved: a shared machine's load changes over the run
             need, free = CPU_VAE_BYTES_PER_PIXEL * args.size**2, available_memory()
             unfolds = mx.default_device() == mx.cpu and args.dtype != "float32"  # MLX's own CPU convolutions
             if (framework, mode) == ("mlx", "untiled") and unfolds and need > 0.8 * free:
-                print(f"| {framework} | {mode} | skipped: needs ~{need / GiB:.0f} GiB, {free / GiB:.0f} free | | |")
+                print(f"| {framework} | {mode} | skipped: needs ~{need / GiB:.0f} GiB, {free / GiB:.0f} free | | | |")
                 continue
             r = run_part(__file__, f"{framework}:{mode}", "--size", str(args.size), "--tile-size", tiling[0],
                          "--tile-overlap", tiling[1], "--device", args.device, "--dtype", args.dtype)
             seconds[framework, mode] = r["seconds"]
             peak = f"{r['peak'] / GiB:.2f}" if r["peak"] is not None else "-"
-            print(f"| {framework} | {mode} | {r['seconds']:.2f} | {r['rss'] / GiB:.2f} | {peak} |", flush=True)
+            print(f"| {framework} | {mode} | {r['seconds']:.2f} | {r['rss'] / GiB:.2f} | {peak} | {load_average()} |",
+                  flush=True)
     latent = args.size // 8
     tiles = VAEConfig(tile_size=args.tile_size, tile_overlap=args.tile_overlap).tiles(latent, latent)
     default = "tiled" if tiles else "untiled"

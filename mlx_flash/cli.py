@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     distill_cli.add_arguments(commands.add_parser("distill", help="distil a model into a 1-4 step student "
                                                                   "(SD3.5-Flash's method)"))
+    commands.add_parser("launch", help="mlx-flash launch [mlx.launch options] COMMAND ...: run a command on every "
+                                       "rank of an mlx.launch job, exiting non-zero when a rank fails")
     return parser
 
 
@@ -214,20 +216,11 @@ def _sigmas(text: str | None) -> list[float] | None:
     return _numbers(text, "sigmas", "1.0,0.75,0.5,0.25")
 
 
-def _controlnet(spec: str) -> tuple[str, float]:
-    """`PATH_OR_REPO[:SCALE]` -> (path or repo, scale)."""
-    name, _, scale = spec.rpartition(":")
-    try:
-        return (name, float(scale)) if name else (spec, 1.0)
-    except ValueError:
-        return spec, 1.0
+def _scaled(texts: list[str], kind: str) -> list[tuple[str, float]]:
+    """--lora / --controlnet SOURCE[:SCALE] options as (source, scale) pairs."""
+    from .lora import parse_scaled_arg
 
-
-def _loras(texts: list[str]) -> list[tuple[str, float]]:
-    """--lora PATH_OR_REPO_FILE[:SCALE] options as (source, scale) pairs."""
-    from .lora import parse_lora_arg
-
-    return [parse_lora_arg(text) for text in texts]
+    return [parse_scaled_arg(text, kind) for text in texts]
 
 
 def _stop_on_ctrl_c(cancel) -> object:
@@ -256,7 +249,7 @@ def generate_job(args: argparse.Namespace) -> None:
                 "num_images": args.num_images or 1}
     images = expand(lines, defaults, args.seed or 0, str(args.output or DEFAULT_PATTERN))
     check_writable({image.path.parent: image.path for image in images}.values())  # one per folder, before loading
-    pipe = _load(args, _loras(args.lora or []))
+    pipe = _load(args, _scaled(args.lora or [], "LoRA"))
     cancel = Cancel()
     previous = _stop_on_ctrl_c(cancel)
     try:
@@ -335,9 +328,9 @@ def generate(args: argparse.Namespace) -> None:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such image file; check the path.")
     outpaint = _numbers(args.outpaint, "outpaint", "0,0,256,0 (LEFT,TOP,RIGHT,BOTTOM pixels)", int)
-    loras = (_loras(args.lora) if args.lora is not None
+    loras = (_scaled(args.lora, "LoRA") if args.lora is not None
              else [(entry["source"], entry["scale"]) for entry in meta.get("loras", [])])
-    pipe = _load(args, loras, [_controlnet(spec) for spec in args.controlnet or ()])
+    pipe = _load(args, loras, _scaled(args.controlnet or [], "ControlNet"))
     same = ("model_revision", "model_fingerprint")
     if meta and any(meta.get(k) != pipe.identity.get(k) for k in same if k in meta or k in pipe.identity):
         logging.getLogger("mlx_flash").warning(
@@ -385,7 +378,7 @@ def serve(args: argparse.Namespace) -> None:
     serve(args.model or [DEFAULT_MODEL], host=args.host, port=args.port, limits=limits, max_queue=args.max_queue,
           preview_every=args.preview_every,
           options=ModelOptions(dtype=args.dtype, quantize=args.quantize, use_t5=not args.no_t5,
-                               loras=tuple(_loras(args.lora or []))))
+                               loras=tuple(_scaled(args.lora or [], "LoRA"))))
 
 
 def _json_ready(value):
@@ -458,6 +451,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         ensure_openblas()
     try:
+        line = sys.argv[1:] if argv is None else argv
+        if line[:1] == ["launch"]:  # its options are mlx.launch's: passed on, not parsed here
+            from .launch import main as launch
+
+            return launch(line[1:])
         args = build_parser().parse_args(argv)
         logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                             format="%(message)s")

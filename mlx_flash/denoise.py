@@ -18,6 +18,8 @@ from .mmdit import MMDiT
 from .presets import SkipLayerGuidance
 from .samplers import Noise, Sampler
 
+PRECOMPUTE_MAX_STEPS = 8  # runs this short (without CFG) precompute every adaLN modulation up front
+
 
 class GenerationStopped(Exception):
     """A callback stopped the run; nothing was decoded."""

@@ -71,13 +71,33 @@ class Ranks:
             message[1 : 1 + len(values or [])] = values or []
         else:
             message[:] = 0
-        received = np.array(mx.distributed.all_sum(mx.array(message), group=self.group))
+        received = self._all_sum(message)
         return None if received[0] == -2 else [int(v) for v in received[1 : 1 + received[0]]]
 
-    def send(self, pixels: np.ndarray) -> None:
-        """Send an image (H, W, 3) uint8 to rank 0, followed by its checksum."""
+    def broadcast_bytes(self, data: bytes | None) -> bytes | None:
+        """Rank 0's bytes (or None: "stop") for every rank; the others pass None."""
+        if self.size == 1:
+            return data
+        length = self.broadcast(None if data is None else [len(data)], 1)
+        if length is None:
+            return None
+        message = np.frombuffer(data, np.uint8) if self.rank == 0 else np.zeros(length[0], np.uint8)
+        return self._all_sum(message).tobytes()
+
+    def _all_sum(self, message: np.ndarray) -> np.ndarray:
+        """The sum over the ranks (a rank waiting here on a peer that ended is given up like a receive)."""
+        self._receiving.set()
+        try:
+            return np.array(mx.distributed.all_sum(mx.array(message), group=self.group))
+        finally:
+            self._receiving.clear()
+
+    def send(self, pixels: np.ndarray, failed: bool = False) -> None:
+        """Send an image (H, W, 3) uint8 to rank 0, followed by its checksum (`failed`: a wrong one, so that rank
+        0 takes these pixels for what they are, a placeholder for an image this rank could not make)."""
         data = np.ascontiguousarray(pixels, dtype=np.uint8).reshape(-1)
-        message = np.concatenate([data, np.frombuffer(zlib.crc32(data).to_bytes(4, "little"), np.uint8)])
+        checksum = zlib.crc32(data) ^ (0xFFFFFFFF if failed else 0)
+        message = np.concatenate([data, np.frombuffer(checksum.to_bytes(4, "little"), np.uint8)])
         try:
             mx.eval(mx.distributed.send(mx.array(message), 0, group=self.group))
         except RuntimeError as err:

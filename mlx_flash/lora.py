@@ -5,7 +5,8 @@ below, mapped onto our modules with the mappings the loaders already use (Stabil
 single-file loader's rules, diffusers / transformers names through each model's rules), and attached to the
 layers as unfused adapters: a layer's output gains `user_scale * alpha / rank * B @ A x` per LoRA. Our fused
 q/k/v projections take the three adapters block-diagonally; Stability-named adapters on the final and the last
-block's context adaLN take the single-file loader's scale/shift swap. `fuse_loras` folds them into the weights.
+block's context adaLN take the single-file loader's scale/shift swap; a convolution LoRA on the patch embedding
+acts on each flattened patch. `fuse_loras` folds them into the weights.
 
 alpha / rank: a file's `.alpha` tensors, else the PEFT config it carries (diffusers' `lora_adapter_metadata` header
 or an adapter_config.json beside it, with rank / alpha patterns), else 1 (diffusers' convention). A kohya
@@ -31,6 +32,7 @@ from safetensors import safe_open
 from . import clip, mmdit, t5
 from .hub import ModelNotFoundError, download_file, is_repo_id
 from .presets import PRESETS
+from .quantization import QuantizedLinear
 from .single_file import map_tensors, transformer_modules, transformer_rules
 from .weights import Fuse, Rule, WeightsError, load_safetensors, refuse_pickle, remap
 
@@ -105,24 +107,25 @@ class LoRAFile:
     unknown: list[str] = field(default_factory=list)  # keys of no known naming
 
 
-def parse_lora_arg(text: str) -> tuple[str, float]:
-    """`PATH_OR_REPO_FILE[:SCALE]` (the CLI's --lora) -> (source, scale); scale 1 when not given."""
+def parse_scaled_arg(text: str, kind: str = "LoRA") -> tuple[str, float]:
+    """`SOURCE[:SCALE]` (the CLI's --lora and --controlnet) -> (source, scale); scale 1 when not given. ValueError
+    naming the `kind` and source when the scale is not a number."""
     source, sep, tail = text.rpartition(":")
     if not sep or "/" in tail or not source:
         return text, 1.0
-    return source, check_scale(tail, source)
+    return source, check_scale(tail, source, kind)
 
 
-def check_scale(scale: object, source: str) -> float:
-    """A LoRA scale as a float; ValueError naming the LoRA unless it is a finite number."""
+def check_scale(scale: object, source: str, kind: str = "LoRA") -> float:
+    """A LoRA's (or a ControlNet's) scale as a float; ValueError naming it unless it is a finite number."""
     try:
         if isinstance(scale, bool):
             raise ValueError
         value = float(scale)
     except (TypeError, ValueError):
-        raise ValueError(f"LoRA {source}: scale {scale!r} is not a number; give e.g. {source}:0.8.") from None
+        raise ValueError(f"{kind} {source}: scale {scale!r} is not a number; give e.g. {source}:0.8.") from None
     if not math.isfinite(value):
-        raise ValueError(f"LoRA {source}: scale {scale!r} is not finite; give a number such as 0.8.")
+        raise ValueError(f"{kind} {source}: scale {scale!r} is not finite; give a number such as 0.8.")
     return value
 
 
@@ -189,11 +192,12 @@ def read_lora(source: str | Path, revision: str | None = None) -> LoRAFile:
         if "down" not in found or "up" not in found:
             missing = "up" if "down" in found else "down"
             raise LoRAError(f"LoRA {name}: module {module[2]} has no {missing} matrix; the file is incomplete.")
-        down, up = found["down"], found["up"]
+        down, up = _as_matrices(found["down"], found["up"])
         if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
-            raise LoRAError(f"LoRA {name}: module {module[2]} has matrices of shapes {tuple(up.shape)} and "
-                            f"{tuple(down.shape)}, not a linear layer's (out, rank) and (rank, in); convolution "
-                            "LoRAs are not supported.")
+            raise LoRAError(f"LoRA {name}: module {module[2]} has matrices of shapes {tuple(found['up'].shape)} and "
+                            f"{tuple(found['down'].shape)}, neither a linear layer's (out, rank) and (rank, in) nor "
+                            "a convolution's (rank, in, k, k) and (out, rank, 1, 1); this kind of LoRA is not "
+                            "supported.")
         alpha = float(found["alpha"].item()) if "alpha" in found else None
         modules.setdefault(component, {})[module] = ModuleLoRA(down, up, alpha)
     if not modules:
@@ -203,6 +207,14 @@ def read_lora(source: str | Path, revision: str | None = None) -> LoRAFile:
     # adapters on its worker thread.
     mx.eval([(m.down, m.up) for adapters in modules.values() for m in adapters.values()])
     return LoRAFile(name, modules, _peft_config(path), unknown)
+
+
+def _as_matrices(down: mx.array, up: mx.array) -> tuple[mx.array, mx.array]:
+    """A convolution LoRA (torch layouts: down (rank, in, kh, kw), up (out, rank, 1, 1)) as the linear map of each
+    flattened (kh, kw, in) patch, the order of our NHWC convolution weights; linear ones as they are."""
+    if down.ndim == 4 and up.ndim == 4 and up.shape[2:] == (1, 1):
+        return down.transpose(0, 2, 3, 1).reshape(down.shape[0], -1), up.reshape(up.shape[:2])
+    return down, up
 
 
 def _first(items: Sequence[str], n: int = 3) -> str:
@@ -320,7 +332,7 @@ def map_lora(lora: LoRAFile, model: nn.Module, component: str) -> dict[str, tupl
     names = _reference_names(model, component)
     by_underscore = {naming: {n.replace(".", "_"): n for n in ns} for naming, ns in names.items()}
     layers = {path: m for path, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)
-              if isinstance(m, (nn.Linear, nn.QuantizedLinear))}
+              if isinstance(m, (nn.Linear, nn.QuantizedLinear)) or _is_patchify(m)}
     if component == "transformer":
         stability_rules = transformer_rules(model.config.num_layers)
         to_ours = _ours_from_diffusers
@@ -364,7 +376,16 @@ def _tensors_of(entries: Mapping[tuple[str, str, str], ModuleLoRA]) -> dict[str,
     return {module + sep + "lora_down": e.down for (_, sep, module), e in entries.items()}
 
 
+def _is_patchify(layer: nn.Module) -> bool:
+    """A convolution that is a linear map of each patch (stride = kernel, no padding): the patch embedding."""
+    return isinstance(layer, nn.Conv2d) and tuple(layer.stride) == tuple(layer.weight.shape[1:3]) \
+        and tuple(layer.padding) == (0, 0) and layer.groups == 1 and layer.dilation in (1, (1, 1))
+
+
 def _layer_dims(layer: nn.Module) -> tuple[int, int]:
+    """(out, in) of the layer as a linear map (a patchify convolution's input: one flattened patch)."""
+    if isinstance(layer, nn.Conv2d):
+        return layer.weight.shape[0], math.prod(layer.weight.shape[1:])
     out, columns = layer.weight.shape
     return out, columns * 32 // layer.bits if isinstance(layer, nn.QuantizedLinear) else columns
 
@@ -426,11 +447,16 @@ class _Adapted:
 
     def __call__(self, x: mx.array) -> mx.array:
         y = super().__call__(x)
+        inputs = self.adapter_input(x)
         for key, adapter in self["lora"].items():
             scale = self.lora_scales.values[int(key)]
             if scale != 0:
-                y = mx.addmm(y, x @ adapter["down"].T, dense_up(adapter["up"]).T, alpha=scale)
+                y = mx.addmm(y, inputs @ adapter["down"].T, dense_up(adapter["up"]).T, alpha=scale)
         return y
+
+    def adapter_input(self, x: mx.array) -> mx.array:
+        """What the adapters' down matrices take: the layer's input."""
+        return x
 
     def delta_weight(self) -> mx.array:
         """sum_i scale_i * up_i @ down_i, float32."""
@@ -445,12 +471,23 @@ class LoRALinear(_Adapted, nn.Linear):
     """`nn.Linear` with unfused LoRA adapters (same parameter names, plus `lora`)."""
 
     def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine", **kwargs) -> nn.Module:
-        quantized = nn.QuantizedLinear.from_linear(self, group_size, bits, mode)
+        quantized = QuantizedLinear.from_linear(self, group_size, bits, mode)
         return _adapted(quantized, self["lora"], self.lora_scales)
 
 
-class LoRAQuantizedLinear(_Adapted, nn.QuantizedLinear):
-    """`nn.QuantizedLinear` with unfused LoRA adapters in full precision."""
+class LoRAQuantizedLinear(_Adapted, QuantizedLinear):
+    """A quantized linear layer (with the CPU backend's fast path) with unfused LoRA adapters in full precision."""
+
+
+class LoRAPatchConv2d(_Adapted, nn.Conv2d):
+    """A patchify `nn.Conv2d` (the patch embedding) with unfused adapters acting on each flattened patch."""
+
+    def adapter_input(self, x: mx.array) -> mx.array:
+        """(B, H, W, C) -> (B, H / kh, W / kw, kh * kw * C): each patch flattened as the weight's (kh, kw, in)."""
+        b, h, w, c = x.shape
+        kh, kw = self.weight.shape[1:3]
+        patches = x.reshape(b, h // kh, kh, w // kw, kw, c).transpose(0, 1, 3, 2, 4, 5)
+        return patches.reshape(b, h // kh, w // kw, kh * kw * c)
 
 
 def _adapted(layer: nn.Module, adapters: dict, scales: LoRAScales) -> nn.Module:
@@ -458,7 +495,8 @@ def _adapted(layer: nn.Module, adapters: dict, scales: LoRAScales) -> nn.Module:
     if isinstance(layer, _Adapted):
         layer["lora"].update(adapters)
         return layer
-    cls = LoRAQuantizedLinear if isinstance(layer, nn.QuantizedLinear) else LoRALinear
+    cls = (LoRAQuantizedLinear if isinstance(layer, nn.QuantizedLinear)
+           else LoRAPatchConv2d if isinstance(layer, nn.Conv2d) else LoRALinear)
     new = cls.__new__(cls)
     nn.Module.__init__(new)
     new.__dict__.update(layer.__dict__)
@@ -528,15 +566,16 @@ def fuse_loras(model: nn.Module) -> FuseReport:
             exact = weight.astype(mx.float32) + delta
             plain = nn.Linear(exact.shape[1], exact.shape[0], bias="bias" in layer)
             plain.weight = exact.astype(weight.dtype)
-            new = nn.QuantizedLinear.from_linear(plain, layer.group_size, layer.bits, layer.mode)
+            new = QuantizedLinear.from_linear(plain, layer.group_size, layer.bits, layer.mode)
             restored = mx.dequantize(new.weight, new.scales, new.get("biases"), new.group_size, new.bits,
                                      mode=new.mode)
             max_error = max(max_error, mx.abs(restored.astype(mx.float32) - exact).max().item())
             max_weight = max(max_weight, mx.abs(exact).max().item())
             requantized += 1
         else:
-            new = nn.Linear(layer.weight.shape[1], layer.weight.shape[0], bias="bias" in layer)
-            new.weight = (layer.weight.astype(mx.float32) + delta).astype(layer.weight.dtype)
+            new = _plain(layer)
+            new.weight = (layer.weight.astype(mx.float32) + delta.reshape(layer.weight.shape)).astype(
+                layer.weight.dtype)
         if "bias" in layer:
             new.bias = layer.bias
         fused[path] = new
@@ -546,6 +585,14 @@ def fuse_loras(model: nn.Module) -> FuseReport:
         log.info("fused LoRAs into %d layers; requantizing %d added at most %.2g (%.1f%% of their largest weight)",
                  len(fused), requantized, max_error, 100 * max_error / max_weight)
     return FuseReport(len(fused), requantized, max_error, max_weight)
+
+
+def _plain(layer: _Adapted) -> nn.Module:
+    """A plain layer of the adapted layer's kind and shape (weights to be set)."""
+    if isinstance(layer, nn.Conv2d):
+        out, kh, kw, inputs = layer.weight.shape
+        return nn.Conv2d(inputs, out, (kh, kw), stride=layer.stride, bias="bias" in layer)
+    return nn.Linear(layer.weight.shape[1], layer.weight.shape[0], bias="bias" in layer)
 
 
 # Training adapters and writing files --------------------------------------------------------------------------

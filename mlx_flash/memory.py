@@ -110,6 +110,7 @@ def estimate(
     adapters: Mapping[str, int] | None = None,
     controlnets: Sequence[ControlNetConfig] = (),
     device: mx.Device | None = None,
+    low_memory: bool = True,
 ) -> list[StageEstimate]:
     """Peak bytes of the text-encoder, transformer and VAE-decoder stages of one `generate` call.
 
@@ -118,7 +119,9 @@ def estimate(
     weights are freed before the transformer blocks load (few-step runs in low-memory mode). `controlnets` run
     in the transformer stage: their weights (quantized like the transformer's) and their residuals, one image
     stream per block, held while the transformer runs (each ControlNet runs before it, within its peak). `adapters`: bytes of
-    the unfused LoRA adapters per component ("transformer", "text_encoder", ...), added to its weights."""
+    the unfused LoRA adapters per component ("transformer", "text_encoder", ...), added to its weights. The text
+    encoders run one at a time with `low_memory` (the stage is the encoder of the largest peak), else all stay
+    loaded (the stage holds every encoder's weights and the largest activations)."""
     adapters = adapters or {}
     gpu = (device or mx.default_device()) == mx.gpu
     prompts = images * (2 if cfg else 1)
@@ -158,11 +161,21 @@ def estimate(
     output = images * height * width * 3 * 4 * (2 if images == 1 else 3)  # images (joined) and a [0, 1] copy
     decode_act = per_pixel * pixels + int(fixed) + output  # one image at a time (Autoencoder.latents_to_image)
 
+    encoders = (max(text, key=lambda stage: stage.peak) if low_memory else
+                StageEstimate("text encoders", sum(s.weights for s in text), max(s.activations for s in text)))
     return [
-        max(text, key=lambda stage: stage.peak),
+        encoders,
         StageEstimate("transformer", denoise_weights, denoise_act),
         StageEstimate("vae decoder", vae_weights, decode_act),
     ]
+
+
+def required_bytes(stages: list[StageEstimate], low_memory: bool) -> int:
+    """Peak bytes of a run of `stages`: the largest stage's peak when each component is loaded, run and freed in
+    turn (low-memory mode), else every stage's weights plus the largest activations."""
+    if low_memory:
+        return max(s.peak for s in stages)
+    return sum(s.weights for s in stages) + max(s.activations for s in stages)
 
 
 def describe(stages: list[StageEstimate]) -> str:
@@ -174,6 +187,10 @@ def describe(stages: list[StageEstimate]) -> str:
 # per token plus three float32 copies of every head's attention scores; with checkpointing each block keeps its
 # inputs and outputs (about 3 vectors per token) for the recomputation (benchmarks/train_memory.py).
 CPU_TRAIN_BLOCK_VECTORS, CPU_TRAIN_SAVED_VECTORS, CPU_TRAIN_SCORE_COPIES = 34, 3, 3
+# Trained CLIP encoders (no checkpointing, 77 tokens): each layer keeps about 21 of its width's float32 vectors per
+# token for the backward, held while the transformer's backward runs; the layer in backward adds about 26
+# (measured on CLIP-G-width encoders of 2 to 8 layers).
+CPU_TRAIN_CLIP_LAYER_VECTORS, CPU_TRAIN_CLIP_BACKWARD_VECTORS = 21, 26
 
 
 @dataclass(frozen=True)
@@ -181,7 +198,7 @@ class TrainingEstimate:
     """Predicted bytes of one training step: the frozen base, the trained parameters with their gradients and
     AdamW moments (and EMA), and the activations."""
 
-    base: int
+    base: int  # with trained text encoders, their frozen weights too
     trained: int
     activations: int
 
@@ -203,10 +220,14 @@ def estimate_training(
     checkpointing: bool = True,
     ema: bool = False,
     vae_factor: int = 8,
+    text_encoders: Mapping[str, CLIPConfig] | None = None,
+    text_encoder_lora: Callable[[nn.Module, str], object] | None = None,
 ) -> TrainingEstimate:
     """Peak bytes of one training step at `height` x `width` (the text encoders and VAE run before, alone).
     `quantize(model)` quantizes the frozen base as loaded; `lora(model)` attaches the trained adapters (None:
-    full fine-tuning, every weight trained in `dtype`)."""
+    full fine-tuning, every weight trained in `dtype`). `text_encoders` ({component: config}): CLIP encoders
+    trained beside the transformer (their frozen weights in `dtype`, their adapters attached by
+    `text_encoder_lora(model, component)`), run in the step on 77 tokens per image."""
     model = MMDiT(transformer)
     model.set_dtype(dtype)
     if quantize is not None:
@@ -217,6 +238,16 @@ def estimate_training(
         base = model_bytes(model) - trained
     else:
         base, trained = 0, model_bytes(model)
+    clip_activations = 0
+    for component, config in (text_encoders or {}).items():
+        encoder = CLIPTextModel(config)
+        encoder.set_dtype(dtype)
+        if text_encoder_lora is not None:
+            text_encoder_lora(encoder, component)
+        adapters = sum(v.nbytes for _, v in tree_flatten(encoder.trainable_parameters()))
+        base += model_bytes(encoder) - adapters
+        trained += adapters
+        clip_activations += clip_training_activations(config, batch)
     copies = 4 + (1 if ema else 0)  # the weights, their gradients, AdamW's two moments, the EMA
     d, patch = transformer.hidden_size, transformer.patch_size * vae_factor
     seq = (height // patch) * (width // patch) + text_tokens
@@ -224,7 +255,7 @@ def estimate_training(
     vectors = CPU_TRAIN_BLOCK_VECTORS + (CPU_TRAIN_SAVED_VECTORS * layers if checkpointing
                                          else CPU_TRAIN_BLOCK_VECTORS * (layers - 1))
     scores = CPU_TRAIN_SCORE_COPIES * transformer.num_attention_heads * seq**2 * 4 * (1 if checkpointing else layers)
-    activations = batch * (vectors * seq * d * 4 + scores)
+    activations = batch * (vectors * seq * d * 4 + scores) + clip_activations
     return TrainingEstimate(base, copies * trained, activations)
 
 
@@ -255,3 +286,10 @@ def estimate_distillation(
     d = transformer.hidden_size
     head = (2 * d + d * 64 + 64 + 65) * 4 * 4  # the head's float32 weights, gradients and AdamW moments
     return TrainingEstimate(estimate.base, estimate.trained + head, estimate.activations)
+
+
+def clip_training_activations(config: CLIPConfig, batch: int = 1, tokens: int = 77) -> int:
+    """Bytes a trained CLIP encoder's backward holds (CPU float32): every layer's saved tensors and one layer's
+    backward."""
+    vectors = CPU_TRAIN_CLIP_LAYER_VECTORS * config.num_layers + CPU_TRAIN_CLIP_BACKWARD_VECTORS
+    return batch * tokens * config.hidden_size * 4 * vectors

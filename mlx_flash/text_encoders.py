@@ -33,6 +33,21 @@ def _negative_list(negative_prompt: str | Sequence[str] | None, count: int) -> l
     return negatives
 
 
+def join_encodings(clip_l: tuple[mx.array, mx.array], clip_g: tuple[mx.array, mx.array], t5: mx.array | None,
+                   length: int, joint_attention_dim: int) -> tuple[mx.array, mx.array]:
+    """SD3's conditioning from the encoders' outputs: (CLIP-L | CLIP-G tokens zero-padded to the T5 width, then
+    the T5 tokens, or `length` zero tokens without T5), (pooled CLIP-L | CLIP-G)."""
+    clip = mx.concatenate([clip_l[0], clip_g[0]], axis=-1)
+    if t5 is None:
+        t5 = mx.zeros((clip.shape[0], length, joint_attention_dim), clip.dtype)
+    width = t5.shape[-1]
+    if width != joint_attention_dim or clip.shape[-1] > width:
+        raise ValueError(f"Text encoder widths (CLIP {clip.shape[-1]}, T5 {width}) do not fit the "
+                         f"transformer's joint_attention_dim {joint_attention_dim}; check the model.")
+    clip = mx.pad(clip, [(0, 0), (0, 0), (0, width - clip.shape[-1])])
+    return mx.concatenate([clip, t5], axis=1), mx.concatenate([clip_l[1], clip_g[1]], axis=-1)
+
+
 class TextEncoders:
     """CLIP-L, CLIP-G and (optionally) T5-XXL of a diffusers-layout model folder, each loaded when first used.
 
@@ -80,17 +95,6 @@ class TextEncoders:
         tokenize = self.t5_tokenizer
         return self._run("text_encoder_3", lambda model: [model(tokenize(texts, length)) for texts, _ in groups])
 
-    def _join(self, clip_l: tuple, clip_g: tuple, t5: mx.array | None, length: int) -> tuple[mx.array, mx.array]:
-        """(CLIP-L | CLIP-G tokens zero-padded to the T5 width, then the T5 tokens), (pooled CLIP-L | CLIP-G)."""
-        clip = mx.concatenate([clip_l[0], clip_g[0]], axis=-1)
-        if t5 is None:
-            t5 = mx.zeros((clip.shape[0], length, self.joint_attention_dim), clip.dtype)
-        width = t5.shape[-1]
-        if width != self.joint_attention_dim or clip.shape[-1] > width:
-            raise ValueError(f"Text encoder widths (CLIP {clip.shape[-1]}, T5 {width}) do not fit the "
-                             f"transformer's joint_attention_dim {self.joint_attention_dim}; check the model.")
-        clip = mx.pad(clip, [(0, 0), (0, 0), (0, width - clip.shape[-1])])
-        return mx.concatenate([clip, t5], axis=1), mx.concatenate([clip_l[1], clip_g[1]], axis=-1)
 
     def encode(
         self,
@@ -119,6 +123,7 @@ class TextEncoders:
         clip_l = self._clip("text_encoder", self.clip_tokenizers[0], groups)
         clip_g = self._clip("text_encoder_2", self.clip_tokenizers[1], groups)
         t5 = self._t5(groups, max_sequence_length) if self.use_t5 else [None] * len(groups)
-        joined = [self._join(*parts, max_sequence_length) for parts in zip(clip_l, clip_g, t5)]
+        joined = [join_encodings(*parts, max_sequence_length, self.joint_attention_dim)
+                  for parts in zip(clip_l, clip_g, t5)]
         outputs = [mx.repeat(x, num_images_per_prompt, axis=0) for pair in joined for x in pair]
         return tuple(outputs) if do_cfg else (*outputs, None, None)

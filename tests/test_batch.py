@@ -147,3 +147,37 @@ def test_a_killed_rank_then_resume_completes_the_set(tmp_path, single_run):
     resumed = generate(*options, "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == single_run
+
+
+def test_launch_exits_with_the_failing_ranks_status(tmp_path):
+    """`mlx-flash launch`: rank 0 refuses the job (a file exists), rank 1 stops with it; mlx.launch alone would exit
+    0, this exits 1 with rank 0's one line."""
+    (tmp_path / "job.jsonl").write_text(JOB)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "3.png").write_bytes(b"taken")
+    result = subprocess.run(["mlx-flash", "launch", "-n", "2", "--backend", "ring", "generate", "--model", MODEL,
+                             "--prompt-file", "job.jsonl", "--output", "out/{index}.png"], capture_output=True,
+                            text=True, cwd=tmp_path, env=env(), timeout=600)
+    errors = error_lines(result.stderr)
+    assert result.returncode == 1 and len(errors) == 1 and "out/3.png already exists" in errors[0], result.stderr
+    assert (tmp_path / "out" / "3.png").read_bytes() == b"taken"
+
+
+@pytest.mark.parametrize("argv, options, command", [
+    (["-n", "2", "--backend", "ring", "generate", "-n", "1"], ["-n", "2", "--backend", "ring"], ["generate", "-n", "1"]),
+    (["--hostfile", "hosts.json", "serve", "--port", "0"], ["--hostfile", "hosts.json"], ["serve", "--port", "0"]),
+])
+def test_launch_splits_the_launchers_options_from_the_command(argv, options, command):
+    from mlx_flash.launch import split
+
+    assert split(argv) == (options, command)
+
+
+def test_launch_status_is_the_lowest_failed_ranks():
+    from mlx_flash.launch import RANK_FAILED, exit_status
+
+    warnings = ["\033[33m[WARN] Node with rank 1 exited with code 1 \033[0m", "[WARN] Node with rank 0 was killed",
+                "[WARN] Node with rank 2 exited with code -15"]
+    failures = {int(m[1]): None if m[2] is None else int(m[2]) for m in map(RANK_FAILED.search, warnings)}
+    assert failures == {1: 1, 0: None, 2: -15}
+    assert exit_status(failures) == 1 and exit_status({2: -15}) == 143 and exit_status({}) == 0

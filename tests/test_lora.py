@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+import lora_maker
 from lora_maker import (
     CLIP_TARGETS,
     TRANSFORMER_TARGETS,
@@ -25,7 +26,7 @@ from transformers import CLIPTextModelWithProjection
 from mlx_flash import lora
 from mlx_flash.clip import load_clip
 from mlx_flash.mmdit import load_mmdit
-from mlx_flash.quantization import quantized
+from mlx_flash.quantization import QuantizedLinear, quantized
 
 SCALES = [0.7, 0.4]
 TINY = dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=3, attention_head_dim=8,
@@ -308,6 +309,7 @@ def test_quantized_base_takes_adapters(tmp_path):
     adapted = lora.lora_layers(model)
     full_layers = lora.lora_layers(full)
     assert adapted and all(isinstance(m, lora.LoRAQuantizedLinear) for m in adapted.values())
+    assert all(isinstance(m, QuantizedLinear) for m in adapted.values())  # the CPU backend's fast path too
     rng = np.random.default_rng(0)
     worst = 0.0
     for path, layer in adapted.items():
@@ -328,6 +330,7 @@ def test_quantized_base_takes_adapters(tmp_path):
           f"{rel(fused, unfused):.2e}")
     assert worst <= 1e-5
     assert report.requantized == len(adapted) and 0 < report.max_error
+    assert all(type(dict(model.named_modules())[path]) is QuantizedLinear for path in adapted)
     assert rel(fused, unfused) < 0.2  # requantizing adds 4-bit rounding noise, not a different model
 
 
@@ -360,13 +363,13 @@ def test_missing_file_and_pickles(tmp_path):
 @pytest.mark.parametrize("text", ["a.safetensors:abc", "a.safetensors:nan", "a.safetensors:"])
 def test_scale_not_a_number(text):
     with pytest.raises(ValueError) as err:
-        lora.parse_lora_arg(text)
+        lora.parse_scaled_arg(text)
     assert "scale" in _one_line(err)
 
 
 def test_scale_parsing():
-    assert lora.parse_lora_arg("dir/a.safetensors:0.5") == ("dir/a.safetensors", 0.5)
-    assert lora.parse_lora_arg("org/repo/a.safetensors") == ("org/repo/a.safetensors", 1.0)
+    assert lora.parse_scaled_arg("dir/a.safetensors:0.5") == ("dir/a.safetensors", 0.5)
+    assert lora.parse_scaled_arg("org/repo/a.safetensors") == ("org/repo/a.safetensors", 1.0)
     with pytest.raises(ValueError):
         lora.check_scale(True, "a")
 
@@ -532,7 +535,34 @@ def test_cli_lora_metadata_and_from(tiny_pipeline_dir, clip_loras, tmp_path):
     from PIL import Image
 
     assert Image.open(tmp_path / "a.png").tobytes() == Image.open(tmp_path / "b.png").tobytes()
-    for bad, message in ((f"{files[0]}:abc", "is not a number"), (str(tmp_path / "none.safetensors"), "no such file")):
-        result = run("generate", "a fox", *common, "--lora", bad, "--output", str(tmp_path / "c.png"))
+    for option, bad, message in (("--lora", f"{files[0]}:abc", "is not a number"),
+                                 ("--lora", str(tmp_path / "none.safetensors"), "no such file"),
+                                 ("--controlnet", "net:strong", "ControlNet net: scale 'strong' is not a number")):
+        result = run("generate", "a fox", *common, option, bad, "--output", str(tmp_path / "c.png"))
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 1 and len(lines) == 1 and message in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("style", ["diffusers", "kohya", "comfy"])
+def test_patch_embedding_convolution_lora(medium_loras, tmp_path, style):
+    """A LoRA on the patch embedding's convolution (Hyper-SD3's files carry one): peft's conv adapter, loaded by
+    diffusers, against ours unfused and fused, in the diffusers and the Stability namings."""
+    _, path, _, config = medium_loras
+    made = add_adapter(SD3Transformer2DModel.from_pretrained(path), "a", ["pos_embed.proj", "to_q", "to_k", "to_v", "proj_out"],
+                       5, 0.3, r=3, lora_alpha=6)
+    file = save_lora(tmp_path / "conv.safetensors", transformer=made)
+    x = inputs(config, seed=2)
+    ref = run_reference(diffusers_transformer(path, [file], [0.8]), x)
+    if style != "diffusers":
+        file = lora_maker.to_kohya(file, tmp_path / f"{style}.safetensors", config["num_layers"], style=style)
+    model, _ = ours_with(path, [file], [0.8])
+    assert isinstance(model.pos_embed.proj, lora.LoRAPatchConv2d)
+    unfused = run_ours(model, x)
+    adapter = model.pos_embed.proj["lora"]["0"]
+    kept, adapter["up"] = adapter["up"], mx.zeros_like(adapter["up"])
+    assert rel(run_ours(model, x), ref) > 0.01  # the convolution's adapter matters
+    adapter["up"] = kept
+    lora.fuse_loras(model)
+    fused = run_ours(model, x)
+    assert rel(unfused, ref) <= 1e-5 and rel(fused, ref) <= 1e-5
+    assert not lora.lora_layers(model)

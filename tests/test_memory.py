@@ -78,6 +78,18 @@ def test_full_size_weights_are_exact():
     assert 9e9 < bf16[0].weights < 10e9
 
 
+def test_text_encoders_stay_loaded_without_low_memory():
+    """All three encoders' weights are held at once unless low-memory mode runs them one at a time."""
+    args = dict(dtype=mx.float16, height=1024, width=1024)
+    config = PRESETS["sd3.5-large"].transformer
+    one_at_a_time, all_loaded = (memory.estimate(config, VAEConfig(), **args, low_memory=m)[0] for m in (True, False))
+    encoders = [memory.estimate(config, VAEConfig(), **args, clips=clips, t5=t5)[0]
+                for clips, t5 in (((memory.CLIP_L,), None), ((memory.CLIP_G,), None), ((), memory.T5_XXL))]
+    assert all_loaded.weights == sum(e.weights for e in encoders)
+    assert all_loaded.activations == max(e.activations for e in encoders)
+    assert one_at_a_time == max(encoders, key=lambda e: e.peak)
+
+
 def _leaves(model):
     from mlx.utils import tree_flatten
 
@@ -105,7 +117,7 @@ def test_advice_names_what_would_fit(tiny_pipeline_dir, monkeypatch):
     pipe = mlx_flash.load_pipeline(tiny_pipeline_dir, dtype="float32", low_memory=True)
 
     def fake(height, width, images=1, cfg=False, max_sequence_length=256, steps=None, quantize=None, use_t5=None,
-             vae_tiled=None):
+             vae_tiled=None, low_memory=None):
         t5 = 5 if use_t5 is not False else 1
         transformer = 2 if quantize == 4 else 8
         vae = 1 if vae_tiled else 3

@@ -221,9 +221,11 @@ def test_loras_served_by_name_equal_the_api(tmp_path):
     detail = save_digits_lora(tmp_path / "detail.safetensors", 1)
     prompt, body = "a handwritten digit five", {"size": "64x64", "seed": 3}
 
-    def api(loras, **kwargs) -> np.ndarray:
+    def api(loras, **kwargs) -> tuple[np.ndarray, dict]:
+        """The in-process API's image and metadata with `loras` (and no other) loaded."""
         pipe = load_pipeline(MODEL, loras=loras)
-        return np.asarray(pipe.generate(prompt, seed=3, progress=False, **kwargs)[0])
+        result = pipe.run(pipe.request(prompt, seed=3, **kwargs))
+        return np.asarray(result.images[0]), json.loads(json.dumps(result.metadata(0)))
 
     with running_server(options=ModelOptions(loras=((str(style), 1.0), (str(detail), 0.5)))) as served:
         answers = {}
@@ -250,12 +252,48 @@ def test_loras_served_by_name_equal_the_api(tmp_path):
 
     expected = {"start scales": [(style, 1.0), (detail, 0.5)], "style at 0.7": [(style, 0.7)], "none": [],
                 "detail as text": [(detail, 0.25)]}
-    for case, loras in expected.items():
-        assert np.array_equal(pixels(answers[case]), api(loras)), case
-    assert np.array_equal(pixels(answers["edit"]), api([(style, 0.7)], image=Image.fromarray(source)))
+    for case, loras in expected.items():  # each request ran on a pipeline with its own LoRA set, as the API's
+        image, metadata = api(loras)
+        assert np.array_equal(pixels(answers[case]), image), case
+        assert read_metadata_bytes(answers[case]) == metadata, case
+    assert np.array_equal(pixels(answers["edit"]), api([(style, 0.7)], image=Image.fromarray(source))[0])
     assert not np.array_equal(pixels(answers["style at 0.7"]), pixels(answers["none"]))  # the LoRA changes pixels
-    assert read_metadata_bytes(answers["style at 0.7"])["loras"] == [
-        {"source": str(style), "scale": 0.7}, {"source": str(detail), "scale": 0.0}]
+    assert read_metadata_bytes(answers["style at 0.7"])["loras"] == [{"source": str(style), "scale": 0.7}]
+
+
+def test_pipelines_kept_by_lora_set_within_the_memory_budget(tmp_path, monkeypatch):
+    """One pipeline per LoRA set, its LoRAs rescaled per request without reloading; with a budget for only some of
+    them, the least recently used is dropped before the next runs and its memory returned."""
+    import weakref
+
+    import mlx.core as mx
+
+    files = {name: str(save_digits_lora(tmp_path / f"{name}.safetensors", seed))
+             for seed, name in enumerate(["style", "detail"])}
+    pool = ModelPool([MODEL], ModelOptions(low_memory=False, loras=((files["style"], 1.0), (files["detail"], 0.5))))
+    request = pool.pipeline(MODEL).request("a handwritten digit five", seed=3)
+    sets = {"none": (), "style": (("style", 1.0),), "both": (("style", 0.7), ("detail", 0.5))}
+    pipes = {}
+    for case, loras in sets.items():
+        pipes[case] = pool.acquire(MODEL, loras, request)
+        pipes[case].run(request)
+    assert [key.loras for key in pool.loaded] == [(), ("style",), ("style", "detail")]
+    assert [pipes[case].loras.sources for case in sets] == [[], [files["style"]], [files["style"], files["detail"]]]
+    assert pool.acquire(MODEL, (("style", 0.25),), request) is pipes["style"]  # rescaled, not reloaded
+    assert pipes["style"].loras.scales.values == [0.25] and pipes["style"]._transformer is not None
+    assert [key.loras for key in pool.loaded] == [(), ("style", "detail"), ("style",)]
+
+    detail = (("detail", 0.5),)
+    key = pool.key(MODEL, detail)
+    need = pool._need(key, pool.pipeline(MODEL, detail), request)
+    kept = {loras: pool._kept(pool.key(MODEL, sets[case])) for case, loras in [("both", 2), ("style", 1)]}
+    monkeypatch.setattr("mlx_flash.server.models.memory_budget", lambda: kept[1] + kept[2] + need)
+    transformer, dropped = weakref.ref(pipes.pop("none")._transformer), pool._kept(pool.key(MODEL))
+    active = mx.get_active_memory()
+    pool.acquire(MODEL, detail, request)
+    assert [key.loras for key in pool.loaded] == [("style", "detail"), ("style",), ("detail",)]
+    freed = active - mx.get_active_memory()
+    assert transformer() is None and mx.get_cache_memory() == 0 and freed > 0.9 * dropped
 
 
 def square_mask(transparent: bool) -> Image.Image:
@@ -438,6 +476,24 @@ def test_bad_request(server, body, status, message):
     assert set(answer["error"]) == {"message", "type", "param", "code"}
 
 
+def test_size_beyond_the_memory_budget(monkeypatch):
+    """A size the memory guard refuses: 400 naming the need, the budget and the nearest size that fits."""
+    from mlx_flash.memory import required_bytes
+
+    pipe = load_pipeline(MODEL)
+    budget = required_bytes(pipe.estimate_memory(32, 32, images=10), pipe.low_memory) + 1
+    monkeypatch.setattr("mlx_flash.memory.memory_budget", lambda: budget)
+    with running_server() as small:
+        status, _, answer = call(small, "POST", "/v1/images/generations", {**GOOD, "n": 10, "size": "64x64"})
+        assert status == 400 and answer["error"]["param"] == "size", answer
+        message = answer["error"]["message"]
+        assert f"but {budget / 1e9:.1f} GB are available; the nearest size that works is " in message, message
+        nearest = message.rsplit(" ", 1)[1].rstrip(".")
+        assert nearest in ("32x32", "48x48")  # 48 when a tiled decode makes it fit
+        status, _, answer = call(small, "POST", "/v1/images/generations", {**GOOD, "n": 10, "size": nearest})
+        assert status == 200 and len(answer["data"]) == 10, answer
+
+
 def test_fifty_megabyte_body_is_refused(server):
     status, _, answer = call(server, "POST", "/v1/images/generations", b" " * (50 * 2**20),
                              {"Content-Type": "application/json"})
@@ -471,43 +527,87 @@ def test_host_cors_and_routes(server):
 
 # The web page ----------------------------------------------------------------------------------------------
 
-def test_web_page_in_headless_chromium(server, reference):
+def browser_or_skip() -> Chromium:
     executable = find_chromium()
     if executable is None:
         if os.environ.get("CI") == "true":
             pytest.fail("chromium is not installed; .ci/run installs Debian's chromium package (apt-get install -y "
                         "chromium) for this test.")
         pytest.skip("chromium is not installed (apt-get install -y chromium); CI installs it and runs this test.")
-    browser = Chromium(executable)
+    return Chromium(executable)
+
+
+def open_page(browser: Chromium, server) -> None:
+    """The server's page, with the API key typed in and the models listed."""
+    browser.navigate(server.url + "/")
+    browser.wait_for("document.readyState === 'complete' && document.getElementById('key') !== null")
+    browser.evaluate("document.getElementById('key').focus()")
+    browser.type(KEY)
+    browser.evaluate("document.getElementById('key').dispatchEvent(new Event('change'))")
+    browser.wait_for(f"document.getElementById('model').value === '{MODEL}'")
+
+
+def generate_in_page(browser: Chromium, prompt: str, seed: int) -> dict:
+    """Type a seed and a prompt, click Generate, wait for the gallery's image: what the page then shows."""
+    browser.evaluate("document.getElementById('seed').focus()")
+    browser.type(str(seed))
+    browser.evaluate("document.getElementById('prompt').focus()")
+    browser.type(prompt)
+    browser.evaluate("document.getElementById('generate').click()")
+    browser.wait_for("(i => i && i.complete && i.naturalWidth)(document.querySelector('#gallery img'))", 120)
+    shown = browser.evaluate("""(() => {
+        const img = document.querySelector('#gallery img'), canvas = document.createElement('canvas');
+        canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+        const context = canvas.getContext('2d'); context.drawImage(img, 0, 0);
+        return {seed: img.dataset.seed, status: document.getElementById('status').textContent,
+                preview: document.getElementById('preview').src.slice(0, 23),
+                caption: document.querySelector('#gallery figcaption').textContent,
+                download: document.querySelector('#gallery a').download,
+                rgba: Array.from(context.getImageData(0, 0, canvas.width, canvas.height).data)};
+    })()""")
+    shown["rgb"] = np.array(shown.pop("rgba"), np.uint8).reshape(64, 64, 4)[..., :3]
+    return shown
+
+
+def test_web_page_in_headless_chromium(server, reference):
+    browser = browser_or_skip()
     try:
-        browser.navigate(server.url + "/")
-        browser.wait_for("document.readyState === 'complete' && document.getElementById('key') !== null")
-        browser.evaluate("document.getElementById('key').focus()")
-        browser.type(KEY)
-        browser.evaluate("document.getElementById('key').dispatchEvent(new Event('change'))")
-        browser.wait_for(f"document.getElementById('model').value === '{MODEL}'")
-        browser.evaluate("document.getElementById('seed').focus()")
-        browser.type("42")
-        browser.evaluate("document.getElementById('prompt').focus()")
-        browser.type("a handwritten digit three")
-        browser.evaluate("document.getElementById('generate').click()")
-        browser.wait_for("(i => i && i.complete && i.naturalWidth)(document.querySelector('#gallery img'))", 120)
-        shown = browser.evaluate("""(() => {
-            const img = document.querySelector('#gallery img'), canvas = document.createElement('canvas');
-            canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
-            const context = canvas.getContext('2d'); context.drawImage(img, 0, 0);
-            return {seed: img.dataset.seed, status: document.getElementById('status').textContent,
-                    preview: document.getElementById('preview').src.slice(0, 23),
-                    caption: document.querySelector('#gallery figcaption').textContent,
-                    download: document.querySelector('#gallery a').download,
-                    rgba: Array.from(context.getImageData(0, 0, canvas.width, canvas.height).data)};
-        })()""")
+        open_page(browser, server)
+        assert browser.evaluate("document.getElementById('loras').hidden")  # this server has no LoRAs
+        shown = generate_in_page(browser, "a handwritten digit three", 42)
     finally:
         browser.close()
     assert shown["seed"] == "42" and shown["status"] == "succeeded" and shown["download"] == "mlx-flash-42.png"
     assert "a handwritten digit three" in shown["caption"] and shown["preview"] == "data:image/jpeg;base64,"
-    rgb = np.array(shown["rgba"], np.uint8).reshape(64, 64, 4)[..., :3]
-    assert np.array_equal(rgb, reference("a handwritten digit three", 42)[0])
+    assert np.array_equal(shown["rgb"], reference("a handwritten digit three", 42)[0])
+
+
+def test_web_page_loras_in_headless_chromium(tmp_path):
+    """The page lists the served LoRAs at their start scales; the ticked ones, at the scales typed, are sent with
+    the request and shown in the gallery's settings."""
+    style = save_digits_lora(tmp_path / "style.safetensors", 0)
+    detail = save_digits_lora(tmp_path / "detail.safetensors", 1)
+    browser = browser_or_skip()
+    try:
+        with running_server(options=ModelOptions(loras=((str(style), 1.0), (str(detail), 0.5)))) as served:
+            open_page(browser, served)
+            listed = browser.wait_for("""(() => { const rows = [...document.querySelectorAll('#loras .lora')];
+                return rows.length && rows.map((r) => [r.children[1].textContent, r.children[0].checked,
+                                                        r.children[2].value]); })()""")
+            browser.evaluate("document.querySelector('[data-lora=detail]').click()")  # untick detail
+            browser.evaluate("(e => { e.value = ''; e.focus(); })(document.querySelector('[data-scale=style]'))")
+            browser.type("0.7")
+            shown = generate_in_page(browser, "a handwritten digit five", 42)
+            _, _, served_loras = call(served, "GET", "/sdapi/v1/loras")
+    finally:
+        browser.close()
+    assert listed == [["style", True, "1"], ["detail", True, "0.5"]]
+    assert served_loras == [{"name": "style", "alias": "style", "scale": 1.0}, {"name": "detail", "alias": "detail",
+                                                                          "scale": 0.5}]
+    assert shown["status"] == "succeeded" and "LoRA style 0.7" in shown["caption"] and "detail" not in shown["caption"]
+    pipe = load_pipeline(MODEL, loras=[(style, 0.7)])
+    expected = np.asarray(pipe.generate("a handwritten digit five", seed=42, progress=False)[0])
+    assert np.array_equal(shown["rgb"], expected)
 
 
 # The command -----------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from mlx_flash.mmdit import MMDiT, MMDiTConfig
 from mlx_flash.quantization import is_quantized, quantized
 from mlx_flash.training import TrainConfig, Trainer, flow_loss, sample_sigmas
 from mlx_flash.training.data import bucket, read_folder
-from mlx_flash.training.finetune import FinetuneConfig, finetune
+from mlx_flash.training.finetune import FinetuneConfig, finetune, make_loss
 
 HEIGHT = WIDTH = 64
 TOLERANCE = 1e-3  # max abs error on [0, 1] images
@@ -66,15 +66,19 @@ def test_logit_normal_sigmas_are_shifted_sigmoids():
                        np.array(mx.sigmoid(0.5 + 2.0 * normal)), atol=1e-7)
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("mode", ["full", "lora", "lora-bfloat16"])
 def test_loss_decreases(mode):
     mx.random.seed(0)
     model = MMDiT(SMALL)
-    if mode == "lora":
+    if mode == "lora-bfloat16":  # a frozen bfloat16 base; the adapters are float32
+        model.set_dtype(mx.bfloat16)
+    if mode.startswith("lora"):
         modules = lora.target_modules(model, "transformer", ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2"])
         lora.add_adapters(model, "transformer", modules, 4, 4.0, mx.random.key(1))
     model.set_training(True)
-    losses = train(model, batch_of(SMALL), 12, 1e-2 if mode == "lora" else 3e-3)
+    losses = train(model, batch_of(SMALL), 12, 3e-3 if mode == "full" else 1e-2)
+    if mode == "lora-bfloat16":
+        assert all(v.dtype == mx.float32 for _, v in tree_flatten(model.trainable_parameters()))
     print(f"\n{mode}: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     assert losses[-1] < 0.8 * losses[0]
 
@@ -160,6 +164,65 @@ def test_trained_lora_loads_in_diffusers_with_the_same_images(tiny_pipeline_dir,
     assert metadata["transformer.r"] == 4 and "transformer_blocks.0.norm1.linear" in metadata["transformer.target_modules"]
 
 
+def test_text_encoder_lora_trains_and_loads_in_diffusers(tiny_pipeline_dir, image_folder, tmp_path):
+    """CLIP-L / CLIP-G adapters trained with the transformer's (embeddings computed in the step): the file loads
+    in diffusers' `load_lora_weights`, whose encode_prompt then gives what mlx-flash's text encoders with the file
+    give, and so do the images."""
+    from diffusers import StableDiffusion3Pipeline
+
+    config = tiny_config(tiny_pipeline_dir, image_folder, tmp_path / "te.safetensors", train_text_encoder=True,
+                         text_encoder_rank=2, text_encoder_alpha=4.0, text_encoder_learning_rate=3e-2,
+                         validation_prompts=("a green gradient",), validate_every=2)
+    path = finetune(config, progress=False)
+    tensors = mx.load(str(path))
+    for component in ("text_encoder", "text_encoder_2"):
+        names = {k.split(".lora_")[0] for k in tensors if k.startswith(f"{component}.")}
+        layers = json.loads((tiny_pipeline_dir / component / "config.json").read_text())["num_hidden_layers"]
+        assert names == {f"{component}.text_model.encoder.layers.{i}.self_attn.{p}"
+                         for i in range(layers) for p in ("q_proj", "k_proj", "v_proj", "out_proj")}
+        assert tensors[f"{component}.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"].shape[0] == 2
+    metadata = json.loads(_header(path)["lora_adapter_metadata"])
+    assert (metadata["text_encoder.r"], metadata["text_encoder_2.lora_alpha"], metadata["transformer.r"]) == (2, 4.0, 4)
+
+    prompts = ["a red gradient", "a blue gradient, bright"]
+    reference = StableDiffusion3Pipeline.from_pretrained(tiny_pipeline_dir, dtype=torch.float32)
+    reference.set_progress_bar_config(disable=True)
+    settings = dict(do_classifier_free_guidance=False, max_sequence_length=32)
+    with torch.no_grad():
+        before = reference.encode_prompt(prompts, prompts, prompts, **settings)
+        reference.load_lora_weights(str(path))
+        expected = reference.encode_prompt(prompts, prompts, prompts, **settings)
+    ours = mlx_flash.load_pipeline(tiny_pipeline_dir, dtype="float32", low_memory=False, loras=[path])
+    got = ours.text_encoders.encode(prompts, do_cfg=False, max_sequence_length=32)
+    errors, effects = [], []
+    for i in (0, 2):  # embeds, pooled
+        errors.append(float(np.abs(expected[i].numpy() - np.array(got[i // 2])).max()))
+        effects.append(float(np.abs(expected[i].numpy() - before[i].numpy()).max()))
+    scale = max(float(np.abs(e.numpy()).max()) for e in (expected[0], expected[2]))
+    print(f"\ntext-encoder LoRA, diffusers vs mlx-flash encode_prompt: max abs error {max(errors):.2e} "
+          f"(outputs up to {scale:.2f}); the LoRA changes them by up to {min(effects):.3f}")
+    assert max(errors) <= 1e-5 * scale
+    assert min(effects) > 1e-2
+
+    latents = torch.randn((1, 16, HEIGHT // 8, WIDTH // 8), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(prompt=prompts[0], num_inference_steps=3, guidance_scale=3.0, height=HEIGHT, width=WIDTH)
+    image = reference(**kwargs, latents=latents, output_type="np").images
+    mine = ours.generate(**kwargs, latents=latents.numpy(), output_type="np", skip_layer_guidance=False,
+                         progress=False)
+    print(f"images: max abs error {np.abs(image - mine).max():.2e}")
+    assert np.abs(image - mine).max() <= TOLERANCE
+
+    # the last validation image: the transformer and encoders being trained, as the saved file gives them
+    shown = [p.name for p in sorted((config.folder / "validation").iterdir())]
+    assert shown == ["step-000002-0.png", "step-000004-0.png"]
+    last = Image.open(config.folder / "validation" / shown[-1])
+    assert json.loads(last.text["mlx_flash"])["training_step"] == 4
+    again = ours.run(ours.request(["a green gradient"], seed=0)).images[0]
+    difference = np.abs(np.asarray(last.convert("RGB"), dtype=np.int16) - np.asarray(again, dtype=np.int16)).max()
+    print(f"last validation image vs the saved LoRA's: max difference {difference}/255")
+    assert difference <= 1
+
+
 def _header(path) -> dict:
     import struct
 
@@ -177,10 +240,12 @@ class Interrupt:
             raise KeyboardInterrupt
 
 
-def test_resumed_run_gives_identical_weights(tiny_pipeline_dir, image_folder, tmp_path):
+@pytest.mark.parametrize("text_encoders", [False, True])
+def test_resumed_run_gives_identical_weights(tiny_pipeline_dir, image_folder, tmp_path, text_encoders):
     train = TrainConfig(steps=5, learning_rate=1e-2, warmup=2, accumulation=2, ema_decay=0.9, checkpoint_every=2,
                         seed=1)
-    extra = dict(train=train, flip=True, caption_dropout=0.2, batch_size=2)
+    extra = dict(train=train, flip=True, caption_dropout=0.2, batch_size=2, train_text_encoder=text_encoders,
+                 text_encoder_learning_rate=1e-2)
     whole = finetune(tiny_config(tiny_pipeline_dir, image_folder, tmp_path / "whole.safetensors", **extra),
                      progress=False)
     config = tiny_config(tiny_pipeline_dir, image_folder, tmp_path / "resumed.safetensors", **extra)
@@ -192,6 +257,7 @@ def test_resumed_run_gives_identical_weights(tiny_pipeline_dir, image_folder, tm
     resumed = finetune(config, resume=True, progress=False)
     a, b = mx.load(str(whole)), mx.load(str(resumed))
     assert a.keys() == b.keys() and len(a) > 0
+    assert any(k.startswith("text_encoder_2.") for k in a) == text_encoders
     assert all(np.array_equal(np.array(a[k]), np.array(b[k])) for k in a)
     steps = [json.loads(line)["step"] for line in (config.folder / "loss.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]
@@ -201,18 +267,19 @@ def test_resumed_run_gives_identical_weights(tiny_pipeline_dir, image_folder, tm
         finetune(other, resume=True, progress=False)
 
 
-def test_qlora_trains_and_applies_to_the_float_base(tmp_path):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qlora_trains_and_applies_to_the_float_base(tmp_path, bits):
     mx.random.seed(0)
     base = MMDiT(SMALL)
     mx.eval(base.parameters())
     float_weights = dict(tree_flatten(base.parameters()))
-    model = quantized(base, 4)
+    model = quantized(base, bits)
     assert is_quantized(model)
     modules = lora.target_modules(model, "transformer", lora.DREAMBOOTH_TARGETS + ("ff.net.2",))
     lora.add_adapters(model, "transformer", modules, 4, 8.0, mx.random.key(1))
     batch = batch_of(SMALL, size=4)
     losses = train(model, batch, 12, 1e-2)
-    print(f"\nQLoRA 4-bit: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    print(f"\nQLoRA {bits}-bit: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     assert losses[-1] < 0.8 * losses[0]
     path = lora.save_lora(tmp_path / "qlora.safetensors", lora.adapter_tensors(model, "transformer", modules),
                           {"transformer": lora.peft_config(modules, 4, 8.0)})
@@ -224,6 +291,65 @@ def test_qlora_trains_and_applies_to_the_float_base(tmp_path):
     with_lora = flow_loss(plain, *batch).item()
     print(f"float base: loss {without:.4f} without the LoRA, {with_lora:.4f} with it")
     assert with_lora < 0.9 * without
+
+
+def test_group_learning_rates():
+    """A group with its own learning rate moves by that rate: AdamW's first step is the same multiple of the
+    learning rate for every weight (MLX's AdamW, without bias correction: lr * 0.1 / sqrt(0.001))."""
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = nn.Linear(3, 2), nn.Linear(3, 2)
+
+    model = Two()
+    before = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    x = mx.array(np.random.default_rng(0).standard_normal((4, 3), dtype=np.float32))
+    config = TrainConfig(steps=4, learning_rate=1e-3, warmup=0, group_learning_rates=(("second", 1e-2),))
+    trainer = Trainer(model, lambda x: (model.first(x) ** 2).sum() + (model.second(x) ** 2).sum(),
+                      lambda step, micro: (x,), config)
+    trainer.train_step()
+    moved = {k: np.abs(np.array(v) - before[k]).max() for k, v in tree_flatten(model.parameters())}
+    step = 0.1 / np.sqrt(0.001)
+    assert np.isclose(moved["first.weight"], 1e-3 * step, rtol=1e-3)
+    assert np.isclose(moved["second.weight"], 1e-2 * step, rtol=1e-3)
+
+
+def test_prior_preservation_in_one_pass_is_the_weighted_sum():
+    """DreamBooth's prior loss: instance and class batches of one size go through the model together (weighted
+    per image); the result is the instance loss plus prior_weight times the class loss."""
+    mx.random.seed(0)
+    model = MMDiT(SMALL)
+    instance, prior = batch_of(SMALL, seed=0), batch_of(SMALL, seed=1)
+    together = make_loss(model, 0.7)(instance, prior).item()
+    apart = flow_loss(model, *instance).item() + 0.7 * flow_loss(model, *prior).item()
+    assert abs(together - apart) <= 1e-6 * apart
+
+
+def test_text_encoder_training_memory_estimate():
+    """A trained CLIP's backward (LoRA on q/k/v/out, 77 tokens, CPU float32) against the estimator's."""
+    from dataclasses import replace
+
+    from mlx_flash import memory
+    from mlx_flash.clip import CLIP_G, CLIPTextModel
+
+    config = replace(CLIP_G, num_layers=4)
+    model = CLIPTextModel(config)
+    mx.eval(model.parameters())
+    lora.add_adapters(model, "text_encoder_2", lora.target_modules(model, "text_encoder_2",
+                                                                   lora.TEXT_ENCODER_TARGETS), 16, 16, mx.random.key(0))
+    ids = mx.array(np.random.default_rng(0).integers(0, 1000, (1, 77)), dtype=mx.int32)
+    grad = nn.value_and_grad(model, lambda ids: sum((x**2).mean() for x in model(ids)))
+    mx.eval(model.parameters(), ids)
+    mx.clear_cache()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    mx.eval(grad(ids))
+    measured = mx.get_peak_memory() - base
+    predicted = memory.clip_training_activations(config)
+    print(f"\nCLIP-G width, 4 layers, trained: activations measured {measured / 1e6:.1f} MB, predicted "
+          f"{predicted / 1e6:.1f} MB")
+    assert abs(predicted - measured) <= 0.15 * measured
 
 
 def test_bucket_sizes():
@@ -280,6 +406,10 @@ def test_cli_train_and_its_errors(tiny_pipeline_dir, image_folder, tmp_path, cap
     assert ".safetensors" in capsys.readouterr().err
     assert main([*args, "--full", "--quantize", "4", "--force"]) == 1
     assert "cannot train a quantized base" in capsys.readouterr().err
+    assert main([*args, "--full", "--train-text-encoder", "--force"]) == 1
+    assert "drop --full, or drop --train-text-encoder" in capsys.readouterr().err
+    assert main([*args, "--train-text-encoder", "--text-encoder-learning-rate", "0", "--force"]) == 1
+    assert "text-encoder learning rate must be positive" in capsys.readouterr().err
 
 
 def test_full_fine_tuning_writes_a_model_folder(tiny_pipeline_dir, image_folder, tmp_path):

@@ -1,4 +1,4 @@
-"""The digit models' prompt side: the real CLIP vocabulary, a small SentencePiece model trained on the
+"""The demo models' prompt side: the real CLIP vocabulary, a small SentencePiece model trained on the
 prompts, and tiny frozen random CLIP-L / CLIP-G / T5 encoders in the SD3 layout."""
 
 from __future__ import annotations
@@ -17,20 +17,18 @@ from mlx_flash.text_encoders import TextEncoders
 from mlx_flash.tokenizer import read_clip_merges, write_clip_vocab
 
 from .common import half
-from .digits_data import prompts
 
 CLIP_L = CLIPConfig(hidden_size=8, num_layers=2, num_heads=2, intermediate_size=32, projection_dim=32,
                     hidden_act="quick_gelu")
 CLIP_G = CLIPConfig(hidden_size=8, num_layers=2, num_heads=2, intermediate_size=32, projection_dim=32,
                     hidden_act="gelu")
 T5_WIDTH = 64  # = the transformer's joint_attention_dim; CLIP-L + CLIP-G widths are zero-padded to it
-SPIECE_VOCAB = 128  # whole words: every prompt is at most 6 tokens
+SPIECE_VOCAB = 128  # whole words: a digit prompt is at most 6 tokens, a shapes prompt at most 13
 
 
-def write_spiece(folder: Path) -> int:
-    """Train a SentencePiece model (pad 0, eos 1, unk 2, as T5's) on the prompts; returns its vocabulary size.
-    BPE: a unigram model trained on so few sentences stays near the character level."""
-    lines = [p for digit in range(10) for p in prompts(digit)]
+def write_spiece(folder: Path, lines: list[str]) -> int:
+    """Train a SentencePiece model (pad 0, eos 1, unk 2, as T5's) on the prompts `lines`; returns its vocabulary
+    size. BPE: a unigram model trained on so few sentences stays near the character level."""
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=model, vocab_size=SPIECE_VOCAB, model_type="bpe",
@@ -41,12 +39,13 @@ def write_spiece(folder: Path) -> int:
     return sentencepiece.SentencePieceProcessor(model_proto=model.getvalue()).vocab_size()
 
 
-def write_text_encoders(root: Path, seed: int) -> None:
-    """Tokenizers and frozen random encoders (float16) under the model folder `root`, diffusers subfolders."""
+def write_text_encoders(root: Path, seed: int, lines: list[str]) -> None:
+    """Tokenizers (SentencePiece trained on the prompts `lines`) and frozen random encoders (float16) under the
+    model folder `root`, diffusers subfolders."""
     merges = read_clip_merges()
     write_clip_vocab(root / "tokenizer", merges, "<|endoftext|>")
     write_clip_vocab(root / "tokenizer_2", merges, "!")
-    vocab = write_spiece(root / "tokenizer_3")
+    vocab = write_spiece(root / "tokenizer_3", lines)
     mx.random.seed(seed)
     save_clip(root / "text_encoder", half(CLIPTextModel(CLIP_L)))
     save_clip(root / "text_encoder_2", half(CLIPTextModel(CLIP_G)))

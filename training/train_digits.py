@@ -75,10 +75,10 @@ def scheduler_shift(root: Path) -> float:
     return json.loads((root / "scheduler" / "scheduler_config.json").read_text())["shift"]
 
 
-def new_transformer(seed: int) -> MMDiT:
+def new_transformer(seed: int, config: MMDiTConfig = TRANSFORMER) -> MMDiT:
     """The transformer with adaLN-Zero initialisation: modulations and output projection start at zero."""
     mx.random.seed(seed)
-    model = MMDiT(TRANSFORMER)
+    model = MMDiT(config)
     zero = [block.norm1.linear for block in model.transformer_blocks]
     zero += [block.norm1_context.linear for block in model.transformer_blocks] + [model.norm_out.linear, model.proj_out]
     for layer in zero:

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import preload_openblas  # noqa: E402
 from mlx_flash.vae import Autoencoder, VAEConfig, load_vae, save_vae  # noqa: E402
 from training.common import MODELS, fit, half  # noqa: E402
-from training.digits_data import grid, splits, to_images  # noqa: E402
+from training.digits_data import grid, prompts, splits, to_images  # noqa: E402
 from training.encoders import write_text_encoders  # noqa: E402
 
 VAE = VAEConfig(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8)
@@ -60,7 +60,7 @@ def main() -> None:
     args = parser.parse_args()
     preload_openblas()
 
-    write_text_encoders(args.out, args.seed)
+    write_text_encoders(args.out, args.seed, [p for digit in range(10) for p in prompts(digit)])
     (args.out / "scheduler").mkdir(parents=True, exist_ok=True)
     (args.out / "scheduler" / "scheduler_config.json").write_text(json.dumps(
         {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": SHIFT}, indent=2))

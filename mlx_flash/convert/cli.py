@@ -65,7 +65,7 @@ def component_bits(args: argparse.Namespace) -> dict[str, int]:
 
 def run(args: argparse.Namespace) -> None:
     """Run a conversion as parsed by `add_arguments`."""
-    from ..lora import parse_lora_arg
+    from ..lora import parse_scaled_arg
     from .converter import convert
 
     encoder_files = {kind: getattr(args, kind) for kind in ("clip_l", "clip_g", "t5xxl") if getattr(args, kind)}
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> None:
         args.source, args.output, dtype=args.dtype, bits=component_bits(args), group_size=args.group_size,
         policy=args.policy, use_t5=not args.no_t5, revision=args.revision, base=args.base,
         encoder_files=encoder_files, upload_repo=args.upload_repo, force=args.force,
-        loras=[parse_lora_arg(text) for text in args.lora],
+        loras=[parse_scaled_arg(text) for text in args.lora],
     )
     uploaded = f", uploaded to {args.upload_repo}" if args.upload_repo else ""
     print(f"{output} ({time.perf_counter() - start:.0f} s){uploaded}")

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from .. import __version__
 from . import a1111, openai_api
 from . import spec as fields
+from .cluster import Cluster
 from .engine import SAMPLERS
 from .errors import ApiError
 from .jobs import FINISHED, Job, Worker
@@ -50,12 +51,12 @@ class ImageServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], pool: ModelPool, *, limits: Limits = Limits(), max_queue: int = 8,
-                 preview_every: int = 1):
+                 preview_every: int = 1, cluster: Cluster | None = None):
         self.pool, self.limits = pool, limits
         self.checkpoint = a1111.Checkpoint(pool)
         self.loopback = address[0] == "localhost" or _is_loopback(address[0])
         super().__init__(address, Handler)
-        self.worker = Worker(pool, max_queue, preview_every)
+        self.worker = Worker(pool, max_queue, preview_every, cluster)
         self._active = 0  # requests being answered
         self._idle = threading.Condition()
 
@@ -380,6 +381,12 @@ def sd_models(h: Handler) -> None:
 @route("GET", "/sdapi/v1/samplers")
 def samplers(h: Handler) -> None:
     h.send_json(200, [{"name": name, "aliases": [], "options": {}} for name in SAMPLERS])
+
+
+@route("GET", "/sdapi/v1/loras")
+def loras(h: Handler) -> None:
+    """The LoRAs the server was started with (A1111's route; no file paths), each with its start scale."""
+    h.send_json(200, [{"name": name, "alias": name, "scale": scale} for name, scale in h.server.pool.loras.items()])
 
 
 @route("GET", "/sdapi/v1/options")

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable
+from dataclasses import replace
+from typing import Callable, Hashable
 
 import mlx.core as mx
 import numpy as np
@@ -14,6 +15,7 @@ from PIL import Image
 from ..callbacks import Cancel, Preview
 from ..denoise import Callback, GenerationStopped, StepState
 from ..image_io import numpy_to_pil
+from ..memory_plan import smaller_sizes
 from ..pipeline import Pipeline
 from ..request import GenerationRequest, GenerationResult, check_size
 from ..samplers import SAMPLERS
@@ -30,10 +32,11 @@ class Cancelled(Exception):
     """The job was cancelled before its images were made."""
 
 
-def prepare(pipe: Pipeline, spec: ImageSpec, fits: set[tuple] | None = None) -> GenerationRequest:
+def prepare(pipe: Pipeline, spec: ImageSpec, fits: set[tuple] | None = None, key: Hashable = None
+            ) -> GenerationRequest:
     """`spec` resolved against the model and checked (size, memory, every field) before it is queued: ApiError
-    400 with the pipeline's one-line reason. `fits` remembers the shapes whose memory check passed (the check
-    reads every component's config and weight headers: tens of milliseconds)."""
+    400 with the pipeline's one-line reason. `fits` remembers the shapes (of pipeline `key`) whose memory check
+    passed (the check reads every component's config and weight headers: tens of milliseconds)."""
     if spec.sampler is not None and spec.sampler not in SAMPLERS:
         raise ApiError(400, f"unknown sampler {spec.sampler!r}; use one of {', '.join(SAMPLERS)}.", param="sampler")
     defaults = pipe.sampling_defaults()
@@ -51,14 +54,30 @@ def prepare(pipe: Pipeline, spec: ImageSpec, fits: set[tuple] | None = None) -> 
             guidance_scale=spec.guidance, height=spec.height, width=spec.width, seed=spec.seed, image=spec.image,
             strength=spec.strength, num_images=spec.n, sampler=spec.sampler, mask=spec.mask, mask_blur=spec.mask_blur,
             padding_mask_crop=spec.padding_mask_crop)
-        shape = (id(pipe), request.height, request.width, request.batch, request.cfg, request.max_sequence_length)
+        shape = (key, request.height, request.width, request.batch, request.cfg, request.max_sequence_length)
         if fits is None or shape not in fits:
             pipe.plan_memory(request)
             if fits is not None:
                 fits.add(shape)
-    except (ValueError, MemoryError) as err:
+    except MemoryError as err:
+        raise ApiError(400, memory_advice(pipe, request, str(err)), param="size") from None
+    except ValueError as err:
         raise ApiError(400, str(err)) from None
     return request
+
+
+def memory_advice(pipe: Pipeline, request: GenerationRequest, reason: str) -> str:
+    """The memory guard's reason, with the largest size of the same shape that fits (the request's terms rather
+    than the command line's)."""
+    multiple, (height, width) = pipe.sampling_defaults().multiple, (request.height, request.width)
+    for h, w in smaller_sizes(height, width, multiple):
+        try:
+            pipe.plan_memory(replace(request, height=h, width=w))
+        except MemoryError:
+            continue
+        return f"{reason.split('; ')[0]}; the nearest size that works is {w}x{h}."
+    fewer = "; send fewer images" if request.batch > 1 else ""
+    return f"{reason.split('; ')[0]}; no size fits this server's memory{fewer}."
 
 
 def nearest_size(width: int, height: int, multiple: int, largest: int) -> tuple[int, int]:

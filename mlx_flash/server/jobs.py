@@ -21,6 +21,7 @@ from ..denoise import NonFiniteError
 from ..image_io import png_bytes
 from ..request import GenerationRequest
 from . import engine
+from .cluster import Cluster
 from .errors import ApiError
 from .models import ModelPool
 from .spec import OUTPUT_FORMATS, ImageSpec
@@ -130,12 +131,12 @@ def free_streams() -> None:
 class Worker:
     """Runs jobs one at a time on its own thread; at most `max_queue` wait behind the running one."""
 
-    def __init__(self, pool: ModelPool, max_queue: int, preview_every: int = 1):
+    def __init__(self, pool: ModelPool, max_queue: int, preview_every: int = 1, cluster: Cluster | None = None):
         if max_queue < 1:
             raise ValueError(f"--max-queue must be >= 1, got {max_queue}.")
         if preview_every < 0:
             raise ValueError(f"--preview-every must be >= 0 (0: no previews), got {preview_every}.")
-        self.pool, self.preview_every = pool, preview_every
+        self.pool, self.preview_every, self.cluster = pool, preview_every, cluster  # cluster: under mlx.launch
         self._fits: set[tuple] = set()  # request shapes whose memory check passed
         self._stopping = False
         self._queue: queue.Queue[Job | None] = queue.Queue(max_queue)
@@ -178,7 +179,8 @@ class Worker:
 
     def _prepare(self, spec: ImageSpec) -> GenerationRequest:
         """On the checker's thread: the model's pipeline (made there when first asked for) checks `spec`."""
-        return engine.prepare(self.pool.pipeline(spec.model), spec, self._fits)
+        return engine.prepare(self.pool.pipeline(spec.model, spec.loras), spec, self._fits,
+                              self.pool.key(spec.model, spec.loras))
 
     def _queue_full(self) -> ApiError:
         retry = max(1, round(self._seconds * (self.waiting + 1)))
@@ -240,6 +242,8 @@ class Worker:
         try:
             self._serve_jobs()
         finally:
+            if self.cluster is not None:
+                self.cluster.stop()
             # The weights loaded and the streams made on this thread go with it.
             self.pool.release()
             free_streams()
@@ -268,14 +272,19 @@ class Worker:
             job.publish("preview", {"step": job.step, "image": preview_url(image)})
 
         try:
-            pipe = self.pool.acquire(job.spec.model)
-            self.pool.set_lora_scales(job.spec.model, job.spec.loras)
-            result = engine.run(pipe, job.request, on_step=on_step, cancel=job.cancel, preview_every=self.preview_every,
-                                on_preview=on_preview if job.previews and self.preview_every else None)
-            job.metadata = [result.metadata(i) for i in range(len(result.images))]
-            job.images = [encode(image, meta, job.spec.output_format, job.spec.compression)
-                          for image, meta in zip(result.images, job.metadata, strict=True)]
-            job.seeds = list(result.seeds)
+            previews = on_preview if job.previews and self.preview_every else None
+            if self.cluster is None:
+                pipe = self.pool.acquire(job.spec.model, job.spec.loras, job.request)
+                result = engine.run(pipe, job.request, on_step=on_step, cancel=job.cancel, on_preview=previews,
+                                    preview_every=self.preview_every)
+                made = [(image, result.metadata(i)) for i, image in enumerate(result.images)]
+            else:
+                made = self.cluster.run(self.pool, job.spec, cancel=job.cancel, on_step=on_step, on_preview=previews,
+                                        preview_every=self.preview_every)
+            job.metadata = [metadata for _, metadata in made]
+            job.images = [encode(image, metadata, job.spec.output_format, job.spec.compression)
+                          for image, metadata in made]
+            job.seeds = [metadata["seed"] for metadata in job.metadata]
         except engine.Cancelled:
             job.finish("cancelled")
         except (ValueError, MemoryError) as err:

@@ -1,17 +1,22 @@
-"""The models a server was started with, loaded when first asked for and kept while memory allows."""
+"""The models and LoRAs a server was started with: pipelines by (model, quantization, LoRA set), made when first
+asked for and kept while memory allows."""
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
+
 from ..loading import load_pipeline
 from ..lora import check_scale
-from ..memory import memory_budget
+from ..memory import memory_budget, required_bytes
 from ..pipeline import Pipeline
+from ..request import GenerationRequest
 from .errors import ApiError
 
 log = logging.getLogger("mlx_flash.server")
@@ -40,10 +45,21 @@ def served_name(source: str) -> str:
     return path.name if path.is_absolute() or source.startswith((".", "~")) or path.exists() else source
 
 
+@dataclass(frozen=True)
+class PipelineKey:
+    """What a loaded pipeline is: a served model, its quantization and the served LoRAs attached to it (those a
+    request applies at a non-zero scale, in the order the server was started with)."""
+
+    model: str
+    quantize: int | None
+    loras: tuple[str, ...]
+
+
 class ModelPool:
-    """Pipelines by name, only for the models given at start (a request never names a path). Pipelines are
-    made on first use; before one runs, the least recently run others are released until the weights of those
-    still loaded and of this one fit the memory budget."""
+    """Pipelines by (model, quantization, LoRA set), only for the models and LoRAs given at start (a request never
+    names a path). A pipeline is made when a request first needs it; its LoRAs' scales change per request without
+    reloading. Before one runs, the least recently run others are dropped (weights freed, memory returned with
+    mx.clear_cache) until those kept and this run's peak fit the memory budget (mlx_flash.memory's estimates)."""
 
     def __init__(self, sources: list[str], options: ModelOptions):
         if not sources:
@@ -55,15 +71,23 @@ class ModelPool:
         self.loras = {lora_name(source): scale for source, scale in options.loras}  # name -> start scale
         if len(self.loras) != len(options.loras):
             raise ValueError("two --lora files have the same file name; rename one (requests name LoRAs by it).")
+        self._files = {lora_name(source): source for source, _ in options.loras}
         self.default = next(iter(self.sources))
-        self._pipes: dict[str, Pipeline] = {}
-        self._own_scales: dict[str, tuple[float, ...]] = {}  # a preset's own LoRA, loaded before the served ones
-        self._ran: list[str] = []  # models that have run (so hold weights), least recently run first
-        self._lock = threading.Lock()
+        self._pipes: OrderedDict[PipelineKey, Pipeline] = OrderedDict()  # least recently used first
+        self._ran: set[PipelineKey] = set()  # pipelines that have run, so may hold their weights
+        self._needs: dict[tuple, int] = {}  # (key, request shape) -> peak bytes of such a run
+        self._sizes: dict[PipelineKey, int] = {}  # weights of a pipeline at its default size
+        self._lock = threading.RLock()
 
     @property
     def names(self) -> list[str]:
         return list(self.sources)
+
+    @property
+    def loaded(self) -> list[PipelineKey]:
+        """The pipelines kept, least recently used first."""
+        with self._lock:
+            return list(self._pipes)
 
     def resolve(self, name: str | None) -> str:
         """A request's model field -> a served name; None or "" -> the first model given at start."""
@@ -81,62 +105,103 @@ class ModelPool:
                        code="model_not_found")
 
     def lora_scales(self, value: Any) -> tuple[tuple[str, float], ...]:
-        """A request's `loras` field -> (name, scale) of each LoRA the server was started with, in order: None
-        keeps the start scales; a list of {"name", "scale"} objects (or "name[:scale]" strings) applies those
-        LoRAs, at their start scale when none is given, and sets the others to 0."""
+        """A request's `loras` field -> (name, scale) of each LoRA it applies, in the order the server was started
+        with: None applies every LoRA at its start scale; a list of {"name", "scale"} objects (or "name[:scale]"
+        strings) applies those LoRAs, at their start scale when none is given, and no other. A scale of 0 drops
+        the LoRA."""
         if value is None:
-            return tuple(self.loras.items())
-        if not isinstance(value, list):
+            chosen = dict(self.loras)
+        elif not isinstance(value, list):
             raise ApiError(400, "'loras' must be a list of {\"name\": ..., \"scale\": ...} objects.", param="loras")
-        chosen: dict[str, float] = {}
-        for item in value:
-            name, scale = _lora_item(item)
-            if name not in self.loras:
-                served = ", ".join(self.loras) or "none"
-                raise ApiError(400, f"unknown LoRA {name!r}; this server was started with: {served} (--lora).",
-                               param="loras", code="lora_not_found")
-            chosen[name] = self.loras[name] if scale is None else scale
-        return tuple((name, chosen.get(name, 0.0)) for name in self.loras)
+        else:
+            chosen = {}
+            for item in value:
+                name, scale = _lora_item(item)
+                if name not in self.loras:
+                    served = ", ".join(self.loras) or "none"
+                    raise ApiError(400, f"unknown LoRA {name!r}; this server was started with: {served} (--lora).",
+                                   param="loras", code="lora_not_found")
+                chosen[name] = self.loras[name] if scale is None else scale
+        return tuple((name, chosen[name]) for name in self.loras if chosen.get(name, 0.0) != 0.0)
 
-    def pipeline(self, name: str) -> Pipeline:
-        """The pipeline of a served model (its components load when it first runs)."""
+    def key(self, model: str, loras: tuple[tuple[str, float], ...] = ()) -> PipelineKey:
+        return PipelineKey(model, self.options.quantize, tuple(name for name, _ in loras))
+
+    def check(self) -> None:
+        """Load every model's description with every LoRA (no weights), so that an unknown or incomplete model,
+        or a LoRA that does not fit one, fails at start rather than at the first request."""
+        for name in self.names:
+            self._load(PipelineKey(name, self.options.quantize, tuple(self.loras)))
+            self.pipeline(name)
+
+    def pipeline(self, model: str, loras: tuple[tuple[str, float], ...] = ()) -> Pipeline:
+        """The pipeline of `model` with the LoRAs of `lora_scales`' answer `loras` attached (made when first asked
+        for; its components load when it first runs)."""
+        key = self.key(model, loras)
         with self._lock:
-            if name not in self._pipes:
-                o = self.options
-                self._pipes[name] = load_pipeline(self.sources[name], dtype=o.dtype, quantize=o.quantize,
-                                                  use_t5=o.use_t5, low_memory=o.low_memory, loras=o.loras)
-                scales = self._pipes[name].loras.scales.values
-                self._own_scales[name] = tuple(scales[:len(scales) - len(o.loras)])
-            return self._pipes[name]
+            if key not in self._pipes:
+                self._pipes[key] = self._load(key)
+                self._pipes.move_to_end(key, last=False)  # not run yet: first to go
+            return self._pipes[key]
 
-    def set_lora_scales(self, name: str, loras: tuple[tuple[str, float], ...]) -> None:
-        """Give the served LoRAs of model `name` the scales of `lora_scales`' answer (a preset's own LoRA keeps
-        its scale)."""
-        if self.loras:
-            self.pipeline(name).set_lora_scales([*self._own_scales[name], *(scale for _, scale in loras)])
+    def _load(self, key: PipelineKey) -> Pipeline:
+        o = self.options
+        return load_pipeline(self.sources[key.model], dtype=o.dtype, quantize=key.quantize, use_t5=o.use_t5,
+                             low_memory=o.low_memory, loras=[(self._files[name], 1.0) for name in key.loras])
 
-    def acquire(self, name: str) -> Pipeline:
-        """`pipeline(name)`, most recently used, after releasing others whose weights would not fit beside it
-        (called by the worker only, so nothing it releases is running)."""
-        pipe = self.pipeline(name)
+    def acquire(self, model: str, loras: tuple[tuple[str, float], ...], request: GenerationRequest) -> Pipeline:
+        """The pipeline for `model` and `loras` with their scales set, most recently used, after dropping the least
+        recently used others until the weights they keep and `request`'s peak fit the memory budget (called by
+        the worker only, so nothing dropped is running)."""
+        pipe, key = self.pipeline(model, loras), self.key(model, loras)
+        scales = pipe.loras.scales.values
+        own = scales[:len(scales) - len(loras)]  # a preset's own LoRA, loaded before the served ones, keeps its scale
+        pipe.set_lora_scales([*own, *(scale for _, scale in loras)])
         with self._lock:
-            if name in self._ran:
-                self._ran.remove(name)
-            budget = memory_budget()
-            while self._ran and sum(_weights(self._pipes[n]) for n in [*self._ran, name]) > budget:
-                evicted = self._ran.pop(0)
-                log.info("releasing %s to make room for %s", evicted, name)
-                self._pipes[evicted].release()
-            self._ran.append(name)
+            need, budget, dropped = self._need(key, pipe, request), memory_budget(), False
+            while (others := [k for k in self._pipes if k != key]) and \
+                    sum(self._kept(k) for k in others) + need > budget:
+                log.info("releasing %s to make room for %s", others[0], key)
+                self._drop(others[0])
+                dropped = True
+            self._pipes.move_to_end(key)
+            self._ran.add(key)
+        if dropped:
+            mx.clear_cache()
         return pipe
 
+    def _need(self, key: PipelineKey, pipe: Pipeline, request: GenerationRequest) -> int:
+        """Peak bytes of running `request` on `pipe`, its weights included."""
+        shape = (key, request.height, request.width, request.batch, request.cfg, request.max_sequence_length)
+        if shape not in self._needs:
+            stages = pipe.estimate_memory(request.height, request.width, request.batch, request.cfg,
+                                          request.max_sequence_length, request.steps)
+            self._needs[shape] = required_bytes(stages, pipe.low_memory)
+        return self._needs[shape]
+
+    def _kept(self, key: PipelineKey) -> int:
+        """Bytes a pipeline holds between runs: its weights once it has run (none in low-memory mode, which frees
+        each component after its stage) and its LoRA files."""
+        pipe = self._pipes[key]
+        adapters = sum(pipe.loras.nbytes(pipe.dtype).values())
+        if key not in self._ran or pipe.low_memory:
+            return adapters
+        if key not in self._sizes:
+            self._sizes[key] = _weights(pipe)
+        return self._sizes[key]  # the adapters included
+
+    def _drop(self, key: PipelineKey) -> None:
+        self._pipes.pop(key).release()
+        self._ran.discard(key)
+        self._needs = {shape: n for shape, n in self._needs.items() if shape[0] != key}
+        self._sizes.pop(key, None)
 
     def release(self) -> None:
-        """Free every model's weights (the pipelines stay, to load again when next run)."""
+        """Drop every pipeline (each is made again when next asked for)."""
         with self._lock:
-            for name in self._ran:
-                self._pipes[name].release()
-            self._ran.clear()
+            for key in list(self._pipes):
+                self._drop(key)
+        mx.clear_cache()
 
 
 def _lora_item(item: Any) -> tuple[str, float | None]:

@@ -41,7 +41,7 @@ class ImageSpec:
     mask: Image.Image | None = None  # inpainting: grey, white repaints
     mask_blur: float | None = None
     padding_mask_crop: int | None = None
-    loras: tuple[tuple[str, float], ...] = ()  # (name, scale) of every LoRA served (ModelPool.lora_scales)
+    loras: tuple[tuple[str, float], ...] = ()  # (name, scale) of each served LoRA applied (ModelPool.lora_scales)
     output_format: str = "png"
     compression: int | None = None  # JPEG / WebP quality, 0-100
 

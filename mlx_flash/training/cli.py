@@ -23,6 +23,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="modules to adapt: 'attention' (diffusers' SD3 DreamBooth default: the joint "
                              "attention's projections), comma-separated diffusers module names (e.g. "
                              "to_q,to_v,ff.net.2,norm1.linear), or re:REGEX matching whole module names")
+    parser.add_argument("--train-text-encoder", action="store_true",
+                        help="train LoRAs on CLIP-L and CLIP-G too (their attention projections; prompts are then "
+                             "encoded in every step, T5's part once)")
+    parser.add_argument("--text-encoder-rank", type=int, default=None, help="the CLIP LoRAs' rank (default: --rank)")
+    parser.add_argument("--text-encoder-alpha", type=float, default=None,
+                        help="the CLIP LoRAs' alpha (default: their rank)")
+    parser.add_argument("--text-encoder-learning-rate", type=float, default=5e-6,
+                        help="peak learning rate of the CLIP LoRAs (default 5e-6, as diffusers' DreamBooth script)")
     parser.add_argument("--steps", type=int, default=1000, help="optimiser steps (default 1000)")
     parser.add_argument("--learning-rate", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
     parser.add_argument("--warmup", type=int, default=100, help="linear warm-up steps, then cosine decay")
@@ -77,7 +85,9 @@ def run(args: argparse.Namespace) -> None:
                         checkpoint_every=args.checkpoint_every, seed=args.seed)
     config = FinetuneConfig(
         model=args.model, data=args.data, output=args.output, train=train, rank=args.rank, alpha=args.alpha,
-        targets=targets(args.targets), full=args.full, quantize=args.quantize, dtype=args.dtype,
+        targets=targets(args.targets), full=args.full, train_text_encoder=args.train_text_encoder,
+        text_encoder_rank=args.text_encoder_rank, text_encoder_alpha=args.text_encoder_alpha,
+        text_encoder_learning_rate=args.text_encoder_learning_rate, quantize=args.quantize, dtype=args.dtype,
         resolution=args.resolution, batch_size=args.batch_size, flip=args.flip, caption_dropout=args.caption_dropout,
         max_sequence_length=args.max_sequence_length, use_t5=not args.no_t5,
         gradient_checkpointing=not args.no_checkpointing, class_data=args.class_data, prior_weight=args.prior_weight,

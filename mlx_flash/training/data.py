@@ -24,6 +24,7 @@ from ..layout import fingerprint
 from ..quantization import quantized
 from ..t5 import load_t5
 from ..text_encoders import TextEncoders
+from ..tokenizer import CLIPTokenizer
 from ..vae import VAEConfig, load_vae
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -194,9 +195,9 @@ class Dataset:
 
     sizes: list[tuple[int, int]]  # the bucket (width, height) of each example
     posteriors: list[list[tuple[mx.array, mx.array]]]  # [example][flip] -> (mean, std), VAE latent space
-    rows: np.ndarray  # prompt row of each example in `embeds` / `pooled`
-    embeds: mx.array
-    pooled: mx.array
+    rows: np.ndarray  # prompt row of each example in `prompts`
+    # per prompt row: (embeds, pooled); or, for trained CLIP encoders, (T5 embeds, CLIP-L ids, CLIP-G ids)
+    prompts: tuple[mx.array, ...]
     empty: int  # the row of the empty prompt (caption dropout)
     vae: VAEConfig
 
@@ -204,8 +205,8 @@ class Dataset:
         return len(self.sizes)
 
     def batch(self, rng: np.random.Generator, batch_size: int, caption_dropout: float = 0.0) -> tuple:
-        """A random batch of one bucket: (x0 latents sampled from the posteriors, embeds, pooled). The bucket is
-        drawn in proportion to its examples; its examples without replacement while they last."""
+        """A random batch of one bucket: (x0 latents sampled from the posteriors, *its prompts' arrays). The bucket
+        is drawn in proportion to its examples; its examples without replacement while they last."""
         buckets = sorted(set(self.sizes))
         members = [np.flatnonzero([s == b for s in self.sizes]) for b in buckets]
         chosen = members[rng.choice(len(buckets), p=[len(m) / len(self) for m in members])]
@@ -216,21 +217,26 @@ class Dataset:
         x0 = self.vae.to_diffusion(means + stds * mx.array(rng.standard_normal(means.shape, dtype=np.float32)))
         rows = np.where(rng.random(batch_size) < caption_dropout, self.empty, self.rows[picks])
         rows = mx.array(rows)
-        return x0, self.embeds[rows], self.pooled[rows]
+        return (x0, *(p[rows] for p in self.prompts))
 
 
 def build_dataset(root: Path, examples: Sequence[Example], cache: Path, *, resolution: int, flip: bool,
                   max_sequence_length: int, joint_attention_dim: int, dtype: mx.Dtype, use_t5: bool = True,
-                  quantize_t5: int | None = None) -> Dataset:
-    """Encode `examples` (prompts first, then latents) into a Dataset, with cached results reused."""
+                  quantize_t5: int | None = None, clip_ids: bool = False) -> Dataset:
+    """Encode `examples` (prompts first, then latents) into a Dataset, with cached results reused. `clip_ids`:
+    keep the captions' CLIP token ids and only T5's part of the embeddings (the CLIP encoders are trained)."""
     captions = sorted({e.caption for e in examples} | {""})
     embeds, pooled = encode_prompts(root, captions, cache, max_sequence_length=max_sequence_length,
                                     joint_attention_dim=joint_attention_dim, dtype=dtype, use_t5=use_t5,
                                     quantize=quantize_t5)
+    prompts = (embeds, pooled)
+    if clip_ids:
+        ids = [CLIPTokenizer(root / name)(captions) for name in ("tokenizer", "tokenizer_2")]
+        prompts = (embeds[:, ids[0].shape[1]:], *ids)
     sizes = [bucket(*open_rgb(e.image).size, resolution) for e in examples]
     flips = (False, True) if flip else (False,)
     encoded = encode_images(root, [(e.image, s, f) for e, s in zip(examples, sizes) for f in flips], cache, dtype)
     posteriors = [encoded[i * len(flips) : (i + 1) * len(flips)] for i in range(len(examples))]
     vae = VAEConfig.from_dict(json.loads((root / "vae" / "config.json").read_text()))
     rows = np.array([captions.index(e.caption) for e in examples])
-    return Dataset(sizes, posteriors, rows, embeds, pooled, captions.index(""), vae)
+    return Dataset(sizes, posteriors, rows, prompts, captions.index(""), vae)

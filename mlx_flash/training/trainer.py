@@ -9,7 +9,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -24,7 +24,9 @@ CHECKPOINT = "step-{:08d}"
 class TrainConfig:
     """Optimisation settings. `warmup` steps of linear warm-up (at most half the run), then cosine decay to 0;
     `accumulation` micro-batches per step (their gradients averaged); `ema_decay`: keep an average of the weights
-    (decay min(ema_decay, (1 + step) / (10 + step))); a checkpoint every `checkpoint_every` steps."""
+    (decay min(ema_decay, (1 + step) / (10 + step))); a checkpoint every `checkpoint_every` steps;
+    `group_learning_rates`: (name, peak learning rate) of top-level groups of the trainable parameters trained at
+    their own rate (e.g. text-encoder adapters beside the transformer's), on the same schedule."""
 
     steps: int
     learning_rate: float
@@ -34,12 +36,14 @@ class TrainConfig:
     ema_decay: float | None = None
     checkpoint_every: int | None = None
     seed: int = 0
+    group_learning_rates: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self):
         if self.steps < 1:
             raise ValueError(f"steps must be at least 1, got {self.steps}.")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning rate must be positive, got {self.learning_rate}.")
+        for lr in (self.learning_rate, *(lr for _, lr in self.group_learning_rates)):
+            if not lr > 0:
+                raise ValueError(f"learning rate must be positive, got {lr}.")
         if self.accumulation < 1:
             raise ValueError(f"gradient accumulation must be at least 1 micro-batch, got {self.accumulation}.")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
@@ -48,14 +52,62 @@ class TrainConfig:
             raise ValueError(f"checkpoint interval must be at least 1 step, got {self.checkpoint_every}.")
 
 
-def learning_rate_schedule(config: TrainConfig) -> Callable[[mx.array], mx.array]:
-    """Linear warm-up from lr / warmup to lr over `warmup` steps (at most half the run), then cosine decay."""
+def learning_rate_schedule(config: TrainConfig, lr: float | None = None) -> Callable[[mx.array], mx.array]:
+    """Linear warm-up from lr / warmup to lr (default `config.learning_rate`) over `warmup` steps (at most half
+    the run), then cosine decay."""
     warmup = min(config.warmup, config.steps // 2)
-    lr = config.learning_rate
+    lr = config.learning_rate if lr is None else lr
     if warmup == 0:
         return optim.cosine_decay(lr, config.steps)
     return optim.join_schedules([optim.linear_schedule(lr / warmup, lr, warmup),
                                  optim.cosine_decay(lr, config.steps - warmup)], [warmup])
+
+
+def adamw(config: TrainConfig, lr: float | None = None) -> optim.AdamW:
+    return optim.AdamW(learning_rate=learning_rate_schedule(config, lr), weight_decay=config.weight_decay)
+
+
+class GroupedAdamW:
+    """AdamW whose top-level parameter groups `rates` ({name: peak learning rate}) each have their own optimiser
+    (and rate, on the same schedule); every other group is trained at `config.learning_rate`. The parts of
+    `mlx.optimizers.Optimizer` that the Trainer uses: init, update, state, learning_rate."""
+
+    def __init__(self, config: TrainConfig, rates: Mapping[str, float]):
+        self.rest = adamw(config)
+        self.groups = {name: adamw(config, lr) for name, lr in rates.items()}
+
+    def _split(self, tree: dict) -> list[tuple[optim.AdamW, dict]]:
+        rest = {k: v for k, v in tree.items() if k not in self.groups}
+        return [(self.rest, rest), *((o, {name: tree[name]}) for name, o in self.groups.items() if name in tree)]
+
+    def init(self, parameters: dict) -> None:
+        for optimizer, part in self._split(parameters):
+            optimizer.init(part)
+
+    def update(self, model: nn.Module, gradients: dict) -> None:
+        for optimizer, part in self._split(gradients):
+            optimizer.update(model, part)
+
+    @property
+    def state(self) -> dict:
+        return {"rest": self.rest.state, **{name: o.state for name, o in self.groups.items()}}
+
+    @state.setter
+    def state(self, state: dict) -> None:
+        self.rest.state = state["rest"]
+        for name, optimizer in self.groups.items():
+            optimizer.state = state[name]
+
+    @property
+    def learning_rate(self) -> mx.array:
+        return self.rest.learning_rate
+
+
+def make_optimizer(config: TrainConfig) -> optim.AdamW | GroupedAdamW:
+    """AdamW on the schedule; one per group when the config gives groups their own learning rates."""
+    if config.group_learning_rates:
+        return GroupedAdamW(config, dict(config.group_learning_rates))
+    return adamw(config)
 
 
 class EMA:
@@ -85,7 +137,7 @@ class Trainer:
         self.model, self.batch, self.config, self.folder = model, batch, config, folder
         self.settings = json.loads(json.dumps({**asdict(config), **(settings or {})}))
         self.callbacks = list(callbacks)
-        self.optimizer = optim.AdamW(learning_rate=learning_rate_schedule(config), weight_decay=config.weight_decay)
+        self.optimizer = make_optimizer(config)
         self.optimizer.init(model.trainable_parameters())
         self.value_and_grad = nn.value_and_grad(model, loss)
         self.ema = EMA(model.trainable_parameters(), config.ema_decay) if config.ema_decay else None
