@@ -2,6 +2,8 @@
 classifier: an RBF SVC trained on the 600 real digits held out from the generator's training.
 
     python benchmarks/quality.py [--per-digit 30] [--out benchmarks/results]
+    python benchmarks/quality.py --distillation FLASH --trajectory FOLDER [--ablation NAME=FOLDER ...] [--per-digit 30]
+
 
 For the teacher at 1, 2, 4, 8 and 28 steps (its default guidance) and the student at 2 and 4 steps (no
 guidance), each in float32 and quantized on load to 8 and 4 bits, it generates `per-digit` images of each
@@ -9,11 +11,17 @@ digit (prompts cycling through the training templates, the same seeds in every r
 the way the training images were made, and reports the classifier's accuracy on the intended digit and the
 Frechet distance between PCA features of the generated and the held-out real digits. The reference row
 scores real digits of the generator's training split the same way. Writes quality.md and digits_grid.png.
+
+`--distillation FLASH` scores issue #16's table instead (quality_distillation.md): the teacher at 28 steps
+(CFG), the trajectory student (`--trajectory`, stage 3's output) and the Flash student (model folder FLASH, from `mlx-flash distill`) at 1,
+2 and 4 steps, the Flash student without T5 at inference, and each `--ablation` student (a folder distilled with
+one part of the method off) at the Flash student's steps, in float32 and at 4 bits.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -98,14 +106,56 @@ def reference_rows(score: Scorer, per_digit: int) -> list[str]:
     return rows
 
 
+def distillation_rows(flash: Path, trajectory: str, ablations: list[tuple[str, Path]]) -> list[tuple[str, str, int, bool]]:
+    """(label, model, steps, use_t5) of issue #16's table."""
+    steps = json.loads((flash / "mlx_flash.json").read_text())["defaults"]["num_inference_steps"]
+    rows = [("teacher (CFG)", "digits", 28, True)]
+    rows += [("trajectory student", trajectory, n, True) for n in (1, 2, 4)]
+    rows += [("Flash student", str(flash), n, True) for n in (1, 2, 4)]
+    rows += [("Flash student, no T5 at inference", str(flash), steps, False)]
+    return rows + [(f"ablation: {name}", str(folder), steps, True) for name, folder in ablations]
+
+
+def distillation_table(args: argparse.Namespace, score: Scorer) -> None:
+    """Issue #16's table: quality_distillation.md."""
+    ablations = []
+    for spec in args.ablation:
+        name, _, folder = spec.partition("=")
+        ablations.append((name, Path(folder)))
+    lines = ["| model | steps | guidance | precision | accuracy | Frechet distance |", "|---|---|---|---|---|---|"]
+    for label, model, steps, use_t5 in distillation_rows(args.distillation, args.trajectory, ablations):
+        for precision in ("float32", "4-bit"):
+            pipe = load_pipeline(model, dtype="float32", quantize=PRECISIONS[precision], use_t5=use_t5)
+            images, labels = generate(pipe, steps, args.per_digit)
+            accuracy, distance = score(to_digits(images), labels)
+            lines.append(f"| {label} | {steps} | {pipe.defaults()[1]:g} | {precision} | {accuracy:.1%} | "
+                         f"{distance:.1f} |")
+            print(lines[-1], flush=True)
+    header = (f"Digits generated per row: {10 * args.per_digit} ({args.per_digit} per digit, seeds {SEED}-"
+              f"{SEED + 10 * args.per_digit - 1}), scored as in quality.md (held-out SVC accuracy; Frechet distance "
+              f"of {PCA_DIMS}-dim PCA features to the {len(score.real)} held-out real digits, lower is better). "
+              f"Flash student: {args.distillation}; trajectory student: {args.trajectory}; ablations: "
+              + (", ".join(f"{n} = {f}" for n, f in ablations) or "none") + ".\n\n")
+    (args.out / "quality_distillation.md").write_text(header + "\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--per-digit", type=int, default=30)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--distillation", type=Path, default=None, metavar="FLASH",
+                        help="score issue #16's distillation table for this Flash student folder")
+    parser.add_argument("--trajectory", default="digits-flash", metavar="FOLDER",
+                        help="the trajectory-distilled student (stage 3's output; with --distillation)")
+    parser.add_argument("--ablation", action="append", default=[], metavar="NAME=FOLDER",
+                        help="an ablation's student folder (repeatable; with --distillation)")
     args = parser.parse_args()
     preload_openblas()
     args.out.mkdir(parents=True, exist_ok=True)
     score = Scorer()
+    if args.distillation is not None:
+        distillation_table(args, score)
+        return
 
     lines = ["| model | steps | guidance | precision | accuracy | Frechet distance | s / image |",
              "|---|---|---|---|---|---|---|"] + reference_rows(score, args.per_digit)

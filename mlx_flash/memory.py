@@ -259,6 +259,35 @@ def estimate_training(
     return TrainingEstimate(base, copies * trained, activations)
 
 
+def estimate_distillation(
+    transformer: MMDiTConfig,
+    *,
+    height: int,
+    width: int,
+    quantize: Callable[[nn.Module], object] | None = None,
+    rank: int = 16,
+    fake_rank: int = 16,
+    **kwargs,
+) -> TrainingEstimate:
+    """Peak bytes of one SD3.5-Flash distillation step (`mlx_flash.training.distill`, LoRA student): the frozen
+    base held once, the student's and the fake score's adapters (rank `rank` / `fake_rank` on the DreamBooth
+    targets) and the discriminator head, each with gradients and AdamW moments, and one training step's
+    activations (the roles run one after another on the base). `kwargs` as `estimate_training`'s."""
+    from .lora import DREAMBOOTH_TARGETS, add_adapters, lora_layers, target_modules
+
+    def adapters(model: nn.Module) -> None:
+        modules = target_modules(model, "transformer", DREAMBOOTH_TARGETS)
+        scales = add_adapters(model, "transformer", modules, rank, rank, mx.random.key(0))
+        add_adapters(model, "transformer", modules, fake_rank, fake_rank, mx.random.key(1), scales)
+        for layer in lora_layers(model).values():  # adding a set froze the earlier one: both are trained
+            layer.unfreeze(keys=[k for k, _ in tree_flatten({"lora": layer["lora"]})], recurse=False)
+
+    estimate = estimate_training(transformer, height=height, width=width, quantize=quantize, lora=adapters, **kwargs)
+    d = transformer.hidden_size
+    head = (2 * d + d * 64 + 64 + 65) * 4 * 4  # the head's float32 weights, gradients and AdamW moments
+    return TrainingEstimate(estimate.base, estimate.trained + head, estimate.activations)
+
+
 def clip_training_activations(config: CLIPConfig, batch: int = 1, tokens: int = 77) -> int:
     """Bytes a trained CLIP encoder's backward holds (CPU float32): every layer's saved tensors and one layer's
     backward."""

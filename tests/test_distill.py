@@ -24,6 +24,7 @@ from mlx_flash.training.distill import (
     DistillConfig,
     Distiller,
     Models,
+    RealSide,
     teacher_samples,
 )
 
@@ -149,7 +150,7 @@ def test_timestep_shared_points_are_the_students_sampler():
     cfg = config(steps=4, split=False)
     m = models(cfg)
     c = conditions()
-    trainer = Distiller(m, cfg, c, shift=3.0, guidance=2.0, teacher=None, real_latents=None)
+    trainer = Distiller(m, cfg, c, shift=3.0, guidance=2.0, teacher=None, real=None)
     d = trainer.draw(1)
     d["embeds"], d["pooled"] = c.embeds[:1], c.pooled[:1]
     sigmas = sampler.flow_sigmas(4, 3.0)
@@ -245,7 +246,7 @@ def test_steps_train_and_resume_exactly(tmp_path, sharing):
     cfg = config(train_steps=4, timestep_sharing=sharing, steps=4)
     c = conditions()
     rng = np.random.default_rng(5)
-    real = mx.array(rng.standard_normal((4, 4, 4, 16), dtype=np.float32))
+    real = RealSide(mx.array(rng.standard_normal((4, 4, 4, 16), dtype=np.float32)), mx.arange(4) % 3, c)
 
     def run(folder, steps=None, resume=False):
         m = models(cfg)
@@ -260,7 +261,7 @@ def test_steps_train_and_resume_exactly(tmp_path, sharing):
 
     start = dict(tree_flatten(models(cfg).trainable_parameters()))
     full, trainer = run(None)
-    assert set(trainer.losses) == {"fake", "student"}
+    assert set(trainer.losses) == {"fake", "student", "dm", "generator"}
     after = dict(tree_flatten(full.trainable_parameters()))
     for role in ("student", "fake"):
         assert max(np.abs(np.array(after[k] - start[k])).max() for k in full.paths(role)) > 0, role
@@ -324,7 +325,7 @@ def test_cli_distils_digits(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("the number 1\nthe number 7\n")
     out = tmp_path / "student"
-    code = main(["distill", "digits", str(out), "--steps", "2", "--prompts", str(prompts), "--train-steps", "3",
+    code = main(["distill", "digits", str(out), "--steps", "4", "--prompts", str(prompts), "--train-steps", "3",
                  "--rank", "4", "--fake-rank", "4", "--teacher-samples", "4", "--trajectory-warmup", "1",
                  "--t5-dropout", "0.5", "--validation-prompt", "the number 3", "--validate-every", "2"])
     assert code == 0
@@ -332,16 +333,82 @@ def test_cli_distils_digits(tmp_path):
     assert [json.loads(line)["step"] for line in (work / "losses.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert sorted(p.name for p in (work / "validation").iterdir()) == ["step-000002.png", "step-000003.png"]
     manifest = json.loads((out / "mlx_flash.json").read_text())
-    assert manifest["defaults"]["num_inference_steps"] == 2 and manifest["defaults"]["guidance_scale"] == 1.0
+    assert manifest["defaults"]["num_inference_steps"] == 4 and manifest["defaults"]["guidance_scale"] == 1.0
+    teacher = json.loads((mlx_flash.loading.PACKAGED_MODELS / "digits" / "mlx_flash.json").read_text())
+    assert manifest["latent_rgb"] == teacher["latent_rgb"]  # the VAE's preview map is kept
     pipe = mlx_flash.load_pipeline(str(out))
     image = pipe.generate("the number 7", seed=0, output_type="np")[0]
     assert image.shape == (64, 64, 3) and np.isfinite(image).all() and image.std() > 0.01
     assert main(["distill", "digits", str(out), "--steps", "2", "--prompts", str(prompts)]) == 1  # exists
     assert main(["distill", "digits", str(tmp_path / "x.safetensors"), "--full", "--prompts", str(prompts)]) == 1
     assert main(["distill", "digits", str(tmp_path / "y"), "--prompts", str(tmp_path / "none.txt")]) == 1
+    assert main(["distill", "digits", str(tmp_path / "z"), "--steps", "2", "--prompts", str(prompts)]) == 1  # no split
+    assert main(["distill", "digits", str(tmp_path / "w"), "--init", "digits-flash", "--prompts", str(prompts)]) == 1
     lora_out = tmp_path / "student.safetensors"
     assert main(["distill", "digits", str(lora_out), "--steps", "2", "--prompts", str(prompts), "--train-steps", "2",
                  "--rank", "4", "--fake-rank", "4", "--renoise", "--data", str(images)]) == 0
     pipe = mlx_flash.load_pipeline("digits", loras=[str(lora_out)])
     assert np.isfinite(pipe.generate("the number 1", seed=0, output_type="np", num_inference_steps=2,
                                      guidance_scale=1.0)[0]).all()
+
+
+def test_trajectory_guidance_is_the_teachers_ode_over_the_students_step():
+    """Its target equals the guided teacher's Euler sub-steps from the student's point x_k to the next student
+    noise level, computed directly; the logged term equals mean |v_student - target|^2."""
+    cfg = config(steps=4, split=False, trajectory_weight=0.5, trajectory_substeps=3, adversarial_weight=0.0)
+    m, c = models(cfg), conditions()
+    trainer = Distiller(m, cfg, c, shift=3.0, guidance=2.0, teacher=None, real=None)
+    d = trainer.draw(1)
+    k, sigmas = d["k"], sampler.flow_sigmas(4, 3.0)
+    x_k, s_k = trainer.student_point(d, 0)
+    got = trainer.teacher_step(d, 0, x_k)
+
+    x = np.array(x_k, dtype=np.float64)
+    levels = np.linspace(sigmas[k], sigmas[k + 1], 4)
+    with m.role("teacher") as model:
+        for a, b in zip(levels[:-1], levels[1:]):
+            t = mx.full((1,), float(a) * 1000)
+            v_uncond = np.array(model(mx.array(x, dtype=mx.float32), t, d["negative_embeds"], d["negative_pooled"]))
+            v_cond = np.array(model(mx.array(x, dtype=mx.float32), t, d["teacher_embeds"], d["teacher_pooled"]))
+            x = x + (b - a) * (v_uncond + 2.0 * (v_cond - v_uncond))
+    expected = (x - np.array(x_k)) / (sigmas[k + 1] - sigmas[k])
+    assert np.abs(expected).max() > 0.1
+    assert np.allclose(np.array(got), expected, atol=1e-4)
+
+    with m.role("student") as model:
+        v_student = np.array(model(x_k, s_k * 1000, d["embeds"], d["pooled"]))
+    trainer.train_step()  # the fake update before it touches neither the student nor the teacher
+    assert trainer.losses["trajectory"] == pytest.approx(float(((v_student - expected) ** 2).mean()), rel=1e-4)
+
+
+def test_real_side_keeps_its_own_captions():
+    """The discriminator sees each real latent with its own caption (T5 dropped with the batch's draw)."""
+    cfg = config(batch_size=6, t5_dropout=0.5)
+    c = conditions()
+    latents = mx.array(np.random.default_rng(3).standard_normal((5, 4, 4, 16), dtype=np.float32))
+    rows = np.array([2, 0, 1, 2, 0])
+    trainer = Distiller(models(cfg), cfg, c, 3.0, 2.0, None, RealSide(latents, mx.array(rows), c))
+    d = trainer.draw(3)
+    dropped = set()
+    for i in range(6):
+        j = int(np.flatnonzero(np.all(np.array(latents) == np.array(d["real"][i]), axis=(1, 2, 3)))[0])
+        drop = not np.allclose(np.array(d["embeds"][i]), np.array(d["teacher_embeds"][i]))
+        dropped.add(drop)
+        table = c.no_t5_embeds if drop else c.embeds
+        assert np.array_equal(np.array(d["real_embeds"][i]), np.array(table[int(rows[j])]))
+        assert np.array_equal(np.array(d["real_pooled"][i]), np.array(c.pooled[int(rows[j])]))
+    assert dropped == {True, False}
+
+
+def test_estimate_distillation_counts_both_adapters_and_the_head():
+    """The estimator's trained bytes are the distiller's own trainable parameters (student and fake-score
+    adapters on the DreamBooth targets, the head) times four (weights, gradients, AdamW's two moments)."""
+    from mlx_flash import memory
+
+    cfg = DistillConfig(train=TrainConfig(steps=2, learning_rate=1e-3), split=False, rank=4, fake_rank=2)
+    base = MMDiT(SMALL)
+    m = Models(base, cfg, lora.target_modules(base, "transformer", cfg.targets), mx.random.key(0))
+    trained = sum(v.nbytes for _, v in tree_flatten(m.trainable_parameters()))
+    estimate = memory.estimate_distillation(SMALL, height=32, width=32, rank=4, fake_rank=2)
+    assert estimate.trained == 4 * trained
+    assert estimate.base == memory.estimate_training(SMALL, height=32, width=32).trained // 4

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -53,7 +53,8 @@ class DistillConfig:
     """What to distil. `steps`: the student's Euler steps; `guidance`: the teacher's CFG scale (default its
     model's); `split_boundary` / `split_ratio`: the branches' noise-level boundary and merge weights (high : low);
     `warmup_steps`: trajectory regression onto teacher samples first; `t5_dropout`: fraction of prompts encoded
-    without T5; `adversarial_weight` 0 turns the adversarial loss off."""
+    without T5; `adversarial_weight` 0 turns the adversarial loss off; `trajectory_weight` > 0 adds trajectory
+    guidance (the student's step regressed onto the teacher's over it, `trajectory_substeps` Euler steps)."""
 
     train: TrainConfig
     steps: int = 4
@@ -66,12 +67,16 @@ class DistillConfig:
     quantize: int | None = None
     timestep_sharing: bool = True
     split: bool = True
-    split_boundary: float = 0.5
+    split_boundary: float = 0.75  # t = 500 before SD3's shift of 3: 3 * 0.5 / (1 + 2 * 0.5)
+    min_sigma: float = 0.02  # timestep sharing skips the student's steps below this noise level (DMD's t range)
     split_ratio: tuple[float, float] = (3.0, 7.0)
     adversarial_weight: float = 0.1
+    trajectory_weight: float = 0.0
+    trajectory_substeps: int = 4
     adversarial_loss: str = "non-saturating"
     feature_block: int | None = None  # default: the middle block
     fake_updates: int = 1
+    fake_warmup: int = 0  # steps at the start of each branch that train only the fake score (and head)
     fake_learning_rate: float | None = None
     warmup_steps: int = 0
     t5_dropout: float = 0.0
@@ -79,10 +84,13 @@ class DistillConfig:
     teacher_samples: int = 16
     teacher_steps: int | None = None
     latent_size: tuple[int, int] | None = None  # (height, width) of the latents; default the model's sample size
+    student_init: str | None = None  # a transformer folder (or a model folder holding one) the full student starts from
 
     def __post_init__(self):
         if self.steps not in (1, 2, 4):
             raise ValueError(f"the student takes 1, 2 or 4 steps, got {self.steps}.")
+        if self.student_init is not None and not self.full:
+            raise ValueError("a student initialised from another transformer is a full copy of it; add --full.")
         if self.full and self.quantize:
             raise ValueError("a full student trains every weight, so the base cannot be quantized; drop --quantize.")
         if not 0 < self.split_boundary < 1:
@@ -91,8 +99,9 @@ class DistillConfig:
             raise ValueError(f"split ratio must be two non-negative weights HIGH:LOW, e.g. 3:7; got {self.split_ratio}.")
         if not 0 <= self.t5_dropout <= 1:
             raise ValueError(f"T5 dropout must be in [0, 1], got {self.t5_dropout}.")
-        if self.fake_updates < 1 or self.batch_size < 1 or self.teacher_samples < 1:
-            raise ValueError("fake updates, batch size and teacher samples must each be at least 1.")
+        if min(self.fake_updates, self.batch_size, self.teacher_samples, self.trajectory_substeps) < 1:
+            raise ValueError("fake updates, batch size, teacher samples and trajectory substeps must each be at "
+                             "least 1.")
         if self.warmup_steps >= self.train.steps:
             raise ValueError(f"the trajectory warm-up ({self.warmup_steps} steps) must be shorter than the run "
                              f"({self.train.steps} steps).")
@@ -135,7 +144,8 @@ class Models(nn.Module):
             students.append(str(len(self.scales.values) - 1))
         lora.add_adapters(base, "transformer", modules, config.fake_rank, config.fake_rank, keys[-1], self.scales)
         self.adapters = Adapters(tuple(students), str(len(self.scales.values) - 1), tuple(self.scales.values))
-        self.head = dmd.DiscriminatorHead(base.config.hidden_size)
+        self.head_keys = iter(mx.random.split(mx.random.split(keys[-1])[1], 3))  # the first head, then fresh ones
+        self.head = dmd.DiscriminatorHead(base.config.hidden_size, key=next(self.head_keys))
         self.freeze()  # the base; every adapter, the head and full students are trained (each by its role)
         for layer in lora.lora_layers(base).values():
             layer.unfreeze(keys=[k for k, _ in tree_flatten({"lora": layer["lora"]})], recurse=False)
@@ -193,7 +203,7 @@ class Models(nn.Module):
             adapter = layer["lora"].get(self.adapters.fake)
             if adapter is not None:
                 adapter["up"] = mx.zeros_like(adapter["up"])
-        self.head.update(dmd.DiscriminatorHead(self.base.config.hidden_size).parameters())
+        self.head.update(dmd.DiscriminatorHead(self.base.config.hidden_size, key=next(self.head_keys)).parameters())
 
     def merged_student(self, ratio: float) -> MMDiT:
         """The student with its branches merged by weight interpolation (ratio * high + (1 - ratio) * low), as
@@ -240,6 +250,16 @@ class Conditions:
         return self.embeds.shape[0]
 
 
+@dataclass
+class RealSide:
+    """The discriminator's real side: latents, and the rows of `conditions` holding each one's caption (the
+    head sees real and generated latents each with its own prompt)."""
+
+    latents: mx.array
+    rows: mx.array
+    conditions: Conditions
+
+
 def encode_conditions(root: Path, prompts: Sequence[str], cache: Path, *, max_sequence_length: int,
                       joint_attention_dim: int, dtype: mx.Dtype, t5: bool) -> Conditions:
     """The prompts (and the empty one, last) encoded with T5 and, when `t5` dropout is used, without."""
@@ -256,12 +276,14 @@ class Distiller(Trainer):
 
     def __init__(self, models: Models, config: DistillConfig, conditions: Conditions, shift: float,
                  guidance: float, teacher: tuple[mx.array, mx.array, mx.array] | None,
-                 real_latents: mx.array | None, folder: Path | None = None, settings: dict | None = None):
+                 real: RealSide | None, folder: Path | None = None, settings: dict | None = None):
         self.models, self.dconfig, self.conditions, self.guidance = models, config, conditions, guidance
         self.sigmas = flow_sigmas(config.steps, shift)
         self.shift = shift
         self.teacher = teacher  # (noise, prompt rows, samples) of the teacher's sampler
-        self.real = real_latents if real_latents is not None else (teacher[2] if teacher is not None else None)
+        if real is None and teacher is not None:
+            real = RealSide(teacher[2], teacher[1], conditions)
+        self.real = real
         c = models.base.config
         self.block = config.feature_block if config.feature_block is not None else c.num_layers // 2
         self.shape = (*(config.latent_size or (c.sample_size, c.sample_size)), c.out_channels)
@@ -290,6 +312,11 @@ class Distiller(Trainer):
         warmup = self.dconfig.warmup_steps
         return int(self.dconfig.split and step > warmup + (self.config.steps - warmup) // 2)
 
+    def phase_start(self, step: int) -> int:
+        """The first step of the branch phase `step` is in (after the trajectory warm-up)."""
+        warmup = self.dconfig.warmup_steps
+        return warmup + 1 + (self.config.steps - warmup) // 2 * self.branch(step)
+
     def noise_range(self, branch: int) -> tuple[float, float]:
         if not self.dconfig.split:
             return 0.0, 1.0
@@ -297,12 +324,17 @@ class Distiller(Trainer):
         return (b, 1.0) if branch == 0 else (0.0, b)
 
     def branch_steps(self, branch: int) -> list[int]:
-        """The student's step indices whose noise level lies in the branch's range (low, high]."""
+        """The student's step indices whose noise level lies in the branch's range (low, high] and is at least
+        `min_sigma` (SD3's schedule puts the last step of a 2- or 4-step student at 0.009: nearly the clean image,
+        where the scores barely differ and DMD's normaliser divides by almost nothing)."""
         low, high = self.noise_range(branch)
-        found = [k for k, s in enumerate(self.sigmas[:-1]) if low < s <= high]
+        floor = max(low, self.dconfig.min_sigma)
+        found = [k for k, s in enumerate(self.sigmas[:-1]) if floor <= s <= high and s > low]
         if not found:
             raise ValueError(f"no step of the {self.dconfig.steps}-step student has a noise level in "
-                             f"({low}, {high}]; timestep sharing needs one: use re-noising, or no split.")
+                             f"({low}, {high}] of at least {self.dconfig.min_sigma} (its levels: "
+                             f"{', '.join(f'{v:.3f}' for v in self.sigmas[:-1])}); timestep sharing needs one: move "
+                             "--split-boundary, or use re-noising or no split.")
         return found
 
     def draw(self, step: int) -> dict:
@@ -327,7 +359,11 @@ class Distiller(Trainer):
                "t": mx.array(rng.uniform(max(low, 0.02), min(high, 0.98), n).astype(np.float32)),
                "fake_noise": [normal() for _ in range(self.dconfig.fake_updates)], "gan_noise": normal()}
         if self.real is not None:
-            out["real"] = self.real[mx.array(rng.integers(self.real.shape[0], size=n))]
+            j = mx.array(rng.integers(self.real.latents.shape[0], size=n))
+            r, rc = self.real.rows[j], self.real.conditions
+            out |= {"real": self.real.latents[j],
+                    "real_embeds": mx.where(drop[:, None, None], rc.no_t5_embeds[r], rc.embeds[r]),
+                    "real_pooled": mx.where(drop[:, None], rc.no_t5_pooled[r], rc.pooled[r])}
         if self.teacher is not None:
             out["pairs"] = mx.array(rng.integers(self.teacher[0].shape[0], size=n))
         return out
@@ -341,11 +377,11 @@ class Distiller(Trainer):
                                            d["negative_embeds"], d["negative_pooled"], self.guidance)
             return model(x, t * NUM_TRAIN_TIMESTEPS, d["embeds"], d["pooled"])
 
-    def _features(self, x0: mx.array, t: mx.array, noise: mx.array, d: dict) -> mx.array:
+    def _features(self, x0: mx.array, t: mx.array, noise: mx.array, embeds: mx.array, pooled: mx.array) -> mx.array:
         s = t[:, None, None, None]
         with self.models.role("fake") as model:
-            features = dmd.block_features(model, (1 - s) * x0 + s * noise, t * NUM_TRAIN_TIMESTEPS, d["embeds"],
-                                          d["pooled"], self.block)
+            features = dmd.block_features(model, (1 - s) * x0 + s * noise, t * NUM_TRAIN_TIMESTEPS, embeds, pooled,
+                                          self.block)
             return self.models.head(features)
 
     def _parameters(self, role: str) -> dict[str, mx.array]:
@@ -385,11 +421,14 @@ class Distiller(Trainer):
                 with self.models.role("fake") as model:
                     value = flow_loss(model, x0, noise, t, d["embeds"], d["pooled"])
                 if weight and "real" in d:
-                    real = self._features(d["real"], t, d["gan_noise"], d)
-                    fake = self._features(x0, t, d["gan_noise"], d)
+                    real = self._features(d["real"], t, d["gan_noise"], d["real_embeds"], d["real_pooled"])
+                    fake = self._features(x0, t, d["gan_noise"], d["embeds"], d["pooled"])
                     value = value + weight * dmd.discriminator_loss(real, fake, kind)
                 return value
             losses["fake"] = self._update("fake", self.fake_optimizer, fake_loss)
+        if self.step - self.phase_start(self.step) < self.dconfig.fake_warmup:  # the fake score catches up first
+            self.losses = losses
+            return losses["fake"]
 
         if self.dconfig.timestep_sharing:
             x_t = x_k
@@ -398,17 +437,32 @@ class Distiller(Trainer):
             x_t = (1 - s) * x0 + s * d["gan_noise"]
         v_real = self._velocity("teacher", branch, x_t, t, d)
         v_fake = self._velocity("fake", branch, x_t, t, d)
-        mx.eval(v_real, v_fake)
+        v_teacher = self.teacher_step(d, branch, x_k) if self.dconfig.trajectory_weight else None
+        mx.eval(v_real, v_fake, v_teacher)
+        terms = {}
 
         def student_loss() -> mx.array:
-            x0_student = x_k - sk * self._velocity("student", branch, x_k, s_k, d)
-            value = dmd.dm_loss(x0_student, dmd.dm_gradient(x0_student, x_t, t, v_real, v_fake))
+            v = self._velocity("student", branch, x_k, s_k, d)
+            x0_student = x_k - sk * v
+            terms["dm"] = dmd.dm_loss(x0_student, dmd.dm_gradient(x0_student, x_t, t, v_real, v_fake))
             if weight and "real" in d:
-                value = value + weight * dmd.generator_loss(self._features(x0_student, t, d["gan_noise"], d), kind)
-            return value
+                fake = self._features(x0_student, t, d["gan_noise"], d["embeds"], d["pooled"])
+                terms["generator"] = dmd.generator_loss(fake, kind)
+            if v_teacher is not None:
+                terms["trajectory"] = dmd.trajectory_loss(v, v_teacher)
+            return (terms["dm"] + weight * terms.get("generator", 0.0)
+                    + self.dconfig.trajectory_weight * terms.get("trajectory", 0.0))
         losses["student"] = self._update("student", self.student_optimizer, student_loss)
-        self.losses = losses
+        self.losses = losses | {k: v.item() for k, v in terms.items()}
         return losses["student"]
+
+    def teacher_step(self, d: dict, branch: int, x_k: mx.array) -> mx.array:
+        """Trajectory guidance's target: the teacher's (guided) mean velocity over the student's step k from x_k,
+        by `trajectory_substeps` Euler steps."""
+        n, k = x_k.shape[0], d["k"]
+        velocity = lambda x, sigma, i: self._velocity("teacher", branch, x, mx.full((n,), sigma), d)
+        return dmd.segment_velocity(velocity, x_k, float(self.sigmas[k]), float(self.sigmas[k + 1]),
+                                    self.dconfig.trajectory_substeps)
 
     def reset_fake(self) -> None:
         """A fresh fake score, head and optimiser state for the second branch."""
@@ -488,9 +542,10 @@ class Validation:
                                                                "seed": self.seed}, overwrite=True)
 
 
-def real_latents(root: Path, folder: Path, cache: Path, shape: tuple[int, ...], dtype: mx.Dtype) -> mx.array:
-    """The diffusion latents (posterior means) of a folder of images (captions unused), all of the latent size
-    `shape` (height, width, channels)."""
+def real_side(root: Path, folder: Path, cache: Path, shape: tuple[int, ...], dtype: mx.Dtype,
+              encode: Callable[[Sequence[str]], Conditions]) -> RealSide:
+    """The diffusion latents (posterior means) of a folder of images, all of the latent size `shape` (height,
+    width, channels), with their captions encoded by `encode`."""
     from ..layout import read_json
     from ..vae import VAEConfig
     from .data import encode_images, read_folder
@@ -499,7 +554,8 @@ def real_latents(root: Path, folder: Path, cache: Path, shape: tuple[int, ...], 
     examples = read_folder(folder)
     posteriors = encode_images(root, [(e.image, size, False) for e in examples], cache, dtype)
     vae = VAEConfig.from_dict(read_json(root / "vae" / "config.json"))
-    return mx.stack([vae.to_diffusion(mean) for mean, _ in posteriors])
+    latents = mx.stack([vae.to_diffusion(mean) for mean, _ in posteriors])
+    return RealSide(latents, mx.arange(len(examples)), encode([e.caption for e in examples]))
 
 
 def teacher_samples(models: Models, conditions: Conditions, count: int, steps: int, guidance: float, shift: float,
@@ -529,7 +585,25 @@ def load_models(root: Path, config: DistillConfig, dtype: mx.Dtype) -> tuple[Mod
     base = quantized(load_mmdit(root / "transformer", dtype), config.quantize)
     base.set_training(True)
     modules = lora.target_modules(base, "transformer", config.targets)
-    return Models(base, config, modules, mx.random.key(config.train.seed)), modules
+    models = Models(base, config, modules, mx.random.key(config.train.seed))
+    if config.student_init is not None:
+        from ..loading import replacement_transformer
+
+        init = load_mmdit(replacement_transformer(student_transformer(config.student_init), root), dtype)
+        for student in models.students:
+            student.update(init.parameters())
+    return models, modules
+
+
+def student_transformer(location: str) -> str:
+    """The transformer folder of `location`: a packaged model's name or a model folder (its transformer/), or a
+    transformer folder as it is."""
+    from ..loading import PACKAGED_MODELS
+
+    for folder in (PACKAGED_MODELS / location, Path(location)):
+        if (folder / "transformer").is_dir():
+            return str(folder / "transformer")
+    return location
 
 
 def write_model(models: Models, config: DistillConfig, modules: Sequence[str], root: Path, output: Path,
@@ -552,7 +626,8 @@ def write_model(models: Models, config: DistillConfig, modules: Sequence[str], r
     shutil.rmtree(partial, ignore_errors=True)
     shutil.copytree(root, partial, ignore=shutil.ignore_patterns("transformer", MANIFEST))
     save_mmdit(partial / "transformer", student)
-    manifest = {"defaults": defaults, "distillation": json.loads(json.dumps(settings, default=str))}
+    manifest = read_manifest(root) | {"defaults": defaults,  # the rest (e.g. the preview map) is the VAE's: kept
+                                       "distillation": json.loads(json.dumps(settings, default=str))}
     (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))
     if output.exists():
         shutil.rmtree(output)
@@ -582,14 +657,16 @@ def distill(teacher: str, output: Path, prompts: Sequence[str], config: DistillC
     root, shift, dtype = pipe.root, pipe.shift, pipe.dtype
     defaults = read_manifest(root).get("defaults", {})
     guidance = config.guidance if config.guidance is not None else defaults.get("guidance_scale", 1.0)
-    conditions = encode_conditions(root, prompts, folder / "cache",
-                                   max_sequence_length=defaults.get("max_sequence_length", 77),
-                                   joint_attention_dim=pipe.transformer_config.joint_attention_dim, dtype=dtype,
-                                   t5=config.t5_dropout > 0)
+    def encode(texts: Sequence[str]) -> Conditions:
+        return encode_conditions(root, texts, folder / "cache",
+                                 max_sequence_length=defaults.get("max_sequence_length", 77),
+                                 joint_attention_dim=pipe.transformer_config.joint_attention_dim, dtype=dtype,
+                                 t5=config.t5_dropout > 0)
+    conditions = encode(prompts)
     models, modules = load_models(root, config, dtype)
     c = models.base.config
     shape = (*(config.latent_size or (c.sample_size, c.sample_size)), c.out_channels)
-    real = real_latents(root, data, folder / "cache", shape, dtype) if data is not None else None
+    real = real_side(root, data, folder / "cache", shape, dtype, encode) if data is not None else None
     needs_teacher = config.warmup_steps > 0 or (config.adversarial_weight > 0 and real is None)
     pairs = teacher_samples(models, conditions, config.teacher_samples,
                             config.teacher_steps or defaults.get("num_inference_steps", 28), guidance, shift, shape,

@@ -6,6 +6,8 @@
   `0.5 * |x0 - sg(x0 - g)|^2` pushes through the student's output x0;
 - timestep sharing: the points where it is taken are the student's own trajectory points (its few-step Euler
   sampler run from the noise), at the student's timesteps;
+- trajectory guidance (auxiliary): the student's step from such a point regressed onto the teacher's ODE
+  solution over the same step;
 - an adversarial loss on a small head over a transformer block's image tokens (non-saturating or hinge);
 - split-timestep fine-tuning's merge: weight interpolation of two branches (exact, also for LoRAs).
 """
@@ -47,6 +49,20 @@ def trajectory_point(velocity: Callable[[mx.array, float, int], mx.array], noise
     return mx.stop_gradient(x)
 
 
+def segment_velocity(velocity: Callable[[mx.array, float, int], mx.array], x: mx.array, sigma_from: float,
+                     sigma_to: float, substeps: int) -> mx.array:
+    """The mean velocity (x' - x) / (sigma_to - sigma_from) of the ODE `velocity` from x at sigma_from, x' its
+    solution at sigma_to by `substeps` Euler steps evenly spaced in sigma: where the teacher's trajectory takes
+    x over the student's step (the target of trajectory guidance); no gradient flows through it."""
+    sigmas = np.linspace(sigma_from, sigma_to, substeps + 1)
+    return mx.stop_gradient((trajectory_point(velocity, x, sigmas, substeps) - x) / (sigma_to - sigma_from))
+
+
+def trajectory_loss(v_student: mx.array, v_target: mx.array) -> mx.array:
+    """Trajectory guidance: mean |v_student - v_target|^2, the student's step regressed onto the teacher's."""
+    return ((v_student.astype(mx.float32) - v_target) ** 2).mean()
+
+
 def dm_gradient(x0: mx.array, x_t: mx.array, sigmas: mx.array, v_real: mx.array, v_fake: mx.array) -> mx.array:
     """DMD's gradient on the student's output x0 from the scores at (x_t, sigma): x0_fake - x0_real, divided
     per image by mean |x0 - x0_real| (DMD's normaliser); equal to t^2 / (1 - t) (s_fake - s_real) / normaliser."""
@@ -79,11 +95,16 @@ def block_features(model: MMDiT, x: mx.array, timesteps: mx.array, context: mx.a
 class DiscriminatorHead(nn.Module):
     """A small discriminator on a block's image tokens: layer norm, an MLP per token, the mean logit (B,)."""
 
-    def __init__(self, dim: int, hidden: int = 64):
+    def __init__(self, dim: int, hidden: int = 64, key: mx.array | None = None):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, 1)
+        if key is not None:  # nn.Linear's initialisation, uniform in +-1/sqrt(in), drawn from `key`
+            for layer, k in zip((self.fc1, self.fc2), mx.random.split(key)):
+                bound, (kw, kb) = layer.weight.shape[1] ** -0.5, mx.random.split(k)
+                layer.weight = mx.random.uniform(-bound, bound, layer.weight.shape, key=kw)
+                layer.bias = mx.random.uniform(-bound, bound, layer.bias.shape, key=kb)
 
     def __call__(self, features: mx.array) -> mx.array:
         return self.fc2(nn.silu(self.fc1(self.norm(features.astype(mx.float32))))).mean(axis=(1, 2))

@@ -1,0 +1,80 @@
+"""Stage 3b of the digit models: SD3.5-Flash's distillation (`mlx_flash.training.distill`, what `mlx-flash distill`
+runs) of the teacher into the 4-step `digits-flash`, starting from stage 3's trajectory-distilled student.
+
+Distribution matching with timestep sharing at the student's own trajectory points (sigma 1.0 and 0.858 in the
+high-noise branch, 0.602 in the low one), split-timestep branches merged 3:7, the adversarial head against the
+1197 training digits (with their captions), a full student initialised from the trajectory student, the teacher's
+plain velocity as the real score (`guidance` 1: with its CFG 1.5 folded in, DMD over-sharpened the digits).
+
+    python training/distill_digits.py --out digits-trajectory     # stage 3, the starting point
+    python training/distill_digits_flash.py --init digits-trajectory [--out mlx_flash/models/digits-flash]
+
+Writes --out: the teacher's folder with the student's transformer (float16) and few-step defaults; the run's
+work files (data folder, prompts, checkpoints, loss log) go to --work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import preload_openblas  # noqa: E402
+from mlx_flash.layout import MANIFEST  # noqa: E402
+from mlx_flash.mmdit import load_mmdit, save_mmdit  # noqa: E402
+from mlx_flash.training import TrainConfig  # noqa: E402
+from mlx_flash.training.distill import DistillConfig, distill  # noqa: E402
+from training.common import MODELS, half  # noqa: E402
+from training.digits_data import TEMPLATES, prompts, splits, to_images  # noqa: E402
+from training.distill_digits import STUDENT_DEFAULTS  # noqa: E402
+
+
+def write_data(folder: Path) -> None:
+    """The generator's training digits as 64x64 PNGs, digit i captioned with template i mod the templates."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (digits, labels), _ = splits()
+    for i, (image, digit) in enumerate(zip(to_images(digits), labels)):
+        Image.fromarray(((image / 2 + 0.5) * 255).round().astype(np.uint8)).save(folder / f"{i:04d}.png")
+        (folder / f"{i:04d}.txt").write_text(prompts(int(digit))[i % len(TEMPLATES)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", type=Path, default=MODELS / "digits")
+    parser.add_argument("--init", type=Path, required=True, help="stage 3's trajectory student (a model folder)")
+    parser.add_argument("--out", type=Path, default=MODELS / "digits-flash")
+    parser.add_argument("--work", type=Path, default=Path("digits-flash.work"))
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    preload_openblas()
+
+    write_data(args.work / "data")
+    train = TrainConfig(steps=args.steps, learning_rate=2e-5, warmup=10, checkpoint_every=1000, seed=args.seed)
+    config = DistillConfig(train=train, steps=4, guidance=1.0, full=True, student_init=str(args.init),
+                           fake_updates=2, fake_learning_rate=1e-3, fake_warmup=20, adversarial_weight=0.1,
+                           batch_size=8)
+    student = distill(str(args.teacher), args.work / "student", [p for d in range(10) for p in prompts(d)], config,
+                      data=args.work / "data", force=True, progress=False)
+    partial = args.out.with_name(args.out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(student, partial, ignore=shutil.ignore_patterns("transformer"))
+    save_mmdit(partial / "transformer", half(load_mmdit(student / "transformer", mx.float32)))
+    if json.loads((partial / MANIFEST).read_text())["defaults"] != STUDENT_DEFAULTS:
+        raise ValueError(f"{student}: unexpected sampling defaults; the digit student's are {STUDENT_DEFAULTS}.")
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    partial.rename(args.out)
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()
