@@ -62,6 +62,14 @@ def test_readme_first_command(tmp_path, digit_classifier):
     assert digit_classifier.predict(to_digits(pixels).reshape(1, -1))[0] == 7
 
 
+def run_stages(stages: list[list], root: Path) -> None:
+    """Run each training script's command line from the repository root; each must succeed."""
+    for stage in stages:
+        result = subprocess.run([sys.executable, *map(str, stage)], cwd=root, capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_training_scripts_run_end_to_end(tmp_path):
     """The four training stages, a few steps each, write complete model folders that the pipeline loads (the
     shipped weights come from the same scripts at their default lengths; see training/README.md)."""
@@ -75,10 +83,7 @@ def test_training_scripts_run_end_to_end(tmp_path):
         ["training/train_taesd.py", "--models", teacher, student, "--steps", "2", "--batch", "2", "--pool", "8",
          "--fit", "8", "--held-out", "4"],
     ]
-    for stage in stages:
-        result = subprocess.run([sys.executable, *map(str, stage)], cwd=root, capture_output=True, text=True,
-                                timeout=600)
-        assert result.returncode == 0, result.stderr[-2000:]
+    run_stages(stages, root)
     for folder, steps in ((teacher, 28), (student, 4)):
         pipe = load_pipeline(folder, dtype="float32")
         assert pipe.defaults()[0] == steps

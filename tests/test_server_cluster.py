@@ -65,6 +65,10 @@ def test_two_ranks_serve_the_images_of_one_process():
         if process.poll() is None:
             process.kill()
             process.wait()
+        for rank in (0, 1):  # a failed run's ranks would outlive the launcher and be found by later runs
+            while (pid := _rank_process(rank, "serve")) is not None:
+                os.kill(pid, signal.SIGKILL)
+                time.sleep(0.1)
 
 
 def test_a_job_travels_to_the_other_ranks_whole():

@@ -2,11 +2,10 @@
 deterministic, the held-out split is disjoint, and the detector (the benchmark's oracle) recovers drawn layouts and
 applies GenEval's rules; the training stages run end to end; the demo models together stay within 25 MB."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+from test_digits import run_stages
 
 from mlx_flash import load_pipeline
 from mlx_flash.loading import PACKAGED_MODELS
@@ -77,10 +76,7 @@ def test_training_scripts_run_end_to_end(tmp_path):
          "--prompts", "4", "--train-steps", "2", "--trajectory-warmup", "1", "--teacher-samples", "4",
          "--batch-size", "2"],
     ]
-    for stage in stages:
-        result = subprocess.run([sys.executable, *map(str, stage)], cwd=root, capture_output=True, text=True,
-                                timeout=600)
-        assert result.returncode == 0, result.stderr[-2000:]
+    run_stages(stages, root)
     for folder, steps in ((teacher, 28), (student, 4)):
         pipe = load_pipeline(folder, dtype="float32")
         assert pipe.defaults()[0] == steps and pipe.vae_factor == 4
