@@ -153,8 +153,9 @@ class Pipeline(Components):
         with self._stage("image encoder", stages) if encodes else nullcontext():
             for conditioning in conditionings:
                 x, start = conditioning.prepare(x, sigmas, start)
-            mx.eval(x)
-            self.free("vae")
+            if encodes:  # the stage ends with the encoded latents, and frees the VAE in low-memory mode
+                mx.eval(x)
+                self.free("vae")
         x = x.astype(self.dtype)
 
         with self._stage("transformer", stages):
