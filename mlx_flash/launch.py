@@ -1,6 +1,12 @@
 """`mlx-flash launch [mlx.launch options] COMMAND ...`: MLX's launcher running `mlx-flash COMMAND ...` on every
 rank, exiting with the status of the lowest rank that failed. (`mlx.launch` itself exits 0 whatever its ranks do:
-it only prints a warning for each that failed, which this reads.)"""
+it only prints a warning for each that failed, which this reads.)
+
+MLX's launcher (0.32) forwards its input to every rank's stdin from an I/O loop that selects each rank's stdin pipe
+for writing on every turn, and its own stdin for reading: a pipe is nearly always writable and a stdin at its end
+always readable, so the loop never waits and keeps more than a core busy for the whole job, taken from the ranks
+on the launching machine. No mlx-flash command reads input, so this runs MLX's launcher with a select that waits
+for the ranks' output only (QUIET_LAUNCHER), where this MLX's launcher has that shape."""
 
 from __future__ import annotations
 
@@ -11,6 +17,15 @@ import sys
 
 # What mlx.launch (MLX 0.32) prints on stderr for a rank that failed.
 RANK_FAILED = re.compile(r"Node with rank (\d+) (?:exited with code (-?\d+)|was killed)")
+# MLX's launcher, its select waiting for output only: nothing read from stdin (fd 0), nothing written to the ranks.
+QUIET_LAUNCHER = """
+import select, sys
+from mlx._distributed_utils import launch
+wait = select.select
+launch.select = lambda read, write, error, timeout: (wait([fd for fd in read if fd != 0], [], [], timeout)[0], [], [])
+sys.argv[0] = "mlx.launch"
+sys.exit(launch.main())
+"""
 
 
 def split(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -40,16 +55,31 @@ def exit_status(failures: dict[int, int | None]) -> int:
     return 1 if code is None else 128 - code if code < 0 else code
 
 
+def launcher() -> list[str]:
+    """The command that starts MLX's launcher: QUIET_LAUNCHER where MLX's launcher module has the `select` and
+    `main` it relies on, else `mlx.launch` as it is."""
+    try:
+        from mlx._distributed_utils import launch
+    except ImportError:
+        launch = None
+    if callable(getattr(launch, "select", None)) and callable(getattr(launch, "main", None)):
+        return [sys.executable, "-c", QUIET_LAUNCHER]
+    command = shutil.which("mlx.launch")
+    if command is None:
+        raise OSError("mlx.launch is not on PATH; install mlx-flash (with mlx) in this environment.")
+    return [command]
+
+
 def main(argv: list[str]) -> int:
     if argv in (["-h"], ["--help"]):
         print(__doc__.split("\n\n")[0])
         return 0
     options, command = split(argv)
-    launcher, program = shutil.which("mlx.launch"), shutil.which("mlx-flash")
-    if launcher is None or program is None:
-        raise OSError("mlx.launch or mlx-flash is not on PATH; install mlx-flash (with mlx) in this environment.")
-    process = subprocess.Popen([launcher, *options, program, *command], stderr=subprocess.PIPE, text=True,
-                               errors="replace")
+    program = shutil.which("mlx-flash")
+    if program is None:
+        raise OSError("mlx-flash is not on PATH; install mlx-flash (with mlx) in this environment.")
+    process = subprocess.Popen([*launcher(), *options, program, *command], stdin=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, errors="replace")
     failures: dict[int, int | None] = {}
     try:
         for line in process.stderr:
