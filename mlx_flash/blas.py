@@ -66,9 +66,11 @@ def core_type(library: str) -> str | None:
     return kernels_for(core, cpu_flags())
 
 
-def ensure_openblas() -> None:
+def ensure_openblas(restart: bool = True) -> None:
     """On Linux, re-execute this process's command line with OpenBLAS preloaded (and its kernels named where it
-    does not recognise the CPU), unless it already is (or was checked); print one line on how to install it when it is missing and MLX runs on the CPU."""
+    does not recognise the CPU), unless it already is (or was checked); print one line on how to install it when it is missing and MLX runs on the CPU.
+    `restart=False` (a process that runs no MLX itself, e.g. `mlx-flash launch`) only sets that environment for
+    the processes it starts."""
     if sys.platform != "linux" or os.environ.get(CHECKED):
         return
     os.environ[CHECKED] = "1"
@@ -83,9 +85,9 @@ def ensure_openblas() -> None:
     env = {} if library in preload.split() else {"LD_PRELOAD": f"{library} {preload}".strip()}
     if "OPENBLAS_CORETYPE" not in os.environ and (core := core_type(library)):
         env["OPENBLAS_CORETYPE"] = core
-    if not env:
-        return
     os.environ.update(env)
+    if not env or not restart:
+        return
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])

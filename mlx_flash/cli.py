@@ -448,10 +448,10 @@ def models(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line `argv` (None: this process's, with OpenBLAS preloaded on Linux, see mlx_flash.blas);
     every failure is one line on stderr (exit 1; 2 for usage, 130 for Ctrl-C)."""
+    line = sys.argv[1:] if argv is None else argv
     if argv is None:
-        ensure_openblas()
+        ensure_openblas(restart=line[:1] != ["launch"])  # launch runs no MLX: it sets the environment of its ranks
     try:
-        line = sys.argv[1:] if argv is None else argv
         if line[:1] == ["launch"]:  # its options are mlx.launch's: passed on, not parsed here
             from .launch import main as launch
 

@@ -18,11 +18,16 @@ import sys
 # What mlx.launch (MLX 0.32) prints on stderr for a rank that failed.
 RANK_FAILED = re.compile(r"Node with rank (\d+) (?:exited with code (-?\d+)|was killed)")
 # MLX's launcher, its select waiting for output only: nothing read from stdin (fd 0), nothing written to the ranks.
+# A rank's thread whose output has ended (nothing left to read) waits 10 ms at a time for the rank's process to end.
 QUIET_LAUNCHER = """
 import select, sys
 from mlx._distributed_utils import launch
-wait = select.select
-launch.select = lambda read, write, error, timeout: (wait([fd for fd in read if fd != 0], [], [], timeout)[0], [], [])
+
+def wait_for_output(read, write, error, timeout):
+    output = [fd for fd in read if fd != 0]
+    return select.select(output, [], [], timeout if read else min(timeout, 0.01))[0], [], []
+
+launch.select = wait_for_output
 sys.argv[0] = "mlx.launch"
 sys.exit(launch.main())
 """

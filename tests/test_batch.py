@@ -26,9 +26,12 @@ def generate(*args, cwd) -> subprocess.CompletedProcess:
                           cwd=cwd, env=env(), timeout=600)
 
 
-def launch(*args, cwd) -> subprocess.Popen:
-    command = ["mlx.launch", "-n", "2", "--backend", "ring", shutil.which("mlx-flash"), "generate", "--model", MODEL,
-               *args]
+LAUNCHERS = {"mlx.launch": ["mlx.launch", "-n", "2", "--backend", "ring", shutil.which("mlx-flash")],
+             "mlx-flash launch": ["mlx-flash", "launch", "-n", "2", "--backend", "ring"]}  # MLX's, quieted
+
+
+def launch(*args, cwd, launcher: str = "mlx.launch") -> subprocess.Popen:
+    command = [*LAUNCHERS[launcher], "generate", "--model", MODEL, *args]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env())
 
 
@@ -106,11 +109,14 @@ def single_run(tmp_path_factory):
     return {p.name: p.read_bytes() for p in (folder / "out").iterdir()}
 
 
-def test_two_ranks_make_the_same_files(tmp_path, single_run):
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_two_ranks_make_the_same_files(tmp_path, single_run, launcher):
     (tmp_path / "job.jsonl").write_text(JOB)
-    process = launch("--prompt-file", "job.jsonl", "--output", "out/{index}.png", "--steps", "8", cwd=tmp_path)
-    _, stderr = process.communicate(timeout=600)
+    process = launch("--prompt-file", "job.jsonl", "--output", "out/{index}.png", "--steps", "8", cwd=tmp_path,
+                     launcher=launcher)
+    stdout, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, stderr
+    assert sorted(stdout.split()) == sorted(f"out/{i}.png" for i in range(8))  # rank 0's output came through
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == single_run
     assert read_metadata(tmp_path / "out" / "5.png")["seed"] == 5
 
