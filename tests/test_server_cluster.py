@@ -1,11 +1,10 @@
-"""`mlx-flash serve` under `mlx.launch -n 2 --backend ring` on 127.0.0.1: a request's images, spread over the two
+"""`mlx-flash serve` under `mlx-flash launch -n 2 --backend ring` on 127.0.0.1: a request's images, spread over the two
 ranks, equal a one-process server's byte for byte; cancel and shutdown reach both ranks."""
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import threading
@@ -19,8 +18,8 @@ BODY = {"model": MODEL, "prompt": "a handwritten digit six", "n": 4, "seed": 7, 
 
 def launch_server() -> tuple[subprocess.Popen, object, list[str]]:
     """The two-rank server, its address (for `call`) and its stderr lines so far (collected as they come)."""
-    process = subprocess.Popen(["mlx.launch", "-n", "2", "--backend", "ring", shutil.which("mlx-flash"), "serve",
-                                "--model", MODEL, "--port", "0", "--api-key", KEY, "--max-queue", "4"],
+    process = subprocess.Popen(["mlx-flash", "launch", "-n", "2", "--backend", "ring", "serve", "--model", MODEL,
+                                "--port", "0", "--api-key", KEY, "--max-queue", "4"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env())
     lines: list[str] = []
     while not (match := re.search(r"serving .* over 2 processes on http://127\.0\.0\.1:(\d+)/", "".join(lines))):
