@@ -11,7 +11,7 @@ this run's session the priority (root): `flock /tmp/bench.lock setsid sh -c 'ech
 exec python benchmarks/distributed.py'`.
 
 Each run is a fresh `mlx-flash generate --prompt-file`. Two rates per run: the whole run's (model loading and
-`mlx.launch`'s start included, as a user sees it) and the steady state's, from the files' modification times
+the launcher's start included, as a user sees it) and the steady state's, from the files' modification times
 (images written after the first round over the time they took; a fixed start-up cost does not enter it). Also
 printed: the cores each run kept busy (its processes' CPU time over its wall time: one process on a quiet machine
 keeps ~1 busy, two ~2; less means other processes took the cores, or a rank waited). The last line is
