@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
@@ -26,7 +27,7 @@ from training.common import MODELS, fit, half  # noqa: E402
 from training.encoders import write_text_encoders  # noqa: E402
 from training.shapes_data import all_specs, dataset, grid, prompt, split, to_model  # noqa: E402
 from training.shapes_detector import detect, layout_matches  # noqa: E402
-from training.train_vae import SHIFT, latent_statistics, vae_loss  # noqa: E402
+from training.train_vae import KL_WEIGHT, SHIFT, latent_statistics, vae_loss  # noqa: E402
 
 VAE = VAEConfig(block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=8)
 IMAGES = 6000  # training scenes (regenerated from the seed by every stage)
@@ -49,6 +50,7 @@ def main() -> None:
     parser.add_argument("--init", type=Path, default=None, help="continue from this vae/ folder's weights")
     parser.add_argument("--decoder-only", action="store_true",
                         help="train only the decoder (with --init: the latents, and a teacher trained on them, stay)")
+    parser.add_argument("--kl-weight", type=float, default=KL_WEIGHT, help="of the KL term (smaller: sharper means)")
     parser.add_argument("--preview", type=Path, default=Path("shapes_vae_reconstructions.png"))
     args = parser.parse_args()
     preload_openblas()
@@ -74,7 +76,7 @@ def main() -> None:
         x = mx.array(images[rng.choice(len(images), args.batch, replace=False)])
         return x, mx.random.normal((args.batch, side, side, VAE.latent_channels))
 
-    fit(model, lambda x, noise: vae_loss(model, x, noise), batch, args.steps, args.lr, warmup=50, log_every=25)
+    fit(model, partial(vae_loss, model, kl_weight=args.kl_weight), batch, args.steps, args.lr, warmup=50, log_every=25)
     save_vae(args.out / "vae", half(model))
 
     shipped = load_vae(args.out / "vae", mx.float32)

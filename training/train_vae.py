@@ -30,12 +30,12 @@ KL_WEIGHT = 2e-3
 SHIFT = 3.0  # the flow-matching shift of training and sampling (scheduler_config.json), SD3's
 
 
-def vae_loss(model: Autoencoder, images: mx.array, noise: mx.array) -> mx.array:
-    """Mean squared reconstruction error of a posterior sample plus KL_WEIGHT x the mean KL to N(0, 1)."""
+def vae_loss(model: Autoencoder, images: mx.array, noise: mx.array, kl_weight: float = KL_WEIGHT) -> mx.array:
+    """Mean squared reconstruction error of a posterior sample plus `kl_weight` x the mean KL to N(0, 1)."""
     mean, logvar = model.encode(images, tiled=False)
     recon = model.decode(mean + mx.exp(0.5 * logvar) * noise, tiled=False)
     kl = 0.5 * (mean**2 + mx.exp(logvar) - 1 - logvar)
-    return ((recon - images) ** 2).mean() + KL_WEIGHT * kl.mean()
+    return ((recon - images) ** 2).mean() + kl_weight * kl.mean()
 
 
 def latent_statistics(vae: Autoencoder, images: np.ndarray) -> tuple[float, float]:
