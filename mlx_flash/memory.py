@@ -5,7 +5,7 @@ their parameter sizes summed without evaluating anything. Activations follow the
 peak, with constants measured on MLX (benchmarks/memory.py checks the whole estimate against measured peaks):
 
 - transformer: the residual streams, qkv, the MLP hidden state (10-13 hidden-size vectors per token, float32),
-  plus, where attention is not fused (MLX's CPU backend, one head at a time), a head's float32 scores; on a GPU,
+  plus, where attention is not fused (MLX's CPU backend, two heads at a time), two heads' float32 scores; on a GPU,
   buffers that wait for their command batch to finish add about 0.75 GB;
 - VAE decoder: on the CPU, convolutions unfold their input (about 31 KB per output pixel in float32); on a GPU,
   about 5.4 KB per pixel plus 0.55 GB; tiled decoding bounds this by the tile size;
@@ -27,7 +27,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .clip import CLIP_G, CLIP_L, CLIPConfig, CLIPTextModel
 from .controlnet import ControlNet, ControlNetConfig
-from .mmdit import MMDiT, MMDiTConfig
+from .mmdit import CPU_ATTENTION_STREAMS, MMDiT, MMDiTConfig
 from .t5 import T5_XXL, T5Config, T5Encoder, keeps_float32
 from .vae import Autoencoder, VAEConfig
 
@@ -42,7 +42,7 @@ GPU_VAE_BYTES_PER_PIXEL, GPU_VAE_FIXED = 5_360, 0.55e9
 # time), fitted on a GPU (fused attention) together with GPU_PENDING_BUFFERS
 CPU_TRANSFORMER_VECTORS, GPU_TRANSFORMER_VECTORS = 16, 10
 # CPU: float32 copies of one head's attention scores alive at once in the compiled softmax (cpu_ops), fitted with
-# CPU_TRANSFORMER_VECTORS to measured steps at 256 and 512 pixels square (within 1.3%)
+# CPU_TRANSFORMER_VECTORS to measured steps at 256 and 512 pixels square (within 1.3%, one head at a time)
 CPU_SCORE_COPIES = 2.5
 GPU_PENDING_BUFFERS = 0.75e9  # fitted: freed buffers whose command batch has not completed yet
 
@@ -143,7 +143,8 @@ def estimate(
     tokens = (height // patch) * (width // patch)
     seq = tokens + 77 + max_sequence_length
     batch = images * (2 if cfg else 1)
-    overhead = GPU_PENDING_BUFFERS if gpu else batch * seq**2 * 4 * CPU_SCORE_COPIES  # CPU: one head's scores
+    # CPU: the scores of the heads attended at once
+    overhead = GPU_PENDING_BUFFERS if gpu else batch * seq**2 * 4 * CPU_SCORE_COPIES * CPU_ATTENTION_STREAMS
     vectors = GPU_TRANSFORMER_VECTORS if gpu else CPU_TRANSFORMER_VECTORS
     denoise_act = batch * vectors * seq * d * act + int(overhead)
     model = MMDiT(transformer)
