@@ -422,7 +422,7 @@ def test_estimate_distillation_adds_the_cpu_dequantized_copies_of_a_quantized_ba
 
     quantize = lambda model: quantize_model(model, Quantization(4, group_size=32))
     largest = max(sum(v.nbytes for _, v in tree_flatten(b.parameters())) for b in MMDiT(SMALL).transformer_blocks)
-    kwargs = dict(height=32, width=32, rank=4, fake_rank=2)
+    kwargs = {"height": 32, "width": 32, "rank": 4, "fake_rank": 2}
     cpu = memory.estimate_distillation(SMALL, quantize=quantize, **kwargs)
     metal = memory.estimate_distillation(SMALL, quantize=quantize, cpu=False, **kwargs)
     assert cpu.activations - metal.activations == int(0.81 * 3 * largest)
