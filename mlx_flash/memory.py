@@ -194,8 +194,8 @@ CPU_TRAIN_CLIP_LAYER_VECTORS, CPU_TRAIN_CLIP_BACKWARD_VECTORS = 21, 26
 # CPU, quantized base: each layer dequantizes its weight to float32 just before its matmul, and a pass has about
 # 0.8 of its largest block's float32 weights alive at once; a distillation step's fake-score update evaluates three
 # passes in one graph (its flow loss and the discriminator's real and generated features), each holding its own
-# (fitted to a 4-block model of SD3.5 Medium's width, 0.81 x 3 of a dual-attention block's 406 MB: step peak 2.22 GB
-# measured, 2.30 estimated; 2 blocks: 1.87 measured, 2.11 estimated; README, Distillation memory).
+# (fitted to a 4-block model of SD3.5 Medium's width, 0.81 x 3 of a dual-attention block's 406 MB: step peaks
+# measured / estimated 1.87 / 2.11 GB for 2 blocks, 2.22 / 2.30 for 4, 2.67 / 2.66 for 8; README, Distillation memory).
 CPU_DEQUANTIZED_BLOCK_SHARE, DISTILLATION_CONCURRENT_PASSES = 0.81, 3
 
 
