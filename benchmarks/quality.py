@@ -15,7 +15,7 @@ scores real digits of the generator's training split the same way. Writes qualit
 `--distillation FLASH` scores issue #16's table instead (quality_distillation.md): the teacher at 28 steps
 (CFG), the trajectory student (`--trajectory`, stage 3's output) and the Flash student (model folder FLASH, from `mlx-flash distill`) at 1,
 2 and 4 steps, the Flash student without T5 at inference, and each `--ablation` student (a folder distilled with
-one part of the method off) at the Flash student's steps, in float32 and at 4 bits.
+one part of the method switched) at 2 steps and the Flash student's steps, in float32 and at 4 bits.
 """
 
 from __future__ import annotations
@@ -113,7 +113,8 @@ def distillation_rows(flash: Path, trajectory: str, ablations: list[tuple[str, P
     rows += [("trajectory student", trajectory, n, True) for n in (1, 2, 4)]
     rows += [("Flash student", str(flash), n, True) for n in (1, 2, 4)]
     rows += [("Flash student, no T5 at inference", str(flash), steps, False)]
-    return rows + [(f"ablation: {name}", str(folder), steps, True) for name, folder in ablations]
+    return rows + [(f"ablation: {name}", str(folder), n, True) for name, folder in ablations
+                   for n in sorted({min(2, steps), steps})]
 
 
 def distillation_table(args: argparse.Namespace, score: Scorer) -> None:

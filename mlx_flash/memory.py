@@ -192,6 +192,12 @@ CPU_TRAIN_BLOCK_VECTORS, CPU_TRAIN_SAVED_VECTORS, CPU_TRAIN_SCORE_COPIES = 34, 3
 # token for the backward, held while the transformer's backward runs; the layer in backward adds about 26
 # (measured on CLIP-G-width encoders of 2 to 8 layers).
 CPU_TRAIN_CLIP_LAYER_VECTORS, CPU_TRAIN_CLIP_BACKWARD_VECTORS = 21, 26
+# CPU, quantized base: each layer dequantizes its weight to float32 just before its matmul, and a pass has about
+# 0.8 of its largest block's float32 weights alive at once; a distillation step's fake-score update evaluates three
+# passes in one graph (its flow loss and the discriminator's real and generated features), each holding its own
+# (fitted to a 4-block model of SD3.5 Medium's width, 0.81 x 3 of a dual-attention block's 406 MB: step peaks
+# measured / estimated 1.87 / 2.11 GB for 2 blocks, 2.22 / 2.30 for 4, 2.67 / 2.66 for 8; README, Distillation memory).
+CPU_DEQUANTIZED_BLOCK_SHARE, DISTILLATION_CONCURRENT_PASSES = 0.81, 3
 
 
 @dataclass(frozen=True)
@@ -268,12 +274,15 @@ def estimate_distillation(
     quantize: Callable[[nn.Module], object] | None = None,
     rank: int = 16,
     fake_rank: int = 16,
+    cpu: bool = True,
     **kwargs,
 ) -> TrainingEstimate:
     """Peak bytes of one SD3.5-Flash distillation step (`mlx_flash.training.distill`, LoRA student): the frozen
     base held once, the student's and the fake score's adapters (rank `rank` / `fake_rank` on the DreamBooth
     targets) and the discriminator head, each with gradients and AdamW moments, and one training step's
-    activations (the roles run one after another on the base). `kwargs` as `estimate_training`'s."""
+    activations (the roles run one after another on the base), with `cpu` the CPU backend's float32 copies of a
+    quantized base's weights (Metal's quantized matmuls read the packed weights). `kwargs` as
+    `estimate_training`'s."""
     from .lora import DREAMBOOTH_TARGETS, add_adapters, lora_layers, target_modules
 
     def adapters(model: nn.Module) -> None:
@@ -286,7 +295,11 @@ def estimate_distillation(
     estimate = estimate_training(transformer, height=height, width=width, quantize=quantize, lora=adapters, **kwargs)
     d = transformer.hidden_size
     head = (2 * d + d * 64 + 64 + 65) * 4 * 4  # the head's float32 weights, gradients and AdamW moments
-    return TrainingEstimate(estimate.base, estimate.trained + head, estimate.activations)
+    dequantized = 0
+    if quantize is not None and cpu:
+        block = max(model_bytes(b) for b in MMDiT(transformer).transformer_blocks)  # float32, lazy
+        dequantized = int(CPU_DEQUANTIZED_BLOCK_SHARE * DISTILLATION_CONCURRENT_PASSES * block)
+    return TrainingEstimate(estimate.base, estimate.trained + head, estimate.activations + dequantized)
 
 
 def clip_training_activations(config: CLIPConfig, batch: int = 1, tokens: int = 77) -> int:

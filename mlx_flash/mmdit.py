@@ -368,7 +368,12 @@ class MMDiT(nn.Module):
         if "time_text_embed" not in self:
             raise RuntimeError("the adaLN weights were dropped; pass the precomputed `modulation`.")
         cond = nn.silu(self.time_text_embed(timesteps, pooled.astype(self.compute_dtype)))
-        return [block.modulation(cond) for block in self.transformer_blocks] + [self.norm_out(cond)]
+        mods = []
+        for block in self.transformer_blocks:
+            mods.append(block.modulation(cond))
+            if on_cpu():  # quantized adaLN weights are dequantized there: one block's at a time, not all at once
+                mx.eval(mods[-1])
+        return mods + [self.norm_out(cond)]
 
     def drop_modulation_weights(self) -> None:
         """Free the weights only `modulation()` uses (over a third of SD3.5 Medium's and Large's parameters)."""

@@ -412,3 +412,19 @@ def test_estimate_distillation_counts_both_adapters_and_the_head():
     estimate = memory.estimate_distillation(SMALL, height=32, width=32, rank=4, fake_rank=2)
     assert estimate.trained == 4 * trained
     assert estimate.base == memory.estimate_training(SMALL, height=32, width=32).trained // 4
+
+
+def test_estimate_distillation_adds_the_cpu_dequantized_copies_of_a_quantized_base():
+    """On the CPU a quantized base adds 0.81 of its largest block's float32 weights for each of the fake update's
+    three concurrent passes to the activations; a float base, or `cpu=False`, adds nothing."""
+    from mlx_flash import memory
+    from mlx_flash.quantization import Quantization, quantize_model
+
+    quantize = lambda model: quantize_model(model, Quantization(4, group_size=32))
+    largest = max(sum(v.nbytes for _, v in tree_flatten(b.parameters())) for b in MMDiT(SMALL).transformer_blocks)
+    kwargs = {"height": 32, "width": 32, "rank": 4, "fake_rank": 2}
+    cpu = memory.estimate_distillation(SMALL, quantize=quantize, **kwargs)
+    metal = memory.estimate_distillation(SMALL, quantize=quantize, cpu=False, **kwargs)
+    assert cpu.activations - metal.activations == int(0.81 * 3 * largest)
+    assert (cpu.base, cpu.trained) == (metal.base, metal.trained)
+    assert memory.estimate_distillation(SMALL, **kwargs) == memory.estimate_distillation(SMALL, cpu=False, **kwargs)

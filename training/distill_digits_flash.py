@@ -1,13 +1,16 @@
 """Stage 3b of the digit models: SD3.5-Flash's distillation (`mlx_flash.training.distill`, what `mlx-flash distill`
 runs) of the teacher into the 4-step `digits-flash`, starting from stage 3's trajectory-distilled student.
 
-Distribution matching with timestep sharing at the student's own trajectory points (sigma 1.0 and 0.858 in the
-high-noise branch, 0.602 in the low one), split-timestep branches merged 3:7, the adversarial head against the
-1197 training digits (with their captions), a full student initialised from the trajectory student, the teacher's
-plain velocity as the real score (`guidance` 1: with its CFG 1.5 folded in, DMD over-sharpened the digits).
+Distribution matching with timestep sharing at the student's own trajectory points (sigma 1.0, 0.858 and 0.602),
+one student (no split-timestep branches: on digits the 3:7 merge of two branches measured worse), the adversarial
+head against the 1197 training digits (with their captions), a full student initialised from the trajectory
+student, the teacher's plain velocity as the real score (`guidance` 1: with its CFG 1.5 folded in, DMD
+over-sharpened the digits). The other options switch one part of the method on or off (the ablations).
 
     python training/distill_digits.py --out digits-trajectory     # stage 3, the starting point
     python training/distill_digits_flash.py --init digits-trajectory [--out mlx_flash/models/digits-flash]
+    python training/distill_digits_flash.py --init digits-trajectory --out ABLATION [--split] [--renoise] \
+        [--adversarial-weight 0] [--guidance 1.5] [--t5-dropout 0.2]
 
 Writes --out: the teacher's folder with the student's transformer (float16) and few-step defaults; the run's
 work files (data folder, prompts, checkpoints, loss log) go to --work.
@@ -54,14 +57,20 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("digits-flash.work"))
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split", action="store_true", help="split-timestep branches merged 3:7 (off by default)")
+    parser.add_argument("--renoise", action="store_true", help="re-noising instead of timestep sharing")
+    parser.add_argument("--adversarial-weight", type=float, default=0.1)
+    parser.add_argument("--guidance", type=float, default=1.0, help="the teacher's CFG scale in the real score")
+    parser.add_argument("--t5-dropout", type=float, default=0.0)
     args = parser.parse_args()
     preload_openblas()
 
     write_data(args.work / "data")
     train = TrainConfig(steps=args.steps, learning_rate=2e-5, warmup=10, checkpoint_every=1000, seed=args.seed)
-    config = DistillConfig(train=train, steps=4, guidance=1.0, full=True, student_init=str(args.init),
-                           fake_updates=2, fake_learning_rate=1e-3, fake_warmup=20, adversarial_weight=0.1,
-                           batch_size=8)
+    config = DistillConfig(train=train, steps=4, guidance=args.guidance, full=True, student_init=str(args.init),
+                           timestep_sharing=not args.renoise, split=args.split, fake_updates=2,
+                           fake_learning_rate=1e-3, fake_warmup=20, adversarial_weight=args.adversarial_weight,
+                           t5_dropout=args.t5_dropout, batch_size=8)
     student = distill(str(args.teacher), args.work / "student", [p for d in range(10) for p in prompts(d)], config,
                       data=args.work / "data", force=True, progress=False)
     partial = args.out.with_name(args.out.name + ".partial")

@@ -80,7 +80,8 @@ def dm_loss(x0: mx.array, gradient: mx.array) -> mx.array:
 
 def block_features(model: MMDiT, x: mx.array, timesteps: mx.array, context: mx.array, pooled: mx.array,
                    block: int) -> mx.array:
-    """The image tokens (B, L, hidden) after transformer block `block`, as the model's forward computes them."""
+    """The image tokens (B, L, hidden) after transformer block `block`, as the model's forward computes them (with
+    its gradient checkpointing: in training each block keeps only its inputs for the backward)."""
     if not 0 <= block < model.config.num_layers:
         raise ValueError(f"feature block {block} does not exist; the transformer has blocks 0-"
                          f"{model.config.num_layers - 1}.")
@@ -88,7 +89,8 @@ def block_features(model: MMDiT, x: mx.array, timesteps: mx.array, context: mx.a
     *mods, _ = model.modulation(timesteps, pooled)
     h, c = model.pos_embed(x.astype(dtype)), model.context_embedder(context.astype(dtype))
     for layer, mod in zip(model.transformer_blocks[: block + 1], mods):
-        c, h = layer(h, c, mod)
+        run = nn.utils.checkpoint(layer) if model.gradient_checkpointing else layer  # as the forward does
+        c, h = run(h, c, mod)
     return h
 
 
