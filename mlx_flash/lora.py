@@ -324,8 +324,9 @@ def _is_split_qkv(module: str, entry: ModuleLoRA) -> bool:
 
 def map_lora(lora: LoRAFile, model: nn.Module, component: str) -> dict[str, tuple[mx.array, mx.array]]:
     """The file's adapters for `component` as {our layer path: (down (R, in), up (out, R))}, the factor folded
-    into up; our fused q/k/v layers take separate adapters block-diagonally. LoRAError when a module matches
-    nothing in the model or has the wrong shape."""
+    into up; our fused q/k/v layers take separate adapters block-diagonally (one up per part, (3, out / 3, r),
+    where all three have one; `dense_up`). LoRAError when a module matches nothing in the model or has the wrong
+    shape."""
     entries = lora.modules.get(component, {})
     if not entries:
         return {}
