@@ -325,7 +325,7 @@ def _is_split_qkv(module: str, entry: ModuleLoRA) -> bool:
 def map_lora(lora: LoRAFile, model: nn.Module, component: str) -> dict[str, tuple[mx.array, mx.array]]:
     """The file's adapters for `component` as {our layer path: (down (R, in), up (out, R))}, the factor folded
     into up; our fused q/k/v layers take separate adapters block-diagonally (one up per part, (3, out / 3, r),
-    where all three have one; `dense_up`). LoRAError when a module matches nothing in the model or has the wrong
+    where all three have one of rank PER_PART_MIN_RANK or more; `dense_up`). LoRAError when a module matches nothing in the model or has the wrong
     shape."""
     entries = lora.modules.get(component, {})
     if not entries:
@@ -391,6 +391,12 @@ def _layer_dims(layer: nn.Module) -> tuple[int, int]:
     return out, columns * 32 // layer.bits if isinstance(layer, nn.QuantizedLinear) else columns
 
 
+# Below this rank per part, q/k/v ups multiply faster as one mostly-zero block-diagonal matrix fused with the add
+# than per part (a batched matmul, then one more pass over the output), measured on the CPU at SD3.5's widths; a
+# file's q/k/v adapters of lower rank are stored block-diagonal.
+PER_PART_MIN_RANK = 32
+
+
 def _combine(lora: LoRAFile, found: dict[int, _Part], count: int, layer: nn.Module, model: nn.Module,
              component: str) -> tuple[mx.array, mx.array]:
     """One layer's (down, up) from the adapters of its parts (one, or q, k, v), checked against its shape."""
@@ -406,12 +412,12 @@ def _combine(lora: LoRAFile, found: dict[int, _Part], count: int, layer: nn.Modu
     if count == 1 or (all(ordered) and all(p.down is ordered[0].down for p in ordered)):
         # one down matrix for the whole layer (a kohya fused qkv, or a plain layer)
         return ordered[0].down, mx.concatenate([p.up for p in ordered])
-    if all(ordered):  # q, k and v adapters: one up per part (`dense_up`), ranks padded with zeros to the largest
-        r = max(p.down.shape[0] for p in ordered)
+    r = max(p.down.shape[0] for p in found.values())
+    if all(ordered) and r >= PER_PART_MIN_RANK:  # q, k, v: one up per part (`dense_up`), ranks padded to the largest
         pad = [r - p.down.shape[0] for p in ordered]
         return (mx.concatenate([mx.pad(p.down, [(0, n), (0, 0)]) for p, n in zip(ordered, pad)]),
                 mx.stack([mx.pad(p.up, [(0, 0), (0, n)]) for p, n in zip(ordered, pad)]))
-    # some of q, k, v: their downs stacked, their ups block-diagonal (zero rows for a part without adapter)
+    # low ranks, or some of q, k, v: downs stacked, ups block-diagonal (zero rows for a part without adapter)
     present = [p for p in ordered if p is not None]
     rank = sum(p.down.shape[0] for p in present)
     rows, start = [], 0
@@ -448,11 +454,6 @@ def transposed_layout(matrix: mx.array) -> mx.array:
     """`matrix` (or each matrix of a stack) stored transposed: the same array, its `.swapaxes(-1, -2)` contiguous,
     the layout in which the CPU BLAS multiplies skinny adapter matrices fastest."""
     return mx.contiguous(matrix.swapaxes(-1, -2)).swapaxes(-1, -2)
-
-
-# Below this rank per part, the q/k/v ups multiply faster as one mostly-zero block-diagonal matrix fused with the
-# add than per part (a batched matmul, then one more pass over the output), measured on the CPU at SD3.5's widths.
-PER_PART_MIN_RANK = 32
 
 
 def _concatenate(arrays: Sequence[mx.array], axis: int) -> mx.array:
