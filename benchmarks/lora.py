@@ -3,28 +3,35 @@
 the issue's parity tests target), and the time to load one LoRA file onto the model.
 
     python benchmarks/lora.py [--size 512] [--layers 24] [--repeats 2] [--device cpu|gpu] [--dtype float32]
-                              [--no-reference]
+                              [--no-reference] [--cpu-time]
 
 The LoRA files (diffusers naming, random adapters) are written to a temporary folder first. Each framework runs in
 its own process; on Linux the script re-executes itself with OpenBLAS preloaded (REFERENCE.md, Linux CPU note).
-Overhead = step time with the LoRAs / step time without - 1; the target is <= 5% per LoRA. `--layers N` keeps the
-first N blocks (all blocks are alike, so the overhead hardly changes) for a machine without the time or the memory
-for the full model. The last line is the MLX step time with one rank-16 LoRA over diffusers'.
+Overhead = step time with the LoRAs / step time without - 1; the target is <= 5% per LoRA. Every LoRA is attached
+once; a case switches scales (MLX: the others at 0, which skips them; diffusers: `set_adapters`, or
+`disable_adapters` for none), and the cases are timed in turn `--repeats` times after a warm-up round, each its
+best, so that a change in the machine's load falls on all cases alike. `--layers N` keeps the first N blocks (all
+blocks are alike, so the overhead hardly changes) for a machine without the time or the memory for the full model.
+The header gives the load average at the end. `--cpu-time`, for a loaded shared machine whose wall times vary more
+than the overheads: one BLAS thread per framework, each step timed by its process's CPU time. The last line is the
+MLX step time with one rank-16 LoRA over diffusers'.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import best_time, preload_openblas, run_part  # noqa: E402
+from benchmarks.common import load_average, preload_openblas, run_part  # noqa: E402
 from mlx_flash.presets import SD35_MEDIUM  # noqa: E402
 
 CONTEXT_TOKENS = 77 + 256
@@ -71,6 +78,22 @@ def _active(ranks: tuple[int, ...]) -> list[bool]:
     return [(rank, index) in {(r, ranks[:i].count(r)) for i, r in enumerate(ranks)} for rank, index in FILES]
 
 
+def case_times(step: Callable[[], object], select: Callable[[tuple[int, ...]], object], args) -> dict[str, float]:
+    """Best time of `step()` per case of CASES ("none", "16", "16+16", ...), `select(ranks)` switching to the
+    case; the cases in turn, one warm-up round and `args.repeats` timed ones; wall time, or with `args.cpu_time`
+    the process's CPU time."""
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    times: dict[str, list[float]] = {}
+    for round in range(args.repeats + 1):
+        for ranks in CASES:
+            select(ranks)
+            start = clock()
+            step()
+            if round:
+                times.setdefault("+".join(map(str, ranks)) or "none", []).append(clock() - start)
+    return {case: min(t) for case, t in times.items()}
+
+
 def mlx_part(args) -> dict:
     import mlx.core as mx
 
@@ -87,7 +110,6 @@ def mlx_part(args) -> dict:
         mx.random.normal((1, h, h, 16)).astype(dtype), mx.full((1,), 500.0),
         mx.random.normal((1, CONTEXT_TOKENS, 4096)).astype(dtype), mx.random.normal((1, 2048)).astype(dtype),
     )
-    steps = {"none": best_time(lambda: mx.eval(model(*inputs)), repeats=args.repeats)}
     start = time.perf_counter()
     loras = [lora.read_lora(_file(args.folder, *FILES[0]))]
     scales = lora.LoRAScales([0.0] * len(FILES))
@@ -97,10 +119,11 @@ def mlx_part(args) -> dict:
     loras += [lora.read_lora(_file(args.folder, *f)) for f in FILES[1:]]
     lora.apply_loras(model, "transformer", loras, scales)  # the first again: the same adapters at position 0
     mx.eval(model.parameters())
-    for ranks in CASES[1:]:
+
+    def select(ranks):
         scales.values[:] = [float(on) for on in _active(ranks)]
-        steps["+".join(map(str, ranks))] = best_time(lambda: mx.eval(model(*inputs)), repeats=args.repeats)
-    return {"steps": steps, "load_s": load}
+
+    return {"steps": case_times(lambda: mx.eval(model(*inputs)), select, args), "load_s": load}
 
 
 def torch_part(args) -> dict:
@@ -131,7 +154,6 @@ def torch_part(args) -> dict:
             model(**inputs)
         sync()
 
-    steps = {"none": best_time(step, repeats=args.repeats)}
     load = 0.0
     for i, f in enumerate(FILES):
         start = time.perf_counter()
@@ -139,11 +161,16 @@ def torch_part(args) -> dict:
                                                                    return_lora_metadata=True)
         StableDiffusion3Pipeline.load_lora_into_transformer(state, model, adapter_name=f"l{i}", metadata=metadata)
         load = load or time.perf_counter() - start
-    for ranks in CASES[1:]:
+
+    def select(ranks):
         names = [f"l{i}" for i, on in enumerate(_active(ranks)) if on]
+        if not names:
+            model.disable_adapters()
+            return
+        model.enable_adapters()
         model.set_adapters(names, [1.0] * len(names))
-        steps["+".join(map(str, ranks))] = best_time(step, repeats=args.repeats)
-    return {"steps": steps, "load_s": load}
+
+    return {"steps": case_times(step, select, args), "load_s": load}
 
 
 def main() -> None:
@@ -154,24 +181,29 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="gpu: Metal/CUDA MLX and CUDA torch")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     parser.add_argument("--no-reference", action="store_true", help="time MLX only")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="one BLAS thread each, timed by the process's CPU time (a loaded, shared machine)")
     parser.add_argument("--part", choices=["mlx", "diffusers"], help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.part:
         print(json.dumps((mlx_part if args.part == "mlx" else torch_part)(args)))
         return
+    if args.cpu_time:  # before OpenBLAS (re-executing with it preloaded) and PyTorch start their threads
+        os.environ["OPENBLAS_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = "1"
     if args.device == "cpu":
         preload_openblas()
     with tempfile.TemporaryDirectory() as folder:
         for rank, index in FILES:
             write_lora(_file(folder, rank, index), rank, seed=10 * index + rank, layers=args.layers)
         extra = ["--size", str(args.size), "--layers", str(args.layers), "--repeats", str(args.repeats),
-                 "--device", args.device, "--dtype", args.dtype, "--folder", folder]
+                 "--device", args.device, "--dtype", args.dtype, "--folder", folder] + ["--cpu-time"] * args.cpu_time
         names = ("mlx",) if args.no_reference else ("mlx", "diffusers")
         results = {name: run_part(__file__, name, *extra) for name in names}
     blocks = "" if args.layers == SD35_MEDIUM.num_layers else f" (its first {args.layers} blocks)"
     print(f"SD3.5 Medium transformer{blocks}, one step, {args.size}x{args.size}, {args.dtype}, {args.device}; "
-          f"unfused LoRAs on {len(TARGETS)} kinds of linear layer")
+          f"unfused LoRAs on {len(TARGETS)} kinds of linear layer; "
+          f"{'CPU time, one BLAS thread' if args.cpu_time else 'wall time'}, load average {load_average()}")
     print(f"{'LoRA ranks':12}" + "".join(f"{name + ' s':>12}{'overhead':>10}" for name in results))
     for case in results["mlx"]["steps"]:
         row = f"{case:12}"

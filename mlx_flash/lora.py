@@ -324,8 +324,9 @@ def _is_split_qkv(module: str, entry: ModuleLoRA) -> bool:
 
 def map_lora(lora: LoRAFile, model: nn.Module, component: str) -> dict[str, tuple[mx.array, mx.array]]:
     """The file's adapters for `component` as {our layer path: (down (R, in), up (out, R))}, the factor folded
-    into up; our fused q/k/v layers take separate adapters block-diagonally. LoRAError when a module matches
-    nothing in the model or has the wrong shape."""
+    into up; our fused q/k/v layers take separate adapters block-diagonally (one up per part, (3, out / 3, r),
+    where all three have one of rank PER_PART_MIN_RANK or more; `dense_up`). LoRAError when a module matches nothing in the model or has the wrong
+    shape."""
     entries = lora.modules.get(component, {})
     if not entries:
         return {}
@@ -390,6 +391,12 @@ def _layer_dims(layer: nn.Module) -> tuple[int, int]:
     return out, columns * 32 // layer.bits if isinstance(layer, nn.QuantizedLinear) else columns
 
 
+# Below this rank per part, q/k/v ups multiply faster as one mostly-zero block-diagonal matrix fused with the add
+# than per part (a batched matmul, then one more pass over the output), measured on the CPU at SD3.5's widths; a
+# file's q/k/v adapters of lower rank are stored block-diagonal.
+PER_PART_MIN_RANK = 32
+
+
 def _combine(lora: LoRAFile, found: dict[int, _Part], count: int, layer: nn.Module, model: nn.Module,
              component: str) -> tuple[mx.array, mx.array]:
     """One layer's (down, up) from the adapters of its parts (one, or q, k, v), checked against its shape."""
@@ -405,7 +412,12 @@ def _combine(lora: LoRAFile, found: dict[int, _Part], count: int, layer: nn.Modu
     if count == 1 or (all(ordered) and all(p.down is ordered[0].down for p in ordered)):
         # one down matrix for the whole layer (a kohya fused qkv, or a plain layer)
         return ordered[0].down, mx.concatenate([p.up for p in ordered])
-    # q, k, v adapters: their downs stacked, their ups block-diagonal (zero rows for a part without adapter)
+    r = max(p.down.shape[0] for p in found.values())
+    if all(ordered) and r >= PER_PART_MIN_RANK:  # q, k, v: one up per part (`dense_up`), ranks padded to the largest
+        pad = [r - p.down.shape[0] for p in ordered]
+        return (mx.concatenate([mx.pad(p.down, [(0, n), (0, 0)]) for p, n in zip(ordered, pad)]),
+                mx.stack([mx.pad(p.up, [(0, 0), (0, n)]) for p, n in zip(ordered, pad)]))
+    # low ranks, or some of q, k, v: downs stacked, ups block-diagonal (zero rows for a part without adapter)
     present = [p for p in ordered if p is not None]
     rank = sum(p.down.shape[0] for p in present)
     rows, start = [], 0
@@ -430,29 +442,60 @@ class LoRAScales:
 
 
 def dense_up(up: mx.array) -> mx.array:
-    """An adapter's up matrix (out, R). Trainable adapters (`add_adapters`) keep one up per part of a fused layer,
-    (parts, out / parts, r): they act block-diagonally, part i's rows on its own r columns of down."""
+    """An adapter's up matrix (out, R). Adapters of the q, k and v of a fused layer may keep one up per part,
+    (parts, out / parts, r): they act block-diagonally, part i's rows on its own r rows of down."""
     if up.ndim == 2:
         return up
     parts, _, r = up.shape
     return mx.concatenate([mx.pad(up[i], [(0, 0), (i * r, (parts - 1 - i) * r)]) for i in range(parts)])
 
 
+def transposed_layout(matrix: mx.array) -> mx.array:
+    """`matrix` (or each matrix of a stack) stored transposed: the same array, its `.swapaxes(-1, -2)` contiguous,
+    the layout in which the CPU BLAS multiplies skinny adapter matrices fastest."""
+    return mx.contiguous(matrix.swapaxes(-1, -2)).swapaxes(-1, -2)
+
+
+def _concatenate(arrays: Sequence[mx.array], axis: int) -> mx.array:
+    return arrays[0] if len(arrays) == 1 else mx.concatenate(arrays, axis=axis)
+
+
+def stacked_transposed(adapters: Sequence[Mapping[str, mx.array]], weights: Sequence[float]
+                       ) -> tuple[mx.array, mx.array]:
+    """(down.T, up.T) of one adapter whose update is sum_i weights_i * up_i @ down_i: the weighted downs stacked,
+    the ups side by side. Where every up is one per part (and their ranks add up to PER_PART_MIN_RANK), up.T is
+    per part, (parts, sum r, out / parts), down.T's columns part by part to match; else dense, (sum R, out)."""
+    ups = [a["up"] for a in adapters]
+    downs = [w * a["down"].T for a, w in zip(adapters, weights)]  # (in, R) each
+    if (all(up.ndim == 3 for up in ups) and len({up.shape[0] for up in ups}) == 1
+            and sum(up.shape[2] for up in ups) >= PER_PART_MIN_RANK):
+        parts, inputs = ups[0].shape[0], downs[0].shape[0]
+        down_t = _concatenate([d.reshape(inputs, parts, -1) for d in downs], axis=2).reshape(inputs, -1)
+        return down_t, _concatenate([up.swapaxes(1, 2) for up in ups], axis=1)
+    up_t = [up.T if up.ndim == 2 else dense_up(up.swapaxes(1, 2)) for up in ups]  # dense_up(up).T
+    return _concatenate(downs, axis=1), _concatenate(up_t, axis=0)
+
+
 class _Adapted:
     """Mixed into a linear layer class: its output plus sum_i scale_i * up_i (down_i x) over its adapters,
-    stored in `self.lora` = {str(LoRA position): {"down": (R, in), "up": (out, R)}}. The up product and the sum
-    are one fused matmul-add (block-diagonal q/k/v ups cost a few zeros, not extra passes over the output)."""
+    stored in `self.lora` = {str(LoRA position): {"down": (R, in), "up": (out, R) or one per part}}. The
+    adapters with a non-zero scale act as one (`stacked_transposed`): two skinny matmuls whatever their number,
+    the second fused with the add, or per part a batched one and an add."""
 
     lora_scales: LoRAScales
 
     def __call__(self, x: mx.array) -> mx.array:
         y = super().__call__(x)
-        inputs = self.adapter_input(x)
-        for key, adapter in self["lora"].items():
-            scale = self.lora_scales.values[int(key)]
-            if scale != 0:
-                y = mx.addmm(y, inputs @ adapter["down"].T, dense_up(adapter["up"]).T, alpha=scale)
-        return y
+        active = [(a, s) for k, a in self["lora"].items() if (s := self.lora_scales.values[int(k)]) != 0]
+        if not active:
+            return y
+        down_t, up_t = stacked_transposed(*zip(*active))
+        low = self.adapter_input(x) @ down_t
+        if up_t.ndim == 2:
+            return mx.addmm(y, low, up_t)
+        parts, rank, _ = up_t.shape
+        delta = mx.moveaxis(low.reshape(*low.shape[:-1], parts, rank), -2, -3) @ up_t  # (..., parts, N, out / parts)
+        return (y.reshape(*y.shape[:-1], parts, -1) + mx.moveaxis(delta, -3, -2)).reshape(y.shape)
 
     def adapter_input(self, x: mx.array) -> mx.array:
         """What the adapters' down matrices take: the layer's input."""
@@ -520,7 +563,8 @@ def apply_loras(model: nn.Module, component: str, loras: Sequence[LoRAFile], sca
         for path, (down, up) in map_lora(lora, model, component).items():
             layer = adapted.get(path, layers[path])
             dtype = _compute_dtype(layer)
-            adapter = {str(index): {"down": down.astype(dtype), "up": up.astype(dtype)}}
+            adapter = {str(index): {"down": transposed_layout(down.astype(dtype)),
+                                    "up": transposed_layout(up.astype(dtype))}}
             adapted[path] = _adapted(layer, adapter, scales)
     if adapted:
         model.update_modules(tree_unflatten(list(adapted.items())))

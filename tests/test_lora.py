@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
@@ -340,6 +341,37 @@ def test_adapter_bytes(tiny_loras):
     expected = sum(v.nbytes for m in lora.lora_layers(model).values() for a in m["lora"].values() for v in a.values())
     assert lora.adapter_bytes(model) == expected > 0
 
+
+
+@pytest.mark.parametrize("per_part", [True, False])
+def test_stacked_adapters_equal_separate_deltas(per_part, monkeypatch):
+    """A fused q/k/v layer holding adapters of every kind (one up per part of different ranks, a block-diagonal
+    up, a shared down), some scaled to zero: its output for each set of active adapters equals the base output
+    plus each adapter's delta, computed separately in float64; with the per-part ups multiplied per part and
+    block-diagonally."""
+    monkeypatch.setattr(lora, "PER_PART_MIN_RANK", 1 if per_part else 10**6)
+    rng = np.random.default_rng(0)
+    base = nn.Linear(8, 12)
+    adapters = {
+        "0": {"down": rng.standard_normal((3 * 2, 8)), "up": rng.standard_normal((3, 4, 2))},  # per part, rank 2
+        "1": {"down": rng.standard_normal((3 * 3, 8)), "up": rng.standard_normal((3, 4, 3))},  # per part, rank 3
+        "2": {"down": rng.standard_normal((5, 8)), "up": rng.standard_normal((12, 5))},  # shared down (kohya qkv)
+        "3": {"down": rng.standard_normal((4, 8)),  # q and v only: block-diagonal, k rows zero
+              "up": np.concatenate([np.pad(rng.standard_normal((4, 2)), [(0, 0), (0, 2)]), np.zeros((4, 4)),
+                                    np.pad(rng.standard_normal((4, 2)), [(0, 0), (2, 0)])])},
+    }
+    as_mx = {k: {n: lora.transposed_layout(mx.array(v.astype(np.float32))) for n, v in a.items()}
+             for k, a in adapters.items()}
+    scales = lora.LoRAScales([0.0] * 4)
+    layer = lora._adapted(base, as_mx, scales)
+    x = rng.standard_normal((2, 5, 8)).astype(np.float32)
+    plain = np.array(base(mx.array(x))).astype(np.float64)
+    for values in ([0.7, 0, 0, 0], [0, 0, -1.3, 0], [0.7, 0.4, 0, 0], [0.7, 0.4, 0.5, 0], [0, 0.4, 0, 2.0],
+                   [0.7, 0.4, 0.5, 2.0], [0, 0, 0, 0]):
+        scales.values[:] = values
+        expected = plain + sum(s * x @ (np.array(lora.dense_up(mx.array(a["up"]))) @ a["down"]).T
+                               for s, a in zip(values, adapters.values()))
+        assert np.abs(np.array(layer(mx.array(x))) - expected).max() <= 1e-5 * np.abs(expected).max(), values
 
 # Bad input: one line each -------------------------------------------------------------------------------------
 
