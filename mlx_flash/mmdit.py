@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from dataclasses import dataclass, field, replace
-from functools import cache
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -55,13 +55,15 @@ def attention(q: mx.array, k: mx.array, v: mx.array, per_head: bool = True) -> m
 
 
 CPU_ATTENTION_STREAMS = 2  # heads attended at once on the CPU, one per stream
+_THREAD = threading.local()  # MLX's streams belong to the thread that made them
 
 
-@cache
 def cpu_streams() -> tuple[mx.Stream, ...]:
-    """CPU streams for attention heads: MLX runs each stream's elementwise work (the softmax) on its own thread,
-    so heads on different streams overlap; the results are bit-identical to one stream's."""
-    return tuple(mx.new_stream(mx.cpu) for _ in range(CPU_ATTENTION_STREAMS))
+    """This thread's CPU streams for attention heads: MLX runs each stream's elementwise work (the softmax) on its
+    own thread, so heads on different streams overlap; the results are bit-identical to one stream's."""
+    if not hasattr(_THREAD, "streams"):
+        _THREAD.streams = tuple(mx.new_stream(mx.cpu) for _ in range(CPU_ATTENTION_STREAMS))
+    return _THREAD.streams
 
 
 @dataclass(frozen=True)
