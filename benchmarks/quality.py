@@ -13,9 +13,10 @@ Frechet distance between PCA features of the generated and the held-out real dig
 scores real digits of the generator's training split the same way. Writes quality.md and digits_grid.png.
 
 `--distillation FLASH` scores issue #16's table instead (quality_distillation.md): the teacher at 28 steps
-(CFG), the trajectory student (`--trajectory`, stage 3's output) and the Flash student (model folder FLASH, from `mlx-flash distill`) at 1,
-2 and 4 steps, the Flash student without T5 at inference, and each `--ablation` student (a folder distilled with
-one part of the method switched) at 2 steps and the Flash student's steps, in float32 and at 4 bits.
+(CFG), the trajectory student (`--trajectory`, stage 3's output) and the Flash student (model folder FLASH, from
+`mlx-flash distill`) at 1, 2 and 4 steps, the Flash student without T5 at inference, and each `--ablation`
+student (a folder distilled with one part of the method switched) at 2 steps and the Flash student's steps, in
+float32 and at 4 bits.
 """
 
 from __future__ import annotations

@@ -68,8 +68,8 @@ def core_type(library: str) -> str | None:
 
 def ensure_openblas(restart: bool = True) -> None:
     """On Linux, re-execute this process's command line with OpenBLAS preloaded (and its kernels named where it
-    does not recognise the CPU), unless it already is (or was checked); print one line on how to install it when it is missing and MLX runs on the CPU.
-    `restart=False` (a process that runs no MLX itself, e.g. `mlx-flash launch`) only sets that environment for
+    does not recognise the CPU), unless it already is (or was checked); print one line on how to install it when
+    it is missing and MLX runs on the CPU. `restart=False` (a process that runs no MLX itself, e.g. `mlx-flash launch`) only sets that environment for
     the processes it starts."""
     if sys.platform != "linux" or os.environ.get(CHECKED):
         return

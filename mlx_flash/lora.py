@@ -325,8 +325,8 @@ def _is_split_qkv(module: str, entry: ModuleLoRA) -> bool:
 def map_lora(lora: LoRAFile, model: nn.Module, component: str) -> dict[str, tuple[mx.array, mx.array]]:
     """The file's adapters for `component` as {our layer path: (down (R, in), up (out, R))}, the factor folded
     into up; our fused q/k/v layers take separate adapters block-diagonally (one up per part, (3, out / 3, r),
-    where all three have one of rank PER_PART_MIN_RANK or more; `dense_up`). LoRAError when a module matches nothing in the model or has the wrong
-    shape."""
+    where all three have one of rank PER_PART_MIN_RANK or more; `dense_up`). LoRAError when a module matches
+    nothing in the model or has the wrong shape."""
     entries = lora.modules.get(component, {})
     if not entries:
         return {}
@@ -463,7 +463,7 @@ def _concatenate(arrays: Sequence[mx.array], axis: int) -> mx.array:
 def stacked_transposed(adapters: Sequence[Mapping[str, mx.array]], weights: Sequence[float]
                        ) -> tuple[mx.array, mx.array]:
     """(down.T, up.T) of one adapter whose update is sum_i weights_i * up_i @ down_i: the weighted downs stacked,
-    the ups side by side. Where every up is one per part (and their ranks add up to PER_PART_MIN_RANK), up.T is
+    the ups side by side. Where every up is one per part (their ranks adding up to PER_PART_MIN_RANK or more), up.T is
     per part, (parts, sum r, out / parts), down.T's columns part by part to match; else dense, (sum R, out)."""
     ups = [a["up"] for a in adapters]
     downs = [w * a["down"].T for a, w in zip(adapters, weights)]  # (in, R) each

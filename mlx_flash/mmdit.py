@@ -34,8 +34,9 @@ NORM_EPS = 1e-6
 def attention(q: mx.array, k: mx.array, v: mx.array, per_head: bool = True) -> mx.array:
     """Scaled dot-product attention of (B, heads, tokens, head_dim) arrays. On the CPU, where attention is not
     fused, two heads at a time (one per stream, `cpu_streams`), each pair evaluated before the next: the scores of
-    two heads exist at once instead of all heads' (12x less memory for SD3.5), and MLX's q k^T products (K = 64) run at about three quarters of the
-    float32 matmul peak instead of a quarter for all heads batched (benchmarks/mmdit_step.py); the softmax's
+    two heads exist at once instead of all heads' (12x less memory for SD3.5), and MLX's q k^T products (K = 64)
+    run at about three quarters of the float32 matmul peak instead of a quarter for all heads batched
+    (benchmarks/mmdit_step.py); the softmax's
     exponentials are `cpu_ops.exp_below` (MLX's CPU exp is scalar). `per_head=False` in training: evaluating
     inside a checkpointed block's recomputation keeps a copy of the block's weights."""
     scale = q.shape[-1] ** -0.5

@@ -52,7 +52,7 @@ class Sampler:
     def step(self, velocity: Velocity, x: mx.array, i: int, sigmas: np.ndarray,
              noise: Noise) -> tuple[mx.array, mx.array, mx.array]:
         """(latents after step `i`, the velocity the step used, the clean estimate x0)."""
-        raise NotImplementedError
+        raise NotImplementedError  # the interface: every sampler in SAMPLERS defines its own step
 
 
 class Euler(Sampler):

@@ -95,7 +95,6 @@ class TextEncoders:
         tokenize = self.t5_tokenizer
         return self._run("text_encoder_3", lambda model: [model(tokenize(texts, length)) for texts, _ in groups])
 
-
     def encode(
         self,
         prompt: str | Sequence[str],

@@ -92,8 +92,9 @@ def run(args: argparse.Namespace) -> None:
     config = DistillConfig(
         train=train, steps=args.steps, guidance=args.guidance, full=args.full, rank=args.rank,
         fake_rank=args.fake_rank, quantize=args.quantize, timestep_sharing=not args.renoise, split=not args.no_split,
-        split_ratio=args.split_ratio, split_boundary=args.split_boundary, min_sigma=args.min_sigma, adversarial_weight=args.adversarial_weight,
-        trajectory_weight=args.trajectory_guidance, trajectory_substeps=args.trajectory_substeps,
+        split_ratio=args.split_ratio, split_boundary=args.split_boundary, min_sigma=args.min_sigma,
+        adversarial_weight=args.adversarial_weight, trajectory_weight=args.trajectory_guidance,
+        trajectory_substeps=args.trajectory_substeps,
         adversarial_loss=args.adversarial_loss, fake_updates=args.fake_updates, fake_warmup=args.fake_warmup,
         fake_learning_rate=args.fake_learning_rate, warmup_steps=args.trajectory_warmup, t5_dropout=args.t5_dropout,
         batch_size=args.batch_size, teacher_samples=args.teacher_samples, student_init=args.init)
