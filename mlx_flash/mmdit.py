@@ -196,15 +196,29 @@ class TimeTextEmbed(nn.Module):
         return self.timestep_embedder(t) + self.text_embedder(pooled)
 
 
+def sincos_position_table(dim: int, size: int, base_size: int) -> mx.array:
+    """SD3's fixed 2D sin-cos position table, (1, size * size, dim): each half of the channels encodes one axis
+    (x first) as sin and cos of the grid coordinate, scaled to a `base_size` grid, at frequencies 10000^(-k/(dim/4))."""
+    quarter = dim // 4
+    frequencies = 1.0 / 10000 ** (mx.arange(quarter, dtype=mx.float32) / quarter)
+    coords = mx.arange(size, dtype=mx.float32) * (base_size / size)
+    angles = coords[:, None] * frequencies[None]  # (size, quarter)
+    axis = mx.concatenate([mx.sin(angles), mx.cos(angles)], axis=1)  # (size, dim / 2)
+    x = mx.broadcast_to(axis[None, :, :], (size, size, dim // 2))
+    y = mx.broadcast_to(axis[:, None, :], (size, size, dim // 2))
+    return mx.concatenate([x, y], axis=2).reshape(1, size * size, dim)
+
+
 class PatchEmbed(nn.Module):
-    """Patchify conv plus the learned position table, centre-cropped to the latent's patch grid."""
+    """Patchify conv plus the position table (SD3's sin-cos one until weights load), centre-cropped to the
+    latent's patch grid."""
 
     def __init__(self, config: MMDiTConfig):
         super().__init__()
         p, size = config.patch_size, config.pos_embed_max_size
         self.patch_size, self.max_size = p, size
         self.proj = nn.Conv2d(config.in_channels, config.hidden_size, kernel_size=p, stride=p)
-        self.pos_embed = mx.zeros((1, size * size, config.hidden_size))
+        self.pos_embed = sincos_position_table(config.hidden_size, size, config.sample_size // p)
 
     def __call__(self, x: mx.array) -> mx.array:
         x = self.proj(x)

@@ -70,6 +70,15 @@ def test_parity_with_diffusers(tiny_transformer, timesteps, skip_layers):
     assert rel <= 1e-4
 
 
+@pytest.mark.parametrize("sizes", [dict(sample_size=16, pos_embed_max_size=16), dict(sample_size=32, pos_embed_max_size=24)])
+def test_new_model_has_sd3s_position_table(sizes):
+    """A freshly built transformer starts from diffusers' sin-cos table (what training from scratch needs)."""
+    config = {**TINY, **sizes}
+    reference = SD3Transformer2DModel(**config).pos_embed.pos_embed.numpy()
+    ours = MMDiT(MMDiTConfig.from_diffusers(config)).pos_embed.pos_embed
+    np.testing.assert_allclose(np.array(ours), reference, rtol=0, atol=2e-6)
+
+
 def test_config_inferred_from_weights(tiny_transformer):
     name, model, path = tiny_transformer
     loaded = load_mmdit(path)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -99,6 +100,9 @@ def main() -> None:
     parser.add_argument("--init", type=Path, default=None, help="continue from this transformer/ folder's weights")
     parser.add_argument("--frozen-t5", action="store_true", help="keep the T5 encoder frozen (the ablation)")
     parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--layers", type=int, default=TRANSFORMER.num_layers, help="blocks (the first half dual)")
+    parser.add_argument("--heads", type=int, default=TRANSFORMER.num_attention_heads)
+    parser.add_argument("--head-dim", type=int, default=TRANSFORMER.attention_head_dim)
     parser.add_argument("--preview", type=Path, default=Path("shapes_teacher_samples.png"))
     parser.add_argument("--preview-prompts", type=int, default=16)
     args = parser.parse_args()
@@ -114,7 +118,10 @@ def main() -> None:
     rows_of = np.array([index[t] for t in texts])
     empty = len(unique) - 1
     shift = scheduler_shift(args.model)
-    transformer = new_transformer(args.seed, TRANSFORMER)
+    config = replace(TRANSFORMER, num_layers=args.layers, num_attention_heads=args.heads,
+                     attention_head_dim=args.head_dim, dual_attention_layers=tuple(range(args.layers // 2)))
+    transformer = new_transformer(args.seed, config)
+    transformer.pos_embed.freeze(keys="pos_embed", recurse=False)  # SD3's fixed sin-cos table
     if args.init is not None:
         transformer.update(load_mmdit(args.init, mx.float32).parameters())
     model = Conditioned(transformer, load_t5(args.model / "text_encoder_3", mx.float32))
