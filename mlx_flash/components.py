@@ -36,10 +36,11 @@ class Components:
     def __init__(self, root: Path, *, name: str, dtype: mx.Dtype, quantize: int | None, use_t5: bool,
                  low_memory: bool, preset: Preset | None = None, shift: float | None = None,
                  transformer: Path | None = None, loras: LoRAs | None = None,
-                 controlnets: Sequence[tuple[str, Path, float]] = ()):
+                 controlnets: Sequence[tuple[str, Path, float]] = (), manifest: dict | None = None):
         """`shift` overrides the scheduler config's (a named preset's); `transformer` is a folder replacing
         root/transformer (without a config.json it takes the base's); `loras` are applied to the transformer and
-        text encoders on every load; `controlnets` are (name as given, local path, scale)."""
+        text encoders on every load; `controlnets` are (name as given, local path, scale); `manifest` replaces
+        root's mlx_flash.json (a model folder on a base, see `loading.on_base`)."""
         self.root, self.name, self.dtype, self.quantize = root, name, dtype, quantize
         self.low_memory, self.preset, self.transformer_dir = low_memory, preset, transformer
         self.loras = loras or LoRAs()
@@ -48,7 +49,7 @@ class Components:
         self.controlnet_configs = [self._check_controlnet(spec_name, path) for spec_name, path, _ in controlnets]
         self.vae_config = VAEConfig.from_dict(read_json(root / "vae" / "config.json"))
         self.vae_factor = self.vae_config.factor
-        self.manifest = read_manifest(root)
+        self.manifest = read_manifest(root) if manifest is None else manifest
         self.model_defaults = self.manifest.get("defaults", {})
         scheduler_config = root / "scheduler" / "scheduler_config.json"
         if shift is None:

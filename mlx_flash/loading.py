@@ -12,7 +12,7 @@ import mlx.core as mx
 
 from .configs import check_model_folder
 from .hub import resolve_controlnet, resolve_model_dir, resolve_weights_dir
-from .layout import dtype_name, parse_dtype, read_json
+from .layout import MANIFEST, dtype_name, parse_dtype, read_json, read_manifest
 from .lora import LoRAs
 from .memory import memory_budget
 from .mmdit import MMDiTConfig
@@ -96,6 +96,8 @@ def load_pipeline(
     else:
         root = resolve_model_dir(model, use_t5=use_t5, revision=revision, dtype=dtype_name(dtype))
     check_model_folder(root)
+    root, own_transformer, manifest = on_base(root)
+    transformer = transformer if transformer is not None else own_transformer
     if quantize is not None:
         Quantization(quantize)  # raises for unsupported bits
     low_memory = memory_budget() < LOW_MEMORY_BELOW if low_memory is None else low_memory
@@ -109,9 +111,28 @@ def load_pipeline(
     pipe = Pipeline(root, name=name, dtype=dtype, quantize=quantize, use_t5=use_t5, low_memory=low_memory,
                     preset=preset, shift=named.shift if named is not None else None,
                     transformer=None if transformer is None else replacement_transformer(transformer, root),
-                    loras=LoRAs(loras), controlnets=nets)
+                    loras=LoRAs(loras), controlnets=nets, manifest=manifest)
     pipe.check_loras()
     return pipe
+
+
+def on_base(folder: Path) -> tuple[Path, Path | None, dict | None]:
+    """(components root, its transformer folder, manifest): a folder whose mlx_flash.json names a `base` (a
+    packaged model's name, or a folder, relative to this one) holds only its own transformer/ and manifest; the
+    tokenizers, text encoders, VAE and scheduler are the base's, and its manifest's entries override the base's.
+    Any other folder is its own root (None, None)."""
+    own = read_manifest(folder)
+    if "base" not in own:
+        return folder, None, None
+    name = own["base"]
+    base = None
+    if isinstance(name, str) and name:
+        base = PACKAGED_MODELS / name if (PACKAGED_MODELS / name).is_dir() else (folder / name).resolve()
+    if base is None or not base.is_dir() or "base" in read_manifest(base):
+        raise ValueError(f"{folder / MANIFEST}: its base {name!r} is not a packaged model or a model folder "
+                         "(of its own components); reinstall the model or fix `base`.")
+    check_model_folder(base)
+    return base, folder / "transformer", read_manifest(base) | {k: v for k, v in own.items() if k != "base"}
 
 
 def replacement_transformer(location: str | Path, root: Path) -> Path:

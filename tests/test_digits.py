@@ -92,3 +92,52 @@ def test_training_scripts_run_end_to_end(tmp_path):
         tiny = load_tiny_autoencoder(tiny_autoencoder_source(folder, pipe.vae.config), mx.float32)
         assert tiny.decode(mx.zeros((1, 8, 8, 16))).shape == (1, 64, 64, 3)
         assert model_latent_rgb(read_manifest(folder), pipe.vae.config) is not None
+
+
+def test_a_model_on_a_base_loads_as_the_full_folder(tmp_path):
+    """A folder of a transformer and a manifest naming a `base` generates what the full folder does, with its own
+    defaults; a broken base is one clear error."""
+    import json
+    import shutil
+
+    from training.common import on_base
+
+    full = tmp_path / "full"
+    shutil.copytree(PACKAGED_MODELS / "digits", full)
+    shutil.rmtree(full / "transformer")
+    shutil.copytree(PACKAGED_MODELS / "digits-flash" / "transformer", full / "transformer")
+    own = read_manifest(PACKAGED_MODELS / "digits-flash")
+    (full / "mlx_flash.json").write_text(json.dumps(own | {"defaults": own["defaults"] | {"num_inference_steps": 3}}))
+    slim = tmp_path / "slim"
+    shutil.copytree(full, slim)
+    on_base(slim, "digits")
+    assert sorted(p.name for p in slim.iterdir()) == ["mlx_flash.json", "transformer"]
+    assert read_manifest(slim)["base"] == "digits"
+
+    images = {}
+    for folder in (full, slim):
+        pipe = load_pipeline(folder, dtype="float32")
+        assert pipe.defaults()[:2] == (3, own["defaults"]["guidance_scale"])
+        images[folder] = pipe.generate("a handwritten digit four", seed=5, output_type="np", progress=False)
+    np.testing.assert_array_equal(images[full], images[slim])
+
+    for base, message in (("no-such-model", "is not a packaged model"), (str(slim), "is not a packaged model")):
+        (slim / "mlx_flash.json").write_text(json.dumps({"base": base}))
+        with pytest.raises(ValueError, match=message):
+            load_pipeline(slim)
+    (full / "mlx_flash.json").write_text(json.dumps({"base": "digits"}))
+    shutil.rmtree(full / "transformer")
+    with pytest.raises(ValueError, match="no model_index.json or transformer/"):
+        load_pipeline(full)
+    with pytest.raises(ValueError, match="differs from digits'"):
+        on_base(_changed_copy(tmp_path), "digits")
+
+
+def _changed_copy(tmp_path: Path) -> Path:
+    import shutil
+
+    folder = tmp_path / "changed"
+    shutil.copytree(PACKAGED_MODELS / "digits", folder)
+    config = folder / "vae" / "config.json"
+    config.write_text(config.read_text().replace("}", ', "note": 1}', 1))
+    return folder

@@ -3,6 +3,9 @@ every few hundred steps, and float16 copies for shipping."""
 
 from __future__ import annotations
 
+import filecmp
+import json
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -11,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
 
+from mlx_flash.layout import MANIFEST, read_manifest
 from mlx_flash.training.trainer import TrainConfig, Trainer
 
 MODELS = Path(__file__).resolve().parents[1] / "mlx_flash" / "models"
@@ -21,6 +25,24 @@ def half(model: nn.Module) -> nn.Module:
     model.update(tree_map(lambda p: p.astype(mx.float16) if mx.issubdtype(p.dtype, mx.floating) else p,
                           model.parameters()))
     return model
+
+
+def on_base(folder: Path, base: str) -> None:
+    """Make `folder`, whose components other than its transformer are those of the packaged model `base`, a model
+    on that base (`mlx_flash.loading.on_base`): only its transformer/ and the manifest entries that differ stay."""
+    shared = [p for p in folder.iterdir() if p.is_dir() and p.name != "transformer"]
+    for component in shared:
+        same = filecmp.dircmp(component, MODELS / base / component.name)
+        if same.left_only or same.right_only or same.diff_files or same.funny_files:
+            raise ValueError(f"{component} differs from {base}'s; {folder} cannot be a model on {base}.")
+    own = read_manifest(folder)
+    inherited = read_manifest(MODELS / base)
+    manifest = {"base": base} | {k: v for k, v in own.items() if inherited.get(k) != v}
+    partial = folder / (MANIFEST + ".partial")
+    partial.write_text(json.dumps(manifest, indent=2))
+    partial.replace(folder / MANIFEST)
+    for component in shared:
+        shutil.rmtree(component)
 
 
 class PrintLoss:

@@ -580,9 +580,11 @@ def teacher_samples(models: Models, conditions: Conditions, count: int, steps: i
     return noise, rows, mx.concatenate(out)
 
 
-def load_models(root: Path, config: DistillConfig, dtype: mx.Dtype) -> tuple[Models, list[str]]:
-    """The teacher's transformer (quantized to `config.quantize` bits) with the distillation's adapters."""
-    base = quantized(load_mmdit(root / "transformer", dtype), config.quantize)
+def load_models(root: Path, config: DistillConfig, dtype: mx.Dtype,
+                transformer: Path | None = None) -> tuple[Models, list[str]]:
+    """The teacher's transformer (`transformer`, default root/transformer; quantized to `config.quantize` bits)
+    with the distillation's adapters."""
+    base = quantized(load_mmdit(transformer or root / "transformer", dtype), config.quantize)
     base.set_training(True)
     modules = lora.target_modules(base, "transformer", config.targets)
     models = Models(base, config, modules, mx.random.key(config.train.seed))
@@ -655,7 +657,7 @@ def distill(teacher: str, output: Path, prompts: Sequence[str], config: DistillC
     pipe = load_pipeline(teacher, dtype="float32", low_memory=False)  # no weights dropped by validation runs
     pipe.text_encoders.low_memory = True
     root, shift, dtype = pipe.root, pipe.shift, pipe.dtype
-    defaults = read_manifest(root).get("defaults", {})
+    defaults = pipe.manifest.get("defaults", {})
     guidance = config.guidance if config.guidance is not None else defaults.get("guidance_scale", 1.0)
     def encode(texts: Sequence[str]) -> Conditions:
         return encode_conditions(root, texts, folder / "cache",
@@ -663,7 +665,7 @@ def distill(teacher: str, output: Path, prompts: Sequence[str], config: DistillC
                                  joint_attention_dim=pipe.transformer_config.joint_attention_dim, dtype=dtype,
                                  t5=config.t5_dropout > 0)
     conditions = encode(prompts)
-    models, modules = load_models(root, config, dtype)
+    models, modules = load_models(root, config, dtype, pipe.transformer_dir)
     c = models.base.config
     shape = (*(config.latent_size or (c.sample_size, c.sample_size)), c.out_channels)
     real = real_side(root, data, folder / "cache", shape, dtype, encode) if data is not None else None
