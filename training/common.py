@@ -27,6 +27,13 @@ def half(model: nn.Module) -> nn.Module:
     return model
 
 
+def write_scheduler(root: Path, shift: float) -> None:
+    """The model's scheduler/scheduler_config.json: SD3's flow-matching Euler scheduler at `shift`."""
+    (root / "scheduler").mkdir(parents=True, exist_ok=True)
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": shift}, indent=2))
+
+
 def on_base(folder: Path, base: str) -> None:
     """Make `folder`, whose components other than its transformer are those of the packaged model `base`, a model
     on that base (`mlx_flash.loading.on_base`): only its transformer/ and the manifest entries that differ stay."""

@@ -1,6 +1,7 @@
 """Stage 3 of the shapes models: `shapes-flash`, the few-step student distilled from the shipped teacher by
 SD3.5-Flash's method, `mlx-flash distill` (mlx_flash/training/distill.py), on training prompts; then stored
-in float16 like the other shipped folders.
+in float16 like the other shipped folders; distilled from the packaged teacher, it is written as a model on it
+(its transformer and manifest only: `mlx_flash.loading.on_base`).
 
     python training/distill_shapes.py [--teacher mlx_flash/models/shapes] [--out mlx_flash/models/shapes-flash]
         [--prompts 128] [any `mlx-flash distill` option, e.g. --train-steps 300]
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import preload_openblas  # noqa: E402
 from mlx_flash.mmdit import load_mmdit, save_mmdit  # noqa: E402
 from mlx_flash.training import distill_cli  # noqa: E402
-from training.common import MODELS, half  # noqa: E402
+from training.common import MODELS, half, on_base  # noqa: E402
 from training.shapes_data import prompt, split  # noqa: E402
 
 SETTINGS = ["--steps", "4", "--full", "--no-split", "--train-steps", "180", "--trajectory-warmup", "150",
@@ -66,6 +67,8 @@ def main() -> None:
     student = half(load_mmdit(args.out / "transformer", mx.float32))
     mx.eval(student.parameters())  # read before the file is replaced
     save_mmdit(args.out / "transformer", student)
+    if args.teacher.resolve() == (MODELS / "shapes").resolve():
+        on_base(args.out, "shapes")  # shipped: only the transformer, the rest is the teacher's
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import preload_openblas  # noqa: E402
 from mlx_flash.vae import Autoencoder, VAEConfig, load_vae, save_vae  # noqa: E402
-from training.common import MODELS, fit, half  # noqa: E402
+from training.common import MODELS, fit, half, write_scheduler  # noqa: E402
 from training.digits_data import grid, prompts, splits, to_images  # noqa: E402
 from training.encoders import write_text_encoders  # noqa: E402
 
@@ -61,9 +61,7 @@ def main() -> None:
     preload_openblas()
 
     write_text_encoders(args.out, args.seed, [p for digit in range(10) for p in prompts(digit)])
-    (args.out / "scheduler").mkdir(parents=True, exist_ok=True)
-    (args.out / "scheduler" / "scheduler_config.json").write_text(json.dumps(
-        {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": SHIFT}, indent=2))
+    write_scheduler(args.out, SHIFT)
 
     (digits, _), (held_out, _) = splits()
     images = to_images(digits)
