@@ -486,7 +486,7 @@ class _Adapted:
 
     def __call__(self, x: mx.array) -> mx.array:
         stacked = self._stacked()
-        return super().__call__(x) if stacked is None else self._adapted(x, *stacked)
+        return super().__call__(x) if stacked is None else self._with_adapters(x, *stacked)
 
     def output_parts(self, x: mx.array, parts: int) -> mx.array:
         """The output's features cut into `parts` equal slices, stacked first: (parts, ..., out / parts), as a
@@ -495,7 +495,7 @@ class _Adapted:
         stacked = self._stacked()
         if stacked is not None and stacked[1].ndim == 3 and stacked[1].shape[0] == parts:
             return self._per_part(x, *stacked)
-        y = super().__call__(x) if stacked is None else self._adapted(x, *stacked)
+        y = super().__call__(x) if stacked is None else self._with_adapters(x, *stacked)
         return mx.moveaxis(y.reshape(*y.shape[:-1], parts, -1), -2, 0)
 
     def _stacked(self) -> tuple[mx.array, mx.array] | None:
@@ -503,7 +503,7 @@ class _Adapted:
         active = [(a, s) for k, a in self["lora"].items() if (s := self.lora_scales.values[int(k)]) != 0]
         return stacked_transposed(*zip(*active)) if active else None
 
-    def _adapted(self, x: mx.array, down_t: mx.array, up_t: mx.array) -> mx.array:
+    def _with_adapters(self, x: mx.array, down_t: mx.array, up_t: mx.array) -> mx.array:
         if up_t.ndim == 2:
             return mx.addmm(super().__call__(x), self.adapter_input(x) @ down_t, up_t)
         parts = self._per_part(x, down_t, up_t)
@@ -543,6 +543,10 @@ class LoRALinear(_Adapted, nn.Linear):
         out, inputs = self.weight.shape
         weight = self.weight.reshape(parts, out // parts, inputs).swapaxes(1, 2)
         return mx.addmm(self.bias.reshape(parts, 1, -1), x, weight) if "bias" in self else x @ weight
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine", **kwargs) -> nn.Module:
+        quantized = QuantizedLinear.from_linear(self, group_size, bits, mode)
+        return _adapted(quantized, self["lora"], self.lora_scales)
 
 
 class LoRAQuantizedLinear(_Adapted, QuantizedLinear):
