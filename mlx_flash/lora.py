@@ -391,9 +391,10 @@ def _layer_dims(layer: nn.Module) -> tuple[int, int]:
     return out, columns * 32 // layer.bits if isinstance(layer, nn.QuantizedLinear) else columns
 
 
-# Below this rank per part, q/k/v ups multiply faster as one mostly-zero block-diagonal matrix fused with the add
-# than per part (a batched matmul, then one more pass over the output), measured on the CPU at SD3.5's widths; a
-# file's q/k/v adapters of lower rank are stored block-diagonal.
+# Below this rank per part, q/k/v ups multiply as fast as one mostly-zero block-diagonal matrix fused with the add
+# as per part (a batched matmul into the per-part base output, `_Adapted.output_parts`), measured on the CPU at
+# SD3.5's widths (rank 16 within the noise; from 32 per part is faster); a file's q/k/v adapters of lower rank are
+# stored block-diagonal.
 PER_PART_MIN_RANK = 32
 
 
