@@ -391,9 +391,10 @@ def _layer_dims(layer: nn.Module) -> tuple[int, int]:
     return out, columns * 32 // layer.bits if isinstance(layer, nn.QuantizedLinear) else columns
 
 
-# Below this rank per part, q/k/v ups multiply faster as one mostly-zero block-diagonal matrix fused with the add
-# than per part (a batched matmul, then one more pass over the output), measured on the CPU at SD3.5's widths; a
-# file's q/k/v adapters of lower rank are stored block-diagonal.
+# Below this rank per part, q/k/v ups multiply as fast as one mostly-zero block-diagonal matrix fused with the add
+# as per part (a batched matmul into the per-part base output, `_Adapted.output_parts`), measured on the CPU at
+# SD3.5's widths (rank 16 within the noise; from 32 per part is faster); a file's q/k/v adapters of lower rank are
+# stored block-diagonal.
 PER_PART_MIN_RANK = 32
 
 
@@ -480,22 +481,46 @@ class _Adapted:
     """Mixed into a linear layer class: its output plus sum_i scale_i * up_i (down_i x) over its adapters,
     stored in `self.lora` = {str(LoRA position): {"down": (R, in), "up": (out, R) or one per part}}. The
     adapters with a non-zero scale act as one (`stacked_transposed`): two skinny matmuls whatever their number,
-    the second fused with the add, or per part a batched one and an add."""
+    the second fused with the add, per part a batched one (`output_parts`)."""
 
     lora_scales: LoRAScales
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = super().__call__(x)
+        stacked = self._stacked()
+        return super().__call__(x) if stacked is None else self._with_adapters(x, *stacked)
+
+    def output_parts(self, x: mx.array, parts: int) -> mx.array:
+        """The output's features cut into `parts` equal slices, stacked first: (parts, ..., out / parts), as a
+        fused q/k/v's attention takes them. Adapters with one up per part add into each slice of the base output,
+        which is computed in this layout, saving a pass over the whole output."""
+        stacked = self._stacked()
+        if stacked is not None and stacked[1].ndim == 3 and stacked[1].shape[0] == parts:
+            return self._per_part(x, *stacked)
+        y = super().__call__(x) if stacked is None else self._with_adapters(x, *stacked)
+        return mx.moveaxis(y.reshape(*y.shape[:-1], parts, -1), -2, 0)
+
+    def _stacked(self) -> tuple[mx.array, mx.array] | None:
+        """(down.T, up.T) of the adapters with a non-zero scale as one (`stacked_transposed`); None if none."""
         active = [(a, s) for k, a in self["lora"].items() if (s := self.lora_scales.values[int(k)]) != 0]
-        if not active:
-            return y
-        down_t, up_t = stacked_transposed(*zip(*active))
-        low = self.adapter_input(x) @ down_t
+        return stacked_transposed(*zip(*active)) if active else None
+
+    def _with_adapters(self, x: mx.array, down_t: mx.array, up_t: mx.array) -> mx.array:
         if up_t.ndim == 2:
-            return mx.addmm(y, low, up_t)
+            return mx.addmm(super().__call__(x), self.adapter_input(x) @ down_t, up_t)
+        parts = self._per_part(x, down_t, up_t)
+        return mx.moveaxis(parts, 0, -2).reshape(*parts.shape[1:-1], -1)
+
+    def _per_part(self, x: mx.array, down_t: mx.array, up_t: mx.array) -> mx.array:
+        """(parts, ..., out / parts): the base output per part plus part i of the low-rank input times up_t[i]."""
         parts, rank, _ = up_t.shape
-        delta = mx.moveaxis(low.reshape(*low.shape[:-1], parts, rank), -2, -3) @ up_t  # (..., parts, N, out / parts)
-        return (y.reshape(*y.shape[:-1], parts, -1) + mx.moveaxis(delta, -3, -2)).reshape(y.shape)
+        low = self.adapter_input(x) @ down_t
+        low = mx.moveaxis(low.reshape(-1, parts, rank), 1, 0)  # (parts, tokens, rank)
+        y = mx.addmm(self.base_parts(x.reshape(-1, x.shape[-1]), parts), low, up_t)
+        return y.reshape(parts, *x.shape[:-1], -1)
+
+    def base_parts(self, x: mx.array, parts: int) -> mx.array:
+        """The layer's own output for `x` (tokens, in) as (parts, tokens, out / parts)."""
+        return mx.moveaxis(super().__call__(x).reshape(x.shape[0], parts, -1), 1, 0)
 
     def adapter_input(self, x: mx.array) -> mx.array:
         """What the adapters' down matrices take: the layer's input."""
@@ -512,6 +537,13 @@ class _Adapted:
 
 class LoRALinear(_Adapted, nn.Linear):
     """`nn.Linear` with unfused LoRA adapters (same parameter names, plus `lora`)."""
+
+    def base_parts(self, x: mx.array, parts: int) -> mx.array:
+        """The layer's own output per part from one batched matmul, contiguous, so that the adapters' add reuses
+        its buffer."""
+        out, inputs = self.weight.shape
+        weight = self.weight.reshape(parts, out // parts, inputs).swapaxes(1, 2)
+        return mx.addmm(self.bias.reshape(parts, 1, -1), x, weight) if "bias" in self else x @ weight
 
     def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine", **kwargs) -> nn.Module:
         quantized = QuantizedLinear.from_linear(self, group_size, bits, mode)

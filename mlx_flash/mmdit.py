@@ -252,7 +252,10 @@ class Attention(nn.Module):
 
     def _heads(self, proj: nn.Linear, x: mx.array, norm_q: str, norm_k: str) -> tuple[mx.array, ...]:
         b, n, _ = x.shape
-        q, k, v = proj(x).reshape(b, n, 3, self.heads, -1).transpose(2, 0, 3, 1, 4)
+        if hasattr(proj, "output_parts"):  # a LoRA layer (lora._Adapted) adds per-part adapters per part
+            q, k, v = proj.output_parts(x, 3).reshape(3, b, n, self.heads, -1).transpose(0, 1, 3, 2, 4)
+        else:
+            q, k, v = proj(x).reshape(b, n, 3, self.heads, -1).transpose(2, 0, 3, 1, 4)
         if norm_q in self:
             q, k = self[norm_q](q), self[norm_k](k)
         return q, k, v

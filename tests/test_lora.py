@@ -133,6 +133,19 @@ def test_transformer_parity_unfused_and_fused(tiny_loras):
     assert not lora.lora_layers(model) and report.requantized == 0
 
 
+def test_transformer_parity_per_part_ups(medium_loras, monkeypatch):
+    """The q/k/v adapters kept one up per part (as files of rank PER_PART_MIN_RANK or more are), added per part
+    into the attention's q, k and v (`output_parts`): still diffusers' output."""
+    monkeypatch.setattr(lora, "PER_PART_MIN_RANK", 1)
+    _, path, files, config = medium_loras
+    x = inputs(config)
+    ref = run_reference(diffusers_transformer(path, files), x)
+    model, _ = ours_with(path, files)
+    qkv = [m for p, m in lora.lora_layers(model).items() if p.endswith("qkv")]
+    assert qkv and all(m["lora"]["0"]["up"].ndim == 3 for m in qkv)
+    assert rel(run_ours(model, x), ref) <= 1e-5
+
+
 def test_every_target_is_adapted(tiny_loras):
     """Each targeted diffusers module lands on one of our layers (q/k/v into the fused ones)."""
     name, path, files, _ = tiny_loras
@@ -372,6 +385,30 @@ def test_stacked_adapters_equal_separate_deltas(per_part, monkeypatch):
         expected = plain + sum(s * x @ (np.array(lora.dense_up(mx.array(a["up"]))) @ a["down"]).T
                                for s, a in zip(values, adapters.values()))
         assert np.abs(np.array(layer(mx.array(x))) - expected).max() <= 1e-5 * np.abs(expected).max(), values
+        parts = np.array(layer.output_parts(mx.array(x), 3))  # as the attention takes q, k and v
+        assert np.abs(parts - expected.reshape(2, 5, 3, 4).transpose(2, 0, 1, 3)).max() <= 1e-5 * np.abs(
+            expected).max(), values
+
+
+def test_output_parts_over_a_quantized_layer(monkeypatch):
+    """A 4-bit fused q/k/v layer with per-part and block-diagonal adapters: `output_parts` is its output cut
+    into q, k and v, the quantized base's plus the adapters' delta computed separately."""
+    monkeypatch.setattr(lora, "PER_PART_MIN_RANK", 2)
+    rng = np.random.default_rng(1)
+    base = QuantizedLinear.from_linear(nn.Linear(64, 96), 64, 4)
+    adapters = {"0": {"down": rng.standard_normal((3 * 2, 64)), "up": rng.standard_normal((3, 32, 2))},
+                "1": {"down": rng.standard_normal((3, 64)), "up": rng.standard_normal((96, 3))}}
+    layer = lora._adapted(base, {k: {n: mx.array(v.astype(np.float32)) for n, v in a.items()}
+                                 for k, a in adapters.items()}, lora.LoRAScales([0.5, 0.0]))
+    x = rng.standard_normal((2, 5, 64)).astype(np.float32)
+    for values in ([0.5, 0.0], [0.5, -0.8], [0.0, -0.8]):
+        layer.lora_scales.values[:] = values
+        expected = np.array(base(mx.array(x))).astype(np.float64) + sum(
+            s * x @ (np.array(lora.dense_up(mx.array(a["up"]))) @ a["down"]).T
+            for s, a in zip(values, adapters.values()))
+        parts = np.array(layer.output_parts(mx.array(x), 3))
+        assert np.abs(parts - expected.reshape(2, 5, 3, 32).transpose(2, 0, 1, 3)).max() <= 1e-5 * np.abs(
+            expected).max(), values
 
 # Bad input: one line each -------------------------------------------------------------------------------------
 
