@@ -3,8 +3,9 @@ from their VAE, for live previews and `--vae tiny`, and the VAE's least-squares 
 
     python training/train_taesd.py [--models DIR ...] [--steps 600] [--pool 1024] [--seed 0]
 
-The model folders (default: the two shipped digit models) share one VAE (checked, byte for byte); the tiny
-autoencoder is written (float16) to each folder's taesd/, and the map into each mlx_flash.json as "latent_rgb".
+The model folders (default: the shipped `digits`, whose VAE `digits-flash`, a model on it, shares) share one VAE
+(checked, byte for byte); the tiny autoencoder is written (float16) to each folder's taesd/, and the map into each
+mlx_flash.json as "latent_rgb".
 Prints the errors of both against the VAE on held-out digits.
 """
 
@@ -87,7 +88,7 @@ def write_manifest(folder: Path, key: str, value: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", type=Path, nargs="+", default=[MODELS / "digits", MODELS / "digits-flash"])
+    parser.add_argument("--models", type=Path, nargs="+", default=[MODELS / "digits"])
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--pool", type=int, default=1024, help="latents decoded once by the VAE to train on")
