@@ -9,6 +9,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlx_flash.layout import read_manifest
+from mlx_flash.loading import on_base
 from mlx_flash.preview import (
     MANIFEST_KEY,
     SD3_LATENT_RGB,
@@ -78,16 +80,16 @@ def digit_latents() -> tuple[Autoencoder, mx.array]:
 
 @pytest.mark.parametrize("model", DIGITS)
 def test_digit_models_previews_close_to_their_vae(model, digit_latents):
-    """Each shipped digit model's manifest map and tiny autoencoder come close to its VAE's decodes."""
-    import json
-
+    """Each shipped digit model's manifest map and tiny autoencoder (its base's, for a model on a base) come close to
+    its VAE's decodes."""
     vae, latents = digit_latents
-    manifest = json.loads((MODELS / model / "mlx_flash.json").read_text())
+    root, _, manifest = on_base(MODELS / model)
+    manifest = read_manifest(root) if manifest is None else manifest
     factors = model_latent_rgb(manifest, vae.config)
     assert factors is not None and MANIFEST_KEY in manifest
     full = np.clip(np.array(vae.latents_to_image(latents, tiled=False)) / 2 + 0.5, 0, 1)
     linear = np.array(latent_preview(latents, factors, upscale=vae.config.factor))
-    tiny = load_tiny_autoencoder(MODELS / model / MODEL_FOLDER, mx.float32)
+    tiny = load_tiny_autoencoder(root / MODEL_FOLDER, mx.float32)
     fast = np.clip(np.array(tiny.decode(latents)) / 2 + 0.5, 0, 1)
     errors = {name: float(np.abs(x - full).mean()) for name, x in [("linear", linear), ("tiny", fast)]}
     spread = float(np.abs(full - full.mean()).mean())  # the error of a flat grey image
