@@ -211,6 +211,7 @@ def test_presets_by_name_and_default_presets(monkeypatch):
     seen = {}
     monkeypatch.setattr(loading, "resolve_model_dir", lambda model, **kw: seen.update(kw, model=model))
     monkeypatch.setattr(loading, "check_model_folder", lambda root: None)
+    monkeypatch.setattr(loading, "on_base", lambda root: (root, None, None))
     monkeypatch.setattr(loading, "LoRAs", list)
     monkeypatch.setattr(loading, "replacement_transformer", lambda location, root: f"folder of {location}")
 
