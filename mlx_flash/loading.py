@@ -128,11 +128,11 @@ def on_base(folder: Path) -> tuple[Path, Path | None, dict | None]:
     base = None
     if isinstance(name, str) and name:
         base = PACKAGED_MODELS / name if (PACKAGED_MODELS / name).is_dir() else (folder / name).resolve()
-    if base is None or not base.is_dir() or "base" in read_manifest(base):
+    if base is None or not base.is_dir() or "base" in (inherited := read_manifest(base)):
         raise ValueError(f"{folder / MANIFEST}: its base {name!r} is not a packaged model or a model folder "
                          "(of its own components); reinstall the model or fix `base`.")
     check_model_folder(base)
-    return base, folder / "transformer", read_manifest(base) | {k: v for k, v in own.items() if k != "base"}
+    return base, folder / "transformer", inherited | {k: v for k, v in own.items() if k != "base"}
 
 
 def replacement_transformer(location: str | Path, root: Path) -> Path:

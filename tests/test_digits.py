@@ -100,7 +100,7 @@ def test_a_model_on_a_base_loads_as_the_full_folder(tmp_path):
     import json
     import shutil
 
-    from training.common import on_base
+    from training.common import make_model_on_base
 
     full = tmp_path / "full"
     shutil.copytree(PACKAGED_MODELS / "digits", full)
@@ -110,7 +110,7 @@ def test_a_model_on_a_base_loads_as_the_full_folder(tmp_path):
     (full / "mlx_flash.json").write_text(json.dumps(own | {"defaults": own["defaults"] | {"num_inference_steps": 3}}))
     slim = tmp_path / "slim"
     shutil.copytree(full, slim)
-    on_base(slim, "digits")
+    make_model_on_base(slim, "digits")
     assert sorted(p.name for p in slim.iterdir()) == ["mlx_flash.json", "transformer"]
     assert read_manifest(slim)["base"] == "digits"
 
@@ -130,7 +130,7 @@ def test_a_model_on_a_base_loads_as_the_full_folder(tmp_path):
     with pytest.raises(ValueError, match="no model_index.json or transformer/"):
         load_pipeline(full)
     with pytest.raises(ValueError, match="differs from digits'"):
-        on_base(_changed_copy(tmp_path), "digits")
+        make_model_on_base(_changed_copy(tmp_path), "digits")
 
 
 def _changed_copy(tmp_path: Path) -> Path:

@@ -34,7 +34,7 @@ def write_scheduler(root: Path, shift: float) -> None:
         {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": shift}, indent=2))
 
 
-def on_base(folder: Path, base: str) -> None:
+def make_model_on_base(folder: Path, base: str) -> None:
     """Make `folder`, whose components other than its transformer are those of the packaged model `base`, a model
     on that base (`mlx_flash.loading.on_base`): only its transformer/ and the manifest entries that differ stay."""
     shared = [p for p in folder.iterdir() if p.is_dir() and p.name != "transformer"]

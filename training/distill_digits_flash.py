@@ -13,7 +13,8 @@ over-sharpened the digits). The other options switch one part of the method on o
         [--adversarial-weight 0] [--guidance 1.5] [--t5-dropout 0.2]
 
 Writes --out: the teacher's folder with the student's transformer (float16) and few-step defaults (from the
-packaged teacher: a model on it, its transformer and manifest only, `mlx_flash.loading.on_base`); the run's work files (data folder, prompts, checkpoints, loss log) go to --work.
+packaged teacher: a model on it, its transformer and manifest only, `mlx_flash.loading.on_base`); the run's work
+files (data folder, prompts, checkpoints, loss log) go to --work.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from mlx_flash.layout import MANIFEST  # noqa: E402
 from mlx_flash.mmdit import load_mmdit, save_mmdit  # noqa: E402
 from mlx_flash.training import TrainConfig  # noqa: E402
 from mlx_flash.training.distill import DistillConfig, distill  # noqa: E402
-from training.common import MODELS, half, on_base  # noqa: E402
+from training.common import MODELS, half, make_model_on_base  # noqa: E402
 from training.digits_data import TEMPLATES, prompts, splits, to_images  # noqa: E402
 from training.distill_digits import STUDENT_DEFAULTS  # noqa: E402
 
@@ -80,7 +81,7 @@ def main() -> None:
     if json.loads((partial / MANIFEST).read_text())["defaults"] != STUDENT_DEFAULTS:
         raise ValueError(f"{student}: unexpected sampling defaults; the digit student's are {STUDENT_DEFAULTS}.")
     if args.teacher.resolve() == (MODELS / "digits").resolve():
-        on_base(partial, "digits")  # shipped: only the transformer, the rest is the teacher's
+        make_model_on_base(partial, "digits")  # shipped: only the transformer, the rest is the teacher's
     if args.out.exists():
         shutil.rmtree(args.out)
     partial.rename(args.out)

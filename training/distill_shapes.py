@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import preload_openblas  # noqa: E402
 from mlx_flash.mmdit import load_mmdit, save_mmdit  # noqa: E402
 from mlx_flash.training import distill_cli  # noqa: E402
-from training.common import MODELS, half, on_base  # noqa: E402
+from training.common import MODELS, half, make_model_on_base  # noqa: E402
 from training.shapes_data import prompt, split  # noqa: E402
 
 SETTINGS = ["--steps", "4", "--full", "--no-split", "--train-steps", "180", "--trajectory-warmup", "150",
@@ -68,7 +68,7 @@ def main() -> None:
     mx.eval(student.parameters())  # read before the file is replaced
     save_mmdit(args.out / "transformer", student)
     if args.teacher.resolve() == (MODELS / "shapes").resolve():
-        on_base(args.out, "shapes")  # shipped: only the transformer, the rest is the teacher's
+        make_model_on_base(args.out, "shapes")  # shipped: only the transformer, the rest is the teacher's
 
 
 if __name__ == "__main__":
