@@ -141,3 +141,20 @@ def _changed_copy(tmp_path: Path) -> Path:
     config = folder / "vae" / "config.json"
     config.write_text(config.read_text().replace("}", ', "note": 1}', 1))
     return folder
+
+
+def test_the_seed_soup_is_the_mean_of_every_weight():
+    """distill_digits_flash.py's students of several seeds become one model: each weight their mean."""
+    from mlx.utils import tree_flatten
+
+    from mlx_flash.mmdit import load_mmdit
+    from training.distill_digits_flash import averaged
+
+    folders = [PACKAGED_MODELS / name / "transformer" for name in ("digits", "digits-flash", "digits")]
+    weights = [dict(tree_flatten(load_mmdit(f, mx.float32).parameters())) for f in folders]
+    soup = dict(tree_flatten(averaged([load_mmdit(f, mx.float32) for f in folders]).parameters()))
+    assert soup.keys() == weights[0].keys()
+    for key, value in soup.items():
+        expected = (2 * np.array(weights[0][key]) + np.array(weights[1][key])) / 3
+        np.testing.assert_allclose(np.array(value), expected, rtol=1e-6, atol=1e-7)
+    assert any(not np.allclose(weights[0][k], weights[1][k]) for k in soup)  # the two models differ

@@ -6,7 +6,7 @@ one student (no split-timestep branches: on digits the 3:7 merge of two branches
 head against the 1197 training digits (with their captions), a full student initialised from the trajectory
 student, the teacher's velocity with a little CFG (`guidance` 1.125, against the teacher's own 1.5: with 1.5 folded
 in, DMD over-sharpened the digits; with none, 3-4 points of accuracy were lost) as the real score, 200 steps. Run
-once per seed (`--seeds`, default 1 and 2) and the students' weights averaged: each seed alone lands on either side
+once per seed (`--seeds`, default 1 2) and the students' weights averaged: each seed alone lands on either side
 of the targets (accuracy or Frechet distance), their mean beats both on both. The other options switch one part of
 the method on or off (the ablations).
 
@@ -54,17 +54,6 @@ def write_data(folder: Path) -> None:
         (folder / f"{i:04d}.txt").write_text(prompts(int(digit))[i % len(TEMPLATES)])
 
 
-def parse_seeds(text: str) -> list[int]:
-    """The seeds of a comma list ("1,2"), distinct."""
-    try:
-        seeds = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise SystemExit(f"--seeds {text!r}: expected integers separated by commas, e.g. 1,2") from None
-    if len(set(seeds)) != len(seeds):
-        raise SystemExit(f"--seeds {text!r}: each seed once")
-    return seeds
-
-
 def averaged(models: list[MMDiT]) -> MMDiT:
     """The first of `models` with every weight the mean of theirs (a "model soup" of students of one
     architecture and starting point, trained with different seeds)."""
@@ -80,19 +69,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=MODELS / "digits-flash")
     parser.add_argument("--work", type=Path, default=Path("digits-flash.work"))
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--seeds", default="1,2",
-                        help="comma list: one distillation per seed, the students' weights averaged (default 1,2)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2],
+                        help="one distillation per seed, the students' weights averaged (default 1 2)")
     parser.add_argument("--split", action="store_true", help="split-timestep branches merged 3:7 (off by default)")
     parser.add_argument("--renoise", action="store_true", help="re-noising instead of timestep sharing")
     parser.add_argument("--adversarial-weight", type=float, default=0.1)
     parser.add_argument("--guidance", type=float, default=1.125, help="the teacher's CFG scale in the real score")
     parser.add_argument("--t5-dropout", type=float, default=0.0)
     args = parser.parse_args()
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds {' '.join(map(str, args.seeds))}: give each seed once")
     preload_openblas()
 
     write_data(args.work / "data")
-    seeds, students = parse_seeds(args.seeds), []
-    for seed in seeds:
+    students = []
+    for seed in args.seeds:
         train = TrainConfig(steps=args.steps, learning_rate=2e-5, warmup=10, checkpoint_every=1000, seed=seed)
         config = DistillConfig(train=train, steps=4, guidance=args.guidance, full=True, student_init=str(args.init),
                                timestep_sharing=not args.renoise, split=args.split, fake_updates=2,
@@ -109,7 +100,8 @@ def main() -> None:
     manifest = json.loads((partial / MANIFEST).read_text())
     if manifest["defaults"] != STUDENT_DEFAULTS:
         raise ValueError(f"{student}: unexpected sampling defaults; the digit student's are {STUDENT_DEFAULTS}.")
-    manifest["distillation"] = {k: v for k, v in manifest["distillation"].items() if k != "seed"} | {"seeds": seeds}
+    settings = {k: v for k, v in manifest["distillation"].items() if k != "seed"}
+    manifest["distillation"] = settings | {"seeds": args.seeds}
     (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))
     if args.teacher.resolve() == (MODELS / "digits").resolve():
         make_model_on_base(partial, "digits")  # shipped: only the transformer, the rest is the teacher's
