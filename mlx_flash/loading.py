@@ -116,14 +116,14 @@ def load_pipeline(
     return pipe
 
 
-def on_base(folder: Path) -> tuple[Path, Path | None, dict | None]:
+def on_base(folder: Path) -> tuple[Path, Path | None, dict]:
     """(components root, its transformer folder, manifest): a folder whose mlx_flash.json names a `base` (a
     packaged model's name, or a folder, relative to this one) holds only its own transformer/ and manifest; the
     tokenizers, text encoders, VAE and scheduler are the base's, and its manifest's entries override the base's.
-    Any other folder is its own root (None, None)."""
+    Any other folder is its own root (folder, None, its own manifest)."""
     own = read_manifest(folder)
     if "base" not in own:
-        return folder, None, None
+        return folder, None, own
     name = own["base"]
     base = None
     if isinstance(name, str) and name:

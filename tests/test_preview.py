@@ -9,7 +9,6 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_flash.layout import read_manifest
 from mlx_flash.loading import on_base
 from mlx_flash.preview import (
     MANIFEST_KEY,
@@ -84,7 +83,6 @@ def test_digit_models_previews_close_to_their_vae(model, digit_latents):
     its VAE's decodes."""
     vae, latents = digit_latents
     root, _, manifest = on_base(MODELS / model)
-    manifest = read_manifest(root) if manifest is None else manifest
     factors = model_latent_rgb(manifest, vae.config)
     assert factors is not None and MANIFEST_KEY in manifest
     full = np.clip(np.array(vae.latents_to_image(latents, tiled=False)) / 2 + 0.5, 0, 1)

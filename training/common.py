@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
 
+from mlx_flash.files import write_atomic
 from mlx_flash.layout import MANIFEST, read_manifest
 from mlx_flash.training.trainer import TrainConfig, Trainer
 
@@ -45,9 +46,7 @@ def make_model_on_base(folder: Path, base: str) -> None:
     own = read_manifest(folder)
     inherited = read_manifest(MODELS / base)
     manifest = {"base": base} | {k: v for k, v in own.items() if inherited.get(k) != v}
-    partial = folder / (MANIFEST + ".partial")
-    partial.write_text(json.dumps(manifest, indent=2))
-    partial.replace(folder / MANIFEST)
+    write_atomic(folder / MANIFEST, json.dumps(manifest, indent=2).encode(), overwrite=True)
     for component in shared:
         shutil.rmtree(component)
 

@@ -36,7 +36,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import preload_openblas  # noqa: E402
-from mlx_flash.layout import MANIFEST  # noqa: E402
+from mlx_flash.layout import MANIFEST, read_manifest  # noqa: E402
 from mlx_flash.mmdit import MMDiT, load_mmdit, save_mmdit  # noqa: E402
 from mlx_flash.training import TrainConfig  # noqa: E402
 from mlx_flash.training.distill import DistillConfig, distill  # noqa: E402
@@ -82,22 +82,21 @@ def main() -> None:
     preload_openblas()
 
     write_data(args.work / "data")
-    students = []
+    students, texts = [], [p for d in range(10) for p in prompts(d)]
     for seed in args.seeds:
         train = TrainConfig(steps=args.steps, learning_rate=2e-5, warmup=10, checkpoint_every=1000, seed=seed)
         config = DistillConfig(train=train, steps=4, guidance=args.guidance, full=True, student_init=str(args.init),
                                timestep_sharing=not args.renoise, split=args.split, fake_updates=2,
                                fake_learning_rate=1e-3, fake_warmup=20, adversarial_weight=args.adversarial_weight,
                                t5_dropout=args.t5_dropout, batch_size=8)
-        students.append(distill(str(args.teacher), args.work / f"student-seed{seed}",
-                                [p for d in range(10) for p in prompts(d)], config, data=args.work / "data",
-                                force=True, progress=False))
+        students.append(distill(str(args.teacher), args.work / f"student-seed{seed}", texts, config,
+                                data=args.work / "data", force=True, progress=False))
     student = students[0]
     partial = args.out.with_name(args.out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     shutil.copytree(student, partial, ignore=shutil.ignore_patterns("transformer"))
     save_mmdit(partial / "transformer", half(averaged([load_mmdit(f / "transformer", mx.float32) for f in students])))
-    manifest = json.loads((partial / MANIFEST).read_text())
+    manifest = read_manifest(partial)
     if manifest["defaults"] != STUDENT_DEFAULTS:
         raise ValueError(f"{student}: unexpected sampling defaults; the digit student's are {STUDENT_DEFAULTS}.")
     settings = {k: v for k, v in manifest["distillation"].items() if k != "seed"}
