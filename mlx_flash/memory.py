@@ -27,7 +27,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .clip import CLIP_G, CLIP_L, CLIPConfig, CLIPTextModel
 from .controlnet import ControlNet, ControlNetConfig
-from .mmdit import CPU_ATTENTION_STREAMS, MMDiT, MMDiTConfig
+from .mmdit import MMDiT, MMDiTConfig
 from .t5 import T5_XXL, T5Config, T5Encoder, keeps_float32
 from .vae import Autoencoder, VAEConfig
 
@@ -143,8 +143,8 @@ def estimate(
     tokens = (height // patch) * (width // patch)
     seq = tokens + 77 + max_sequence_length
     batch = images * (2 if cfg else 1)
-    # CPU: the scores of the heads attended at once
-    overhead = GPU_PENDING_BUFFERS if gpu else batch * seq**2 * 4 * CPU_SCORE_COPIES * CPU_ATTENTION_STREAMS
+    # CPU: the scores of the one head attended at a time
+    overhead = GPU_PENDING_BUFFERS if gpu else batch * seq**2 * 4 * CPU_SCORE_COPIES
     vectors = GPU_TRANSFORMER_VECTORS if gpu else CPU_TRANSFORMER_VECTORS
     denoise_act = batch * vectors * seq * d * act + int(overhead)
     model = MMDiT(transformer)

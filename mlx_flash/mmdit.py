@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import re
-import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -33,38 +32,20 @@ NORM_EPS = 1e-6
 
 def attention(q: mx.array, k: mx.array, v: mx.array, per_head: bool = True) -> mx.array:
     """Scaled dot-product attention of (B, heads, tokens, head_dim) arrays. On the CPU, where attention is not
-    fused, two heads at a time (one per stream, `cpu_streams`), each pair evaluated before the next: the scores of
-    two heads exist at once instead of all heads' (12x less memory for SD3.5), and MLX's q k^T products (K = 64)
-    run at about three quarters of the float32 matmul peak instead of a quarter for all heads batched
-    (benchmarks/mmdit_step.py); the softmax's
-    exponentials are `cpu_ops.exp_below` (MLX's CPU exp is scalar). `per_head=False` in training: evaluating
-    inside a checkpointed block's recomputation keeps a copy of the block's weights."""
+    fused, one head at a time, each evaluated before the next: one head's scores exist at once instead of all
+    heads' (24x less memory for SD3.5), and MLX's q k^T products (K = 64) run at about three quarters of the
+    float32 matmul peak instead of a quarter for all heads batched (benchmarks/mmdit_step.py); the softmax is
+    `cpu_ops.softmax_attention`'s (MLX's CPU exp is scalar). `per_head=False` in training: evaluating inside a
+    checkpointed block's recomputation keeps a copy of the block's weights."""
     scale = q.shape[-1] ** -0.5
     if not on_cpu() or not per_head:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
     attend = cpu_ops.softmax_attention if fast_path(q) else mx.fast.scaled_dot_product_attention
-    streams = cpu_streams()
     heads = []
-    for start in range(0, q.shape[1], len(streams)):
-        group = []
-        for i, stream in zip(range(start, q.shape[1]), streams):
-            with mx.stream(stream):
-                group.append(attend(q[:, i : i + 1], k[:, i : i + 1], v[:, i : i + 1], scale=scale))
-        mx.eval(group)
-        heads += group
+    for i in range(q.shape[1]):
+        heads.append(attend(q[:, i : i + 1], k[:, i : i + 1], v[:, i : i + 1], scale=scale))
+        mx.eval(heads[-1])
     return mx.concatenate(heads, axis=1)
-
-
-CPU_ATTENTION_STREAMS = 2  # heads attended at once on the CPU, one per stream
-_THREAD = threading.local()  # MLX's streams belong to the thread that made them
-
-
-def cpu_streams() -> tuple[mx.Stream, ...]:
-    """This thread's CPU streams for attention heads: MLX runs each stream's elementwise work (the softmax) on its
-    own thread, so heads on different streams overlap; the results are bit-identical to one stream's."""
-    if not hasattr(_THREAD, "streams"):
-        _THREAD.streams = tuple(mx.new_stream(mx.cpu) for _ in range(CPU_ATTENTION_STREAMS))
-    return _THREAD.streams
 
 
 @dataclass(frozen=True)
