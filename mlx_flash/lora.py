@@ -457,65 +457,56 @@ def transposed_layout(matrix: mx.array) -> mx.array:
     return mx.contiguous(matrix.swapaxes(-1, -2)).swapaxes(-1, -2)
 
 
-def _concatenate(arrays: Sequence[mx.array], axis: int) -> mx.array:
-    return arrays[0] if len(arrays) == 1 else mx.concatenate(arrays, axis=axis)
-
-
-def stacked_transposed(adapters: Sequence[Mapping[str, mx.array]], weights: Sequence[float]
-                       ) -> tuple[mx.array, mx.array]:
-    """(down.T, up.T) of one adapter whose update is sum_i weights_i * up_i @ down_i: the weighted downs stacked,
-    the ups side by side. Where every up is one per part (their ranks adding up to PER_PART_MIN_RANK or more), up.T is
-    per part, (parts, sum r, out / parts), down.T's columns part by part to match; else dense, (sum R, out)."""
-    ups = [a["up"] for a in adapters]
-    downs = [w * a["down"].T for a, w in zip(adapters, weights)]  # (in, R) each
-    if (all(up.ndim == 3 for up in ups) and len({up.shape[0] for up in ups}) == 1
-            and sum(up.shape[2] for up in ups) >= PER_PART_MIN_RANK):
-        parts, inputs = ups[0].shape[0], downs[0].shape[0]
-        down_t = _concatenate([d.reshape(inputs, parts, -1) for d in downs], axis=2).reshape(inputs, -1)
-        return down_t, _concatenate([up.swapaxes(1, 2) for up in ups], axis=1)
-    up_t = [up.T if up.ndim == 2 else dense_up(up.swapaxes(1, 2)) for up in ups]  # dense_up(up).T
-    return _concatenate(downs, axis=1), _concatenate(up_t, axis=0)
-
-
 class _Adapted:
     """Mixed into a linear layer class: its output plus sum_i scale_i * up_i (down_i x) over its adapters,
-    stored in `self.lora` = {str(LoRA position): {"down": (R, in), "up": (out, R) or one per part}}. The
-    adapters with a non-zero scale act as one (`stacked_transposed`): two skinny matmuls whatever their number,
-    the second fused with the add, per part a batched one (`output_parts`)."""
+    stored in `self.lora` = {str(LoRA position): {"down": (R, in), "up": (out, R) or one per part}}. Each adapter
+    with a non-zero scale costs two skinny matmuls, the second fused with the add and the scale (`mx.addmm`); per
+    part a batched one into the per-part base output (`output_parts`). (Stacking the adapters into one pair of
+    matrices costs a copy of them per call, more than the extra matmuls save.)"""
 
     lora_scales: LoRAScales
 
     def __call__(self, x: mx.array) -> mx.array:
-        stacked = self._stacked()
-        return super().__call__(x) if stacked is None else self._with_adapters(x, *stacked)
+        active = self._active()
+        if any(adapter["up"].ndim == 3 for adapter, _ in active):
+            parts = self._per_part(x, active)
+            return mx.moveaxis(parts, 0, -2).reshape(*parts.shape[1:-1], -1)
+        y = super().__call__(x)
+        if active:
+            inputs = self.adapter_input(x)
+            for adapter, scale in active:
+                y = mx.addmm(y, inputs @ adapter["down"].T, adapter["up"].T, alpha=scale)
+        return y
 
     def output_parts(self, x: mx.array, parts: int) -> mx.array:
         """The output's features cut into `parts` equal slices, stacked first: (parts, ..., out / parts), as a
         fused q/k/v's attention takes them. Adapters with one up per part add into each slice of the base output,
         which is computed in this layout, saving a pass over the whole output."""
-        stacked = self._stacked()
-        if stacked is not None and stacked[1].ndim == 3 and stacked[1].shape[0] == parts:
-            return self._per_part(x, *stacked)
-        y = super().__call__(x) if stacked is None else self._with_adapters(x, *stacked)
+        active = self._active()
+        if any(adapter["up"].ndim == 3 for adapter, _ in active):
+            return self._per_part(x, active)
+        y = self(x)
         return mx.moveaxis(y.reshape(*y.shape[:-1], parts, -1), -2, 0)
 
-    def _stacked(self) -> tuple[mx.array, mx.array] | None:
-        """(down.T, up.T) of the adapters with a non-zero scale as one (`stacked_transposed`); None if none."""
-        active = [(a, s) for k, a in self["lora"].items() if (s := self.lora_scales.values[int(k)]) != 0]
-        return stacked_transposed(*zip(*active)) if active else None
+    def _active(self) -> list[tuple[dict, float]]:
+        """The adapters with a non-zero scale, with their scales."""
+        return [(a, s) for k, a in self["lora"].items() if (s := self.lora_scales.values[int(k)]) != 0]
 
-    def _with_adapters(self, x: mx.array, down_t: mx.array, up_t: mx.array) -> mx.array:
-        if up_t.ndim == 2:
-            return mx.addmm(super().__call__(x), self.adapter_input(x) @ down_t, up_t)
-        parts = self._per_part(x, down_t, up_t)
-        return mx.moveaxis(parts, 0, -2).reshape(*parts.shape[1:-1], -1)
-
-    def _per_part(self, x: mx.array, down_t: mx.array, up_t: mx.array) -> mx.array:
-        """(parts, ..., out / parts): the base output per part plus part i of the low-rank input times up_t[i]."""
-        parts, rank, _ = up_t.shape
-        low = self.adapter_input(x) @ down_t
-        low = mx.moveaxis(low.reshape(-1, parts, rank), 1, 0)  # (parts, tokens, rank)
-        y = mx.addmm(self.base_parts(x.reshape(-1, x.shape[-1]), parts), low, up_t)
+    def _per_part(self, x: mx.array, active: list[tuple[dict, float]]) -> mx.array:
+        """(parts, ..., out / parts): the base output per part plus each adapter's part i, its low-rank input's
+        part i times up[i] for one up per part, else times up's rows of part i."""
+        parts = next(adapter["up"].shape[0] for adapter, _ in active if adapter["up"].ndim == 3)
+        tokens = x.reshape(-1, x.shape[-1])
+        y = self.base_parts(tokens, parts)
+        inputs = self.adapter_input(tokens)
+        for adapter, scale in active:
+            low, up = inputs @ adapter["down"].T, adapter["up"]
+            if up.ndim == 3:
+                low = mx.moveaxis(low.reshape(low.shape[0], parts, -1), 1, 0)  # (parts, tokens, r)
+                up_t = up.swapaxes(1, 2)
+            else:
+                up_t = up.reshape(parts, -1, up.shape[-1]).swapaxes(1, 2)  # (parts, R, out / parts)
+            y = mx.addmm(y, low, up_t, alpha=scale)
         return y.reshape(parts, *x.shape[:-1], -1)
 
     def base_parts(self, x: mx.array, parts: int) -> mx.array:

@@ -357,11 +357,10 @@ def test_adapter_bytes(tiny_loras):
 
 
 @pytest.mark.parametrize("per_part", [True, False])
-def test_stacked_adapters_equal_separate_deltas(per_part, monkeypatch):
+def test_adapters_equal_separate_deltas(per_part, monkeypatch):
     """A fused q/k/v layer holding adapters of every kind (one up per part of different ranks, a block-diagonal
-    up, a shared down), some scaled to zero: its output for each set of active adapters equals the base output
-    plus each adapter's delta, computed separately in float64; with the per-part ups multiplied per part and
-    block-diagonally."""
+    up, a shared down), some scaled to zero: its output for each set of active adapters, whole and per part,
+    equals the base output plus each adapter's delta computed separately in float64."""
     monkeypatch.setattr(lora, "PER_PART_MIN_RANK", 1 if per_part else 10**6)
     rng = np.random.default_rng(0)
     base = nn.Linear(8, 12)
