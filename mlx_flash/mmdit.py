@@ -33,7 +33,7 @@ NORM_EPS = 1e-6
 def attention(q: mx.array, k: mx.array, v: mx.array, per_head: bool = True) -> mx.array:
     """Scaled dot-product attention of (B, heads, tokens, head_dim) arrays. On the CPU, where attention is not
     fused, one head at a time, each evaluated before the next: one head's scores exist at once instead of all
-    heads' (24x less memory for SD3.5), and MLX's q k^T products (K = 64) run at about three quarters of the
+    heads' (24x less memory for SD3.5), and MLX's q k^T products (K = 64) run at two thirds to three quarters of the
     float32 matmul peak instead of a quarter for all heads batched (benchmarks/mmdit_step.py); the softmax is
     `cpu_ops.softmax_attention`'s (MLX's CPU exp is scalar). `per_head=False` in training: evaluating inside a
     checkpointed block's recomputation keeps a copy of the block's weights."""
