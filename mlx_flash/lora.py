@@ -451,6 +451,13 @@ def dense_up(up: mx.array) -> mx.array:
     return mx.concatenate([mx.pad(up[i], [(0, 0), (i * r, (parts - 1 - i) * r)]) for i in range(parts)])
 
 
+def _per_part_up(adapter: Mapping[str, mx.array]) -> bool:
+    """Whether an adapter multiplies one up per part, per part: ups kept so (3-d) of rank PER_PART_MIN_RANK or more
+    (lower ranks, as a trained adapter's may be, act through their block-diagonal `dense_up`)."""
+    up = adapter["up"]
+    return up.ndim == 3 and up.shape[-1] >= PER_PART_MIN_RANK
+
+
 def transposed_layout(matrix: mx.array) -> mx.array:
     """`matrix` (or each matrix of a stack) stored transposed: the same array, its `.swapaxes(-1, -2)` contiguous,
     the layout in which the CPU BLAS multiplies skinny adapter matrices fastest."""
@@ -468,14 +475,14 @@ class _Adapted:
 
     def __call__(self, x: mx.array) -> mx.array:
         active = self._active()
-        if any(adapter["up"].ndim == 3 for adapter, _ in active):
+        if any(_per_part_up(adapter) for adapter, _ in active):
             parts = self._per_part(x, active)
             return mx.moveaxis(parts, 0, -2).reshape(*parts.shape[1:-1], -1)
         y = super().__call__(x)
         if active:
             inputs = self.adapter_input(x)
             for adapter, scale in active:
-                y = mx.addmm(y, inputs @ adapter["down"].T, adapter["up"].T, alpha=scale)
+                y = mx.addmm(y, inputs @ adapter["down"].T, dense_up(adapter["up"]).T, alpha=scale)
         return y
 
     def output_parts(self, x: mx.array, parts: int) -> mx.array:
@@ -483,7 +490,7 @@ class _Adapted:
         fused q/k/v's attention takes them. Adapters with one up per part add into each slice of the base output,
         which is computed in this layout, saving a pass over the whole output."""
         active = self._active()
-        if any(adapter["up"].ndim == 3 for adapter, _ in active):
+        if any(_per_part_up(adapter) for adapter, _ in active):
             return self._per_part(x, active)
         y = self(x)
         return mx.moveaxis(y.reshape(*y.shape[:-1], parts, -1), -2, 0)
@@ -495,16 +502,17 @@ class _Adapted:
     def _per_part(self, x: mx.array, active: list[tuple[dict, float]]) -> mx.array:
         """(parts, ..., out / parts): the base output per part plus each adapter's part i, its low-rank input's
         part i times up[i] for one up per part, else times up's rows of part i."""
-        parts = next(adapter["up"].shape[0] for adapter, _ in active if adapter["up"].ndim == 3)
+        parts = next(adapter["up"].shape[0] for adapter, _ in active if _per_part_up(adapter))
         tokens = x.reshape(-1, x.shape[-1])
         y = self.base_parts(tokens, parts)
         inputs = self.adapter_input(tokens)
         for adapter, scale in active:
-            low, up = inputs @ adapter["down"].T, adapter["up"]
-            if up.ndim == 3:
+            low = inputs @ adapter["down"].T
+            if _per_part_up(adapter):
                 low = mx.moveaxis(low.reshape(low.shape[0], parts, -1), 1, 0)  # (parts, tokens, r)
-                up_t = up.swapaxes(1, 2)
+                up_t = adapter["up"].swapaxes(1, 2)
             else:
+                up = dense_up(adapter["up"])
                 up_t = up.reshape(parts, -1, up.shape[-1]).swapaxes(1, 2)  # (parts, R, out / parts)
             y = mx.addmm(y, low, up_t, alpha=scale)
         return y.reshape(parts, *x.shape[:-1], -1)

@@ -40,10 +40,11 @@ CPU_VAE_BYTES_PER_PIXEL = 9_950
 GPU_VAE_BYTES_PER_PIXEL, GPU_VAE_FIXED = 5_360, 0.55e9
 # float32 activations per token and hidden unit at the block peak: measured on the CPU (attention one head at a
 # time), fitted on a GPU (fused attention) together with GPU_PENDING_BUFFERS
-CPU_TRANSFORMER_VECTORS, GPU_TRANSFORMER_VECTORS = 16, 10
-# CPU: float32 copies of one head's attention scores alive at once in the compiled softmax (cpu_ops), fitted with
-# CPU_TRANSFORMER_VECTORS to measured steps at 256 and 512 pixels square (within 1.3%, one head at a time)
-CPU_SCORE_COPIES = 2.5
+CPU_TRANSFORMER_VECTORS, GPU_TRANSFORMER_VECTORS = 18.5, 10
+# CPU: float32 copies of one head's attention scores alive at once in the softmax (cpu_ops.softmax_attention),
+# fitted with CPU_TRANSFORMER_VECTORS to measured steps at 256 and 512 pixels square; at 256 repeated steps peak
+# 10% apart (13.3-14.8 MB, as the exponentials do or do not reuse the scores' buffer) and the fit lies between
+CPU_SCORE_COPIES = 2.1
 GPU_PENDING_BUFFERS = 0.75e9  # fitted: freed buffers whose command batch has not completed yet
 
 

@@ -87,8 +87,9 @@ def test_lora_gradients_match_finite_differences():
     """Adapters on a fused q/k/v (two of its three parts), an MLP and an adaLN modulation, with gradient
     checkpointing: for each adapter matrix, the gradient along a random unit direction against the central
     difference of the loss along it (Richardson-extrapolated from steps 0.1 and 0.2). float32, whose rounding
-    of the loss bounds the differences' accuracy to about 1e-5 (MLX's fused norms compute in float32 even for
-    float64 inputs, so float64 does not help)."""
+    of the loss bounds the differences' accuracy to about 2e-5 (two forwards differing only in rounding gave
+    9.3e-6 and 1.1e-5 against a gradient of -1.0e-5; MLX's fused norms compute in float32 even for float64
+    inputs, so float64 does not help)."""
     mx.random.seed(0)
     model = MMDiT(SMALL)
     modules = lora.target_modules(model, "transformer", ["to_q", "to_v", "ff.net.0.proj", "norm1_context.linear"])
@@ -118,7 +119,7 @@ def test_lora_gradients_match_finite_differences():
 
         numeric = (4 * difference(0.1) - difference(0.2)) / 3
         analytic = (grads[key] * direction).sum().item()
-        assert abs(numeric - analytic) <= 2e-2 * abs(analytic) + 2e-5, (key, numeric, analytic)
+        assert abs(numeric - analytic) <= 2e-2 * abs(analytic) + 3e-5, (key, numeric, analytic)
         if abs(analytic) > 1e-3:
             worst = max(worst, abs(numeric - analytic) / abs(analytic))
     print(f"\nLoRA gradients vs central differences: {len(grads)} matrices; relative error at most {worst:.1e} "
