@@ -447,6 +447,8 @@ def dense_up(up: mx.array) -> mx.array:
     (parts, out / parts, r): they act block-diagonally, part i's rows on its own r rows of down."""
     if up.ndim == 2:
         return up
+    if up.shape[0] == 1:
+        return up[0]
     parts, _, r = up.shape
     return mx.concatenate([mx.pad(up[i], [(0, 0), (i * r, (parts - 1 - i) * r)]) for i in range(parts)])
 

@@ -4,8 +4,8 @@ Weights are counted exactly: the full-size MLX modules are built lazily (with th
 their parameter sizes summed without evaluating anything. Activations follow the tensors alive at each stage's
 peak, with constants measured on MLX (benchmarks/memory.py checks the whole estimate against measured peaks):
 
-- transformer: the residual streams, qkv, the MLP hidden state (10-13 hidden-size vectors per token, float32),
-  plus, where attention is not fused (MLX's CPU backend, two heads at a time), two heads' float32 scores; on a GPU,
+- transformer: the residual streams, qkv, the MLP hidden state (10-19 hidden-size vectors per token, float32),
+  plus, where attention is not fused (MLX's CPU backend, one head at a time), one head's float32 scores; on a GPU,
   buffers that wait for their command batch to finish add about 0.75 GB;
 - VAE decoder: on the CPU, convolutions unfold their input (about 31 KB per output pixel in float32); on a GPU,
   about 5.4 KB per pixel plus 0.55 GB; tiled decoding bounds this by the tile size;
