@@ -53,3 +53,75 @@ def run_part(script: str, part: str, *args: str) -> dict:
         [sys.executable, script, "--part", part, *args], check=True, stdout=subprocess.PIPE, text=True, env=env
     ).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+class PieceClock:
+    """Times a step piece by piece (its transformer blocks), for a shared machine whose speed drops for a second or
+    two at a time: the step's estimate is each piece's best time over the runs plus the best time of the rest, so a
+    burst of load must hit the same piece in every run to move it, where a whole step's best time moves whenever
+    each run meets one burst somewhere. Attach it with `time_mlx_blocks` / `time_torch_blocks`, then `run` steps."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
+        self.pieces: list[float] = []
+        self._start = 0.0
+
+    def enter(self) -> None:
+        self._start = self.clock()
+
+    def exit(self) -> None:
+        self.pieces.append(self.clock() - self._start)
+
+    def run(self, step: Callable[[], object]) -> tuple[list[float], float]:
+        """One `step()`: its pieces' times and its whole time."""
+        self.pieces = []
+        start = self.clock()
+        step()
+        return self.pieces, self.clock() - start
+
+
+def best_of_pieces(runs: list[tuple[list[float], float]]) -> float:
+    """The step time estimate from `PieceClock.run` results: the sum of each piece's best and the rest's best."""
+    pieces = [min(times) for times in zip(*(p for p, _ in runs))]
+    return sum(pieces) + min(total - sum(p) for p, total in runs)
+
+
+def piece_time(step: Callable[[], object], clock: PieceClock, repeats: int = 3, warmup: int = 1) -> float:
+    """`best_of_pieces` over `repeats` runs of `step()` after `warmup` runs."""
+    for _ in range(warmup):
+        clock.run(step)
+    return best_of_pieces([clock.run(step) for _ in range(repeats)])
+
+
+def time_mlx_blocks(blocks: list, clock: PieceClock) -> None:
+    """Each MLX block evaluates its outputs when called and is timed by `clock` (its class swapped for a timed
+    subclass; the arrays are untouched)."""
+    import mlx.core as mx
+
+    timed: dict[type, type] = {}
+    for block in blocks:
+        cls = type(block)
+        if cls not in timed:
+            def call(self, *args, _base=cls, **kwargs):
+                clock.enter()
+                out = _base.__call__(self, *args, **kwargs)
+                mx.eval(out)
+                clock.exit()
+                return out
+            timed[cls] = type(cls.__name__, (cls,), {"__call__": call})
+        block.__class__ = timed[cls]
+
+
+def time_torch_blocks(blocks, clock: PieceClock, sync: Callable[[], None]) -> None:
+    """Each PyTorch block timed by `clock` through forward hooks (`sync` waits for the device)."""
+    def before(module, args) -> None:
+        sync()
+        clock.enter()
+
+    def after(module, args, out) -> None:
+        sync()
+        clock.exit()
+
+    for block in blocks:
+        block.register_forward_pre_hook(before)
+        block.register_forward_hook(after)

@@ -9,8 +9,10 @@ The LoRA files (diffusers naming, random adapters) are written to a temporary fo
 its own process; on Linux the script re-executes itself with OpenBLAS preloaded (REFERENCE.md, Linux CPU note).
 Overhead = step time with the LoRAs / step time without - 1; the target is <= 5% per LoRA. Every LoRA is attached
 once; a case switches scales (MLX: the others at 0, which skips them; diffusers: `set_adapters`, or
-`disable_adapters` for none), and the cases are timed in turn `--repeats` times after a warm-up round, each its
-best, so that a change in the machine's load falls on all cases alike. `--layers N` keeps the first N blocks (all
+`disable_adapters` for none), and the cases are timed in turn `--repeats` times after a warm-up round, so that a
+change in the machine's load falls on all cases alike. A case's time is the sum of each block's best time over its
+runs plus the best of the rest of the step (benchmarks.common.PieceClock): this machine's speed drops by a quarter
+or more for a second or two at a time, more often than once per step. `--layers N` keeps the first N blocks (all
 blocks are alike, so the overhead hardly changes) for a machine without the time or the memory for the full model.
 The header gives the load average at the end. `--cpu-time`, for a loaded shared machine whose wall times vary more
 than the overheads: one BLAS thread per framework, each step timed by its process's CPU time. The last line is the
@@ -31,7 +33,9 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import load_average, preload_openblas, run_part  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    PieceClock, best_of_pieces, load_average, preload_openblas, run_part, time_mlx_blocks, time_torch_blocks,
+)
 from mlx_flash.presets import SD35_MEDIUM  # noqa: E402
 
 CONTEXT_TOKENS = 77 + 256
@@ -78,20 +82,23 @@ def _active(ranks: tuple[int, ...]) -> list[bool]:
     return [(rank, index) in {(r, ranks[:i].count(r)) for i, r in enumerate(ranks)} for rank, index in FILES]
 
 
-def case_times(step: Callable[[], object], select: Callable[[tuple[int, ...]], object], args) -> dict[str, float]:
-    """Best time of `step()` per case of CASES ("none", "16", "16+16", ...), `select(ranks)` switching to the
-    case; the cases in turn, one warm-up round and `args.repeats` timed ones; wall time, or with `args.cpu_time`
-    the process's CPU time."""
-    clock = time.process_time if args.cpu_time else time.perf_counter
-    times: dict[str, list[float]] = {}
-    for round in range(args.repeats + 1):
+def case_times(step: Callable[[], object], select: Callable[[tuple[int, ...]], object], clock: PieceClock,
+               repeats: int) -> dict[str, float]:
+    """Time of `step()` per case of CASES ("none", "16", "16+16", ...), `select(ranks)` switching to the case:
+    the cases in turn, one warm-up round and `repeats` timed ones, each case's estimate `best_of_pieces` of its
+    runs (the model's blocks timed by `clock`)."""
+    runs: dict[str, list] = {}
+    for round in range(repeats + 1):
         for ranks in CASES:
             select(ranks)
-            start = clock()
-            step()
+            result = clock.run(step)
             if round:
-                times.setdefault("+".join(map(str, ranks)) or "none", []).append(clock() - start)
-    return {case: min(t) for case, t in times.items()}
+                runs.setdefault("+".join(map(str, ranks)) or "none", []).append(result)
+    return {case: best_of_pieces(r) for case, r in runs.items()}
+
+
+def _clock(args) -> PieceClock:
+    return PieceClock(time.process_time if args.cpu_time else time.perf_counter)
 
 
 def mlx_part(args) -> dict:
@@ -123,7 +130,9 @@ def mlx_part(args) -> dict:
     def select(ranks):
         scales.values[:] = [float(on) for on in _active(ranks)]
 
-    return {"steps": case_times(lambda: mx.eval(model(*inputs)), select, args), "load_s": load}
+    clock = _clock(args)
+    time_mlx_blocks(model.transformer_blocks, clock)
+    return {"steps": case_times(lambda: mx.eval(model(*inputs)), select, clock, args.repeats), "load_s": load}
 
 
 def torch_part(args) -> dict:
@@ -170,7 +179,9 @@ def torch_part(args) -> dict:
         model.enable_adapters()
         model.set_adapters(names, [1.0] * len(names))
 
-    return {"steps": case_times(step, select, args), "load_s": load}
+    clock = _clock(args)
+    time_torch_blocks(model.transformer_blocks, clock, sync)
+    return {"steps": case_times(step, select, clock, args.repeats), "load_s": load}
 
 
 def main() -> None:

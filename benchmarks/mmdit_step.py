@@ -7,6 +7,8 @@ MLX against diffusers in the same run, with the step's matmul throughput and the
 Each framework runs in its own process. On Linux the script re-executes itself with OpenBLAS preloaded
 (REFERENCE.md, Linux CPU note). Matmul time is measured by running the step's matrix multiplications alone
 (same shapes, same counts) in each framework; the rest of the step is softmax, activations, norms and copies.
+A step's time is the sum of each block's best time over `--repeats` runs plus the best of the rest
+(benchmarks.common.PieceClock: this machine's speed drops for a second or two at a time).
 
 --quantize BITS compares MLX with itself instead: the step of the model quantized as `mlx-flash convert --quantize
 BITS` makes it (4-bit mixed by default) against the float step, each in its own process, with MLX's peak memory
@@ -24,7 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import best_time, preload_openblas, run_part  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    PieceClock, best_time, piece_time, preload_openblas, run_part, time_mlx_blocks, time_torch_blocks,
+)
 from mlx_flash.presets import SD35_MEDIUM  # noqa: E402
 
 CONTEXT_TOKENS = 77 + 256
@@ -114,7 +118,9 @@ def mlx_part(args) -> dict:
     )
     mx.eval(inputs)
     mx.reset_peak_memory()
-    step = best_time(lambda: mx.eval(model(*inputs)), repeats=args.repeats)
+    clock = PieceClock()
+    time_mlx_blocks(model.transformer_blocks, clock)
+    step = piece_time(lambda: mx.eval(model(*inputs)), clock, repeats=args.repeats)
     largest = max(m.weight.size for _, m in MMDiT(SD35_MEDIUM).named_modules() if isinstance(m, nn.Linear))
     return {"step_s": step, "matmul_s": matmul_time, "peak_flops": peak, "weights": base,
             "peak": mx.get_peak_memory(), "largest_layer": largest * 4}
@@ -148,8 +154,10 @@ def torch_part(args) -> dict:
         hidden_states=randn(args.batch, 16, h, h), timestep=torch.full((args.batch,), 500.0, device=device),
         encoder_hidden_states=randn(args.batch, CONTEXT_TOKENS, 4096), pooled_projections=randn(args.batch, 2048),
     )
+    clock = PieceClock()
+    time_torch_blocks(model.transformer_blocks, clock, sync)
     with torch.inference_mode():
-        step = best_time(lambda: (model(**inputs), sync()), repeats=args.repeats)
+        step = piece_time(lambda: (model(**inputs), sync()), clock, repeats=args.repeats)
     return {"step_s": step, "matmul_s": matmul_time, "peak_flops": peak, "threads": torch.get_num_threads()}
 
 

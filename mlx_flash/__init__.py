@@ -1,4 +1,6 @@
-"""mlx-flash: Stable Diffusion 3 / 3.5 and SD3.5-Flash in MLX."""
+"""mlx-flash: Stable Diffusion 3 / 3.5 and SD3.5-Flash in MLX.
+
+On an MLX build without a GPU backend, importing it raises MLX's buffer cache limit (memory.keep_freed_buffers)."""
 
 from .callbacks import Cancel, Preview, ProgressBar
 from .denoise import (
@@ -13,7 +15,10 @@ from .lora import LoRAError
 from .pipeline import Pipeline
 from .presets import PRESETS, SkipLayerGuidance
 from .request import GenerationRequest, GenerationResult, StageReport
+from .memory import keep_freed_buffers
 from .version import __version__
+
+keep_freed_buffers()
 
 __all__ = [
     "PRESETS", "Callback", "Cancel", "Conditioning", "GenerationRequest", "GenerationResult", "GenerationStopped",

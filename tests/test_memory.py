@@ -1,6 +1,8 @@
 """The memory estimator against peaks measured on MLX (CPU backend), and the pipeline's refusal to start a run
 that cannot fit."""
 
+import os
+
 import mlx.core as mx
 import pytest
 
@@ -135,3 +137,15 @@ def test_advice_names_what_would_fit(tiny_pipeline_dir, monkeypatch):
     monkeypatch.setattr("mlx_flash.memory.memory_budget", lambda: 2e9)
     plan = pipe.plan_memory(request, steps=4)  # tiling alone makes it fit: no error, and the decode will tile
     assert plan.tile_decode
+
+
+def test_cpu_only_builds_keep_a_step_of_freed_buffers():
+    """Importing mlx_flash on an MLX build without a GPU raises MLX's buffer cache from its 32 MB to
+    CPU_BUFFER_CACHE, and the CPU memory budget leaves that room."""
+    if not memory.cpu_only():
+        pytest.skip("a GPU build keeps its allocator's own cache limit")
+    previous = mx.set_cache_limit(0)
+    mx.set_cache_limit(previous)
+    assert previous == memory.CPU_BUFFER_CACHE
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert memory.memory_budget() == ram - memory.CPU_BUFFER_CACHE

@@ -18,7 +18,7 @@ def model() -> nn.Module:
     return nn.Sequential(nn.Linear(128, 96), nn.Linear(96, 64, bias=False))
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_cpu_dequantized_matmul_matches_quantized_matmul(bits):
     m = model()
     quantize_model(m, Quantization(bits, group_size=32, policy="plain"))
@@ -31,6 +31,24 @@ def test_cpu_dequantized_matmul_matches_quantized_matmul(bits):
         err = np.abs(np.array(ours) - np.array(ref)).max() / np.abs(np.array(ref)).max()
     print(f"{bits}-bit: max abs error / max |reference| = {err:.2e}")
     assert err < 1e-5
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_cpu_dequantized_weight_is_mlx_dequantize_exactly(bits, group_size):
+    """The CPU path's weight (byte unpacking for 2, 4 and 8 bits, MLX's kernel otherwise) equals mx.dequantize's
+    bit for bit."""
+    mx.random.seed(bits)
+    wrapped = nn.Sequential(nn.Linear(256, 48))
+    wrapped.layers[0].weight = 3 * wrapped.layers[0].weight + 0.5  # scales and biases well away from 0
+    quantize_model(wrapped, Quantization(bits, group_size=group_size, policy="plain"))
+    layer = wrapped.layers[0]
+    assert type(layer) is QuantizedLinear
+    with mx.stream(mx.cpu):
+        ours = layer.float_weight()
+        ref = mx.dequantize(layer.weight, layer.scales, layer.biases, group_size=group_size, bits=bits)
+    assert ours.shape == (48, 256)
+    assert mx.array_equal(ours, ref).item()
 
 
 def test_loaded_quantized_layers_use_the_cpu_path():
