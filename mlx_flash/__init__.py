@@ -12,10 +12,10 @@ from .denoise import (
 )
 from .loading import load_pipeline
 from .lora import LoRAError
+from .memory import keep_freed_buffers
 from .pipeline import Pipeline
 from .presets import PRESETS, SkipLayerGuidance
 from .request import GenerationRequest, GenerationResult, StageReport
-from .memory import keep_freed_buffers
 from .version import __version__
 
 keep_freed_buffers()

@@ -638,14 +638,12 @@ def fuse_loras(model: nn.Module) -> FuseReport:
     for path, layer in lora_layers(model).items():
         delta = layer.delta_weight()
         if isinstance(layer, nn.QuantizedLinear):
-            weight = mx.dequantize(layer.weight, layer.scales, layer.get("biases"), layer.group_size, layer.bits,
-                                   mode=layer.mode)
+            weight = layer.float_weight()
             exact = weight.astype(mx.float32) + delta
             plain = nn.Linear(exact.shape[1], exact.shape[0], bias="bias" in layer)
             plain.weight = exact.astype(weight.dtype)
             new = QuantizedLinear.from_linear(plain, layer.group_size, layer.bits, layer.mode)
-            restored = mx.dequantize(new.weight, new.scales, new.get("biases"), new.group_size, new.bits,
-                                     mode=new.mode)
+            restored = new.float_weight()
             max_error = max(max_error, mx.abs(restored.astype(mx.float32) - exact).max().item())
             max_weight = max(max_weight, mx.abs(exact).max().item())
             requantized += 1

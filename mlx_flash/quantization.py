@@ -91,7 +91,8 @@ class QuantizedLinear(nn.QuantizedLinear):
         biases = self.get("biases")
         if biases is not None and self.bits in BYTE_ALIGNED_BITS and self["scales"].dtype == mx.float32:
             return _compiled_dequantize(self.group_size, self.bits)(self["weight"], self["scales"], biases)
-        return mx.dequantize(self["weight"], self["scales"], biases, group_size=self.group_size, bits=self.bits)
+        return mx.dequantize(self["weight"], self["scales"], biases, group_size=self.group_size, bits=self.bits,
+                             mode=self.mode)
 
 
 def quantize_layers(model: nn.Module, group_size: int, bits: int,
