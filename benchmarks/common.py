@@ -65,12 +65,17 @@ class PieceClock:
         self.clock = clock
         self.pieces: list[float] = []
         self._start = 0.0
+        self._depth = 0  # a piece timed inside another one is part of it
 
     def enter(self) -> None:
-        self._start = self.clock()
+        self._depth += 1
+        if self._depth == 1:
+            self._start = self.clock()
 
     def exit(self) -> None:
-        self.pieces.append(self.clock() - self._start)
+        self._depth -= 1
+        if self._depth == 0:
+            self.pieces.append(self.clock() - self._start)
 
     def run(self, step: Callable[[], object]) -> tuple[list[float], float]:
         """One `step()`: its pieces' times and its whole time."""
@@ -93,22 +98,27 @@ def piece_time(step: Callable[[], object], clock: PieceClock, repeats: int = 3, 
     return best_of_pieces([clock.run(step) for _ in range(repeats)])
 
 
-def time_mlx_blocks(blocks: list, clock: PieceClock) -> None:
-    """Each MLX block evaluates its outputs when called and is timed by `clock` (its class swapped for a timed
-    subclass; the arrays are untouched)."""
+def time_mlx_blocks(blocks: list, clock: PieceClock, methods: tuple[str, ...] = ("__call__", "on_lanes")) -> None:
+    """Each MLX block evaluates its outputs when called (through any of `methods` it has: a transformer block on
+    token lanes runs `on_lanes`) and is timed by `clock` (its class swapped for a timed subclass; the arrays are
+    untouched)."""
     import mlx.core as mx
+
+    def timed_method(base: Callable) -> Callable:
+        def method(self, *args, **kwargs):
+            clock.enter()
+            out = base(self, *args, **kwargs)
+            mx.eval(out)
+            clock.exit()
+            return out
+        return method
 
     timed: dict[type, type] = {}
     for block in blocks:
         cls = type(block)
         if cls not in timed:
-            def call(self, *args, _base=cls, **kwargs):
-                clock.enter()
-                out = _base.__call__(self, *args, **kwargs)
-                mx.eval(out)
-                clock.exit()
-                return out
-            timed[cls] = type(cls.__name__, (cls,), {"__call__": call})
+            wrapped = {name: timed_method(getattr(cls, name)) for name in methods if hasattr(cls, name)}
+            timed[cls] = type(cls.__name__, (cls,), wrapped)
         block.__class__ = timed[cls]
 
 

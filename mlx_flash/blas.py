@@ -9,9 +9,12 @@ AVX-512 kernels the CPU supports (OPENBLAS_CORETYPE)."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 # Debian / Ubuntu (libopenblas0-pthread, either architecture), then Fedora / Arch.
 OPENBLAS_PATHS = (
@@ -91,3 +94,25 @@ def ensure_openblas(restart: bool = True) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
+@functools.cache
+def loaded_openblas() -> ctypes.CDLL | None:
+    """The OpenBLAS this process runs with (preloaded, so its symbols are global), or None."""
+    process = ctypes.CDLL(None)
+    return process if hasattr(process, "openblas_set_num_threads") else None
+
+
+@contextmanager
+def blas_threads(count: int) -> Iterator[None]:
+    """Within the block, OpenBLAS multiplies with `count` threads (where this process runs with OpenBLAS)."""
+    library = loaded_openblas()
+    if library is None:
+        yield
+        return
+    before = library.openblas_get_num_threads()
+    library.openblas_set_num_threads(count)
+    try:
+        yield
+    finally:
+        library.openblas_set_num_threads(before)

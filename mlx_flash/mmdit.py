@@ -14,6 +14,7 @@ import mlx.nn as nn
 
 from . import cpu_ops
 from .cpu_ops import fast_path, on_cpu
+from .lanes import Lanes
 from .weights import (
     Fuse,
     Rule,
@@ -37,15 +38,26 @@ def attention(q: mx.array, k: mx.array, v: mx.array, per_head: bool = True) -> m
     float32 matmul peak instead of a quarter for all heads batched (benchmarks/mmdit_step.py); the softmax is
     `cpu_ops.softmax_attention`'s (MLX's CPU exp is scalar). `per_head=False` in training: evaluating inside a
     checkpointed block's recomputation keeps a copy of the block's weights."""
-    scale = q.shape[-1] ** -0.5
+    return lane_attention([q], k, v, per_head, Lanes())[0]
+
+
+def lane_attention(queries: Sequence[mx.array], k: mx.array, v: mx.array, per_head: bool, lanes: Lanes
+                   ) -> list[mx.array]:
+    """`attention` of each lane's queries over the keys and values of all lanes, lane i on its stream; on the
+    CPU head by head, each head of every lane evaluated together."""
+    scale = k.shape[-1] ** -0.5
     if not on_cpu() or not per_head:
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
-    attend = cpu_ops.softmax_attention if fast_path(q) else mx.fast.scaled_dot_product_attention
+        return lanes.map(lambda q: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale), queries)
+    attend = cpu_ops.softmax_attention if fast_path(k) else mx.fast.scaled_dot_product_attention
+
+    def head(i: int) -> list[mx.array]:
+        return lanes.map(lambda q: attend(q[:, i : i + 1], k[:, i : i + 1], v[:, i : i + 1], scale=scale), queries)
+
     heads = []
-    for i in range(q.shape[1]):
-        heads.append(attend(q[:, i : i + 1], k[:, i : i + 1], v[:, i : i + 1], scale=scale))
+    for i in range(k.shape[1]):
+        heads.append(head(i))
         mx.eval(heads[-1])
-    return mx.concatenate(heads, axis=1)
+    return lanes.map(lambda lane_heads: mx.concatenate(lane_heads, axis=1), list(zip(*heads)))
 
 
 @dataclass(frozen=True)
@@ -241,17 +253,25 @@ class Attention(nn.Module):
             q, k = self[norm_q](q), self[norm_k](k)
         return q, k, v
 
-    def __call__(self, x: mx.array, context: mx.array | None = None) -> tuple[mx.array, mx.array | None]:
-        b, n, d = x.shape
+    def project(self, x: mx.array, context: mx.array | None = None) -> tuple[mx.array, mx.array, mx.array]:
+        """q, k, v (B, heads, tokens, head_dim) of the image tokens `x`, then of the `context` tokens if given."""
         q, k, v = self._heads(self.qkv, x, "norm_q", "norm_k")
         if context is not None:
             cq, ck, cv = self._heads(self.add_qkv, context, "norm_added_q", "norm_added_k")
             q, k, v = (mx.concatenate(pair, axis=2) for pair in ((q, cq), (k, ck), (v, cv)))
-        out = attention(q, k, v, self.per_head)
-        out = out.transpose(0, 2, 1, 3).reshape(b, -1, d)
+        return q, k, v
+
+    def output(self, out: mx.array, n: int) -> tuple[mx.array, mx.array | None]:
+        """The output projections of attention's result `out` (B, heads, tokens, head_dim) whose first `n` tokens
+        are image tokens: the image tokens', and the context tokens' where this layer has them."""
+        b, heads, tokens, head_dim = out.shape
+        out = out.transpose(0, 2, 1, 3).reshape(b, tokens, heads * head_dim)
         x_out, c_out = out[:, :n], out[:, n:]
         c_out = self.to_add_out(c_out) if "to_add_out" in self else None
         return self.to_out(x_out), c_out
+
+    def __call__(self, x: mx.array, context: mx.array | None = None) -> tuple[mx.array, mx.array | None]:
+        return self.output(attention(*self.project(x, context), self.per_head), x.shape[1])
 
 
 class FeedForward(nn.Module):
@@ -304,26 +324,54 @@ class JointBlock(nn.Module):
         return self.norm1(cond), self.norm1_context(cond)
 
     def __call__(self, x: mx.array, c: mx.array, modulation: BlockModulation) -> tuple[mx.array, mx.array]:
-        (shift, scale, gate, shift_mlp, scale_mlp, gate_mlp, *second), context_mod = modulation
+        (c,), (x,) = self.on_lanes([x], [c], modulation, Lanes())
+        return c, x
+
+    def on_lanes(self, xs: Sequence[mx.array], cs: Sequence[mx.array], modulation: BlockModulation, lanes: Lanes
+                 ) -> tuple[list[mx.array], list[mx.array]]:
+        """The block on token lanes (`lanes.split` of the image and the context tokens): each lane's tokens
+        attend over every lane's. Returns the context lanes, then the image lanes."""
+        inputs = lanes.map(lambda x, c: self.attention_inputs(x, c, modulation), xs, cs)
+        outputs = [self._attend(lanes, self.attn, [joint for joint, _ in inputs])]
+        if self.dual:
+            outputs.append(self._attend(lanes, self.attn2, [second for _, second in inputs]))
+        results = lanes.map(lambda x, c, *out: self.attention_outputs(x, c, out, modulation), xs, cs, *outputs)
+        return [c for c, _ in results], [x for _, x in results]
+
+    @staticmethod
+    def _attend(lanes: Lanes, layer: Attention, qkv: Sequence[tuple[mx.array, ...]]) -> list[mx.array]:
+        queries, keys, values = zip(*qkv)
+        return lane_attention(queries, lanes.join(keys, 2), lanes.join(values, 2), layer.per_head, lanes)
+
+    def attention_inputs(self, x: mx.array, c: mx.array, modulation: BlockModulation) -> tuple[tuple, tuple | None]:
+        """q, k, v of the joint attention (image tokens, then context tokens), and of the dual block's second
+        attention (None in other blocks)."""
+        (shift, scale, _, _, _, _, *second), context_mod = modulation
         dtype = shift.dtype
         x_norm = layer_norm(x)
         x_in = (x_norm * (1 + scale[:, None]) + shift[:, None]).astype(dtype)
-        if self.last:
-            c_scale, c_shift = context_mod
-        else:
-            c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = context_mod
-        c_in = modulate(c, c_shift, c_scale).astype(dtype)
+        c_shift, c_scale = context_mod[::-1] if self.last else context_mod[:2]
+        joint = self.attn.project(x_in, modulate(c, c_shift, c_scale).astype(dtype))
+        if not self.dual:
+            return joint, None
+        shift2, scale2, _ = second
+        return joint, self.attn2.project((x_norm * (1 + scale2[:, None]) + shift2[:, None]).astype(dtype))
 
-        x_attn, c_attn = self.attn(x_in, c_in)
+    def attention_outputs(self, x: mx.array, c: mx.array, attended: Sequence[mx.array], modulation: BlockModulation
+                          ) -> tuple[mx.array, mx.array]:
+        """The rest of the block from the attention results (`attended`: the joint one, then the second one in a
+        dual block): the gated residuals and the MLPs. Returns the context tokens, then the image tokens."""
+        (_, _, gate, shift_mlp, scale_mlp, gate_mlp, *second), context_mod = modulation
+        dtype = gate.dtype
+        x_attn, c_attn = self.attn.output(attended[0], x.shape[1])
         x = x + gate[:, None] * x_attn
         if self.dual:
-            shift2, scale2, gate2 = second
-            x2_in = (x_norm * (1 + scale2[:, None]) + shift2[:, None]).astype(dtype)
-            x = x + gate2[:, None] * self.attn2(x2_in)[0]
+            x = x + second[2][:, None] * self.attn2.output(attended[1], x.shape[1])[0]
         x = x + gate_mlp[:, None] * self.ff(modulate(x, shift_mlp, scale_mlp).astype(dtype))
 
         if self.last:
             return c, x
+        _, _, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = context_mod
         c = c + c_gate[:, None] * c_attn
         c = c + c_gate_mlp[:, None] * self.ff_context(modulate(c, c_shift_mlp, c_scale_mlp).astype(dtype))
         return c, x
@@ -341,6 +389,7 @@ class MMDiT(nn.Module):
         self.config = config
         self.float32_residual = float32_residual
         self.gradient_checkpointing = False
+        self.inference = True  # set_training(True) clears it
         dim = config.hidden_size
         self.pos_embed = PatchEmbed(config)
         self.time_text_embed = TimeTextEmbed(dim, config.pooled_projection_dim)
@@ -356,6 +405,7 @@ class MMDiT(nn.Module):
         """For differentiation: gradient checkpointing per block (if `checkpointing`) and attention over all
         heads in one call (see `attention`); `set_training(False)` restores inference."""
         self.gradient_checkpointing = training and checkpointing
+        self.inference = not training
         for module in self.modules():
             if isinstance(module, Attention):
                 module.per_head = not training
@@ -386,6 +436,10 @@ class MMDiT(nn.Module):
     def compute_dtype(self) -> mx.Dtype:
         """The precision of the weights (of the scales, for quantized weights)."""
         return self.proj_out.get("scales", self.proj_out.weight).dtype
+
+    def lanes(self, tokens: int) -> Lanes:
+        """The token lanes of a forward pass (`mlx_flash.lanes`): several in inference on the CPU, else one."""
+        return Lanes.for_inference(tokens) if self.inference else Lanes()
 
     def check_latent_size(self, height: int, width: int) -> None:
         """Raise ValueError unless a latent of this size fits the patch size and the position table."""
@@ -421,14 +475,26 @@ class MMDiT(nn.Module):
         *block_mods, (scale, shift) = modulation
         x = self.pos_embed(latents).astype(stream)
         c = self.context_embedder(context).astype(stream)
+        lanes = self.lanes(min(x.shape[1], c.shape[1]))
+        xs, cs = lanes.split(x), lanes.split(c)
+        residuals = [lanes.split(r.astype(x.dtype)) for r in controlnet_residuals or ()]
         skip = set(skip_layers)
         blocks = self.transformer_blocks
-        for i, (block, block_mod) in enumerate(zip(blocks, block_mods)):
-            if i not in skip:
-                run = nn.utils.checkpoint(block) if self.gradient_checkpointing else block
-                c, x = run(x, c, block_mod)
-            if controlnet_residuals and not block.last:
-                x = x + controlnet_residuals[int(i / (len(blocks) / len(controlnet_residuals)))].astype(x.dtype)
+        with lanes.running():
+            for i, (block, block_mod) in enumerate(zip(blocks, block_mods)):
+                if i in skip:
+                    pass
+                elif lanes.count > 1:
+                    cs, xs = block.on_lanes(xs, cs, block_mod, lanes)
+                    mx.eval(cs, xs)  # within the lanes' BLAS threads
+                else:
+                    run = nn.utils.checkpoint(block) if self.gradient_checkpointing else block
+                    c, x = run(xs[0], cs[0], block_mod)
+                    cs, xs = [c], [x]
+                if residuals and not block.last:
+                    residual = residuals[int(i / (len(blocks) / len(residuals)))]
+                    xs = lanes.map(lambda x, r: x + r, xs, residual)
+        x = lanes.join(xs)
 
         x = self.proj_out(modulate(x, shift, scale).astype(dtype))
         p, out = self.config.patch_size, self.config.out_channels

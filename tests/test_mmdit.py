@@ -7,6 +7,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 from mlx.utils import tree_flatten
 
+from mlx_flash.lanes import Lanes
 from mlx_flash.mmdit import DIFFUSERS_RULES, MMDiT, MMDiTConfig, load_mmdit
 from mlx_flash.presets import PRESETS
 from mlx_flash.weights import WeightsError, check_weights, remap
@@ -57,8 +58,10 @@ def run_both(model, path, latents, t, ctx, pooled, skip_layers=None):
 
 @pytest.mark.parametrize("timesteps", [(1000.0, 500.0), (9.0, 9.0)])
 @pytest.mark.parametrize("skip_layers", [None, [1]])
-def test_parity_with_diffusers(tiny_transformer, timesteps, skip_layers):
+@pytest.mark.parametrize("lanes", [1, 3])  # one: as on a GPU; three: uneven token slices (mlx_flash.lanes)
+def test_parity_with_diffusers(tiny_transformer, timesteps, skip_layers, lanes, monkeypatch):
     name, model, path = tiny_transformer
+    monkeypatch.setattr(Lanes, "for_inference", classmethod(lambda cls, tokens: cls(lanes)))
     rng = np.random.default_rng(0)
     latents = rng.standard_normal((2, 16, 12, 20)).astype(np.float32)  # non-square
     ctx = rng.standard_normal((2, 7, 40)).astype(np.float32)
@@ -170,3 +173,13 @@ def test_modulation_weights_are_about_a_third_of_the_model(preset):
     kept = sum(v.size for _, v in tree_flatten(model.parameters()))
     print(f"\n{preset}: adaLN weights {100 * (total - kept) / total:.1f}% of {total / 1e9:.2f}B parameters")
     assert (total - kept) / total > 0.3
+
+
+def test_lanes_cut_tokens_evenly_and_join_them_back():
+    x = mx.arange(2 * 7 * 3).reshape(2, 7, 3)
+    lanes = Lanes(3)
+    parts = lanes.split(x)
+    assert [p.shape[1] for p in parts] == [2, 2, 3]
+    assert mx.array_equal(lanes.join(parts), x)
+    assert lanes.map(lambda p, k: p.shape[1] * k, parts, [1, 10, 100]) == [2, 20, 300]
+    assert Lanes().split(x)[0] is x

@@ -1,0 +1,72 @@
+"""Token lanes for MLX's CPU backend: a transformer's tokens cut into slices computed side by side, each on its own
+CPU stream. MLX runs each stream on its own thread but each element-wise operation on one core, so one stream
+leaves the other cores idle outside the matmuls; with one lane per core, the norms, activations and softmax run
+in parallel, and each lane's matmuls take its share of OpenBLAS's threads. Only attention mixes tokens: it takes
+every lane's keys and values (benchmarks/mmdit_step.py)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from contextlib import contextmanager, nullcontext
+from typing import Callable, Iterator, Sequence
+
+import mlx.core as mx
+
+from .blas import blas_threads
+from .cpu_ops import on_cpu
+
+MAX_LANES = 2  # measured on two cores (benchmarks/mmdit_step.py); each lane matmuls with cores // lanes threads
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@functools.cache
+def _cpu_streams(count: int) -> tuple[mx.Stream, ...]:
+    return tuple(mx.new_stream(mx.cpu) for _ in range(count))
+
+
+class Lanes:
+    """`count` token lanes, lane i computed on stream i (one lane: the default stream)."""
+
+    def __init__(self, count: int = 1):
+        self.count = count
+        self.streams: Sequence[mx.Stream | None] = _cpu_streams(count) if count > 1 else (None,)
+
+    @classmethod
+    def for_inference(cls, tokens: int) -> "Lanes":
+        """Lanes for `tokens` tokens: one per core up to MAX_LANES on MLX's Linux CPU backend (with OpenBLAS, whose
+        threads `running` shares out, or with MLX's own single-threaded BLAS); one elsewhere (a GPU; macOS's
+        Accelerate threads its matmuls by itself)."""
+        count = min(MAX_LANES, cpu_cores(), tokens) if on_cpu() and sys.platform == "linux" else 1
+        return cls(max(count, 1))
+
+    def split(self, x: mx.array, axis: int = 1) -> list[mx.array]:
+        """`x` cut along `axis` into one slice per lane, sizes as equal as they can be."""
+        if self.count == 1:
+            return [x]
+        n = x.shape[axis]
+        bounds = [n * i // self.count for i in range(self.count + 1)]
+        return list(mx.split(x, bounds[1:-1], axis=axis))
+
+    def join(self, parts: Sequence[mx.array], axis: int = 1) -> mx.array:
+        """The lanes' slices put back together along `axis`."""
+        return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=axis)
+
+    def map(self, fn: Callable, *per_lane: Sequence) -> list:
+        """[fn(*args of lane i) for each lane], lane i's work built on its stream."""
+        results = []
+        for stream, args in zip(self.streams, zip(*per_lane), strict=True):
+            with mx.stream(stream) if stream is not None else nullcontext():
+                results.append(fn(*args))
+        return results
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """Within the block, each lane's matmuls use its share of OpenBLAS's threads (evaluate inside it)."""
+        with blas_threads(max(1, cpu_cores() // self.count)) if self.count > 1 else nullcontext():
+            yield
