@@ -6,9 +6,9 @@ every lane's keys and values (benchmarks/mmdit_step.py)."""
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
+import threading
 from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterator, Sequence
 
@@ -25,9 +25,15 @@ def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-@functools.cache
+_THREAD_STREAMS = threading.local()  # MLX's streams belong to the thread that made them
+
+
 def _cpu_streams(count: int) -> tuple[mx.Stream, ...]:
-    return tuple(mx.new_stream(mx.cpu) for _ in range(count))
+    """`count` CPU streams of the calling thread, made once per thread."""
+    made = _THREAD_STREAMS.__dict__.setdefault("by_count", {})
+    if count not in made:
+        made[count] = tuple(mx.new_stream(mx.cpu) for _ in range(count))
+    return made[count]
 
 
 class Lanes:
