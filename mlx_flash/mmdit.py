@@ -154,8 +154,13 @@ def layer_norm(x: mx.array) -> mx.array:
     return mx.fast.layer_norm(x, None, None, NORM_EPS)
 
 
+def scale_shift(x_norm: mx.array, shift: mx.array, scale: mx.array) -> mx.array:
+    """adaLN's modulation of normalized tokens (B, N, D) by per-sample vectors (B, D)."""
+    return x_norm * (1 + scale[:, None]) + shift[:, None]
+
+
 def modulate(x: mx.array, shift: mx.array, scale: mx.array) -> mx.array:
-    return layer_norm(x) * (1 + scale[:, None]) + shift[:, None]
+    return scale_shift(layer_norm(x), shift, scale)
 
 
 def timestep_sinusoid(t: mx.array, dim: int = 256, max_period: float = 10000.0) -> mx.array:
@@ -349,13 +354,13 @@ class JointBlock(nn.Module):
         (shift, scale, _, _, _, _, *second), context_mod = modulation
         dtype = shift.dtype
         x_norm = layer_norm(x)
-        x_in = (x_norm * (1 + scale[:, None]) + shift[:, None]).astype(dtype)
+        x_in = scale_shift(x_norm, shift, scale).astype(dtype)
         c_shift, c_scale = context_mod[::-1] if self.last else context_mod[:2]
         joint = self.attn.project(x_in, modulate(c, c_shift, c_scale).astype(dtype))
         if not self.dual:
             return joint, None
         shift2, scale2, _ = second
-        return joint, self.attn2.project((x_norm * (1 + scale2[:, None]) + shift2[:, None]).astype(dtype))
+        return joint, self.attn2.project(scale_shift(x_norm, shift2, scale2).astype(dtype))
 
     def attention_outputs(self, x: mx.array, c: mx.array, attended: Sequence[mx.array], modulation: BlockModulation
                           ) -> tuple[mx.array, mx.array]:
@@ -366,7 +371,8 @@ class JointBlock(nn.Module):
         x_attn, c_attn = self.attn.output(attended[0], x.shape[1])
         x = x + gate[:, None] * x_attn
         if self.dual:
-            x = x + second[2][:, None] * self.attn2.output(attended[1], x.shape[1])[0]
+            _, _, gate2 = second
+            x = x + gate2[:, None] * self.attn2.output(attended[1], x.shape[1])[0]
         x = x + gate_mlp[:, None] * self.ff(modulate(x, shift_mlp, scale_mlp).astype(dtype))
 
         if self.last:
@@ -437,6 +443,18 @@ class MMDiT(nn.Module):
         """The precision of the weights (of the scales, for quantized weights)."""
         return self.proj_out.get("scales", self.proj_out.weight).dtype
 
+    def _run_block(self, block: JointBlock, xs: list[mx.array], cs: list[mx.array], modulation: BlockModulation,
+                   lanes: Lanes) -> tuple[list[mx.array], list[mx.array]]:
+        """One block on the token lanes (checkpointed in training); several lanes evaluate it at once, within
+        their BLAS threads (`Lanes.running`)."""
+        if lanes.count > 1:
+            cs, xs = block.on_lanes(xs, cs, modulation, lanes)
+            mx.eval(cs, xs)
+            return cs, xs
+        run = nn.utils.checkpoint(block) if self.gradient_checkpointing else block
+        c, x = run(xs[0], cs[0], modulation)
+        return [c], [x]
+
     def lanes(self, tokens: int) -> Lanes:
         """The token lanes of a forward pass (`mlx_flash.lanes`): several in inference on the CPU, else one."""
         return Lanes.for_inference(tokens) if self.inference else Lanes()
@@ -482,15 +500,8 @@ class MMDiT(nn.Module):
         blocks = self.transformer_blocks
         with lanes.running():
             for i, (block, block_mod) in enumerate(zip(blocks, block_mods)):
-                if i in skip:
-                    pass
-                elif lanes.count > 1:
-                    cs, xs = block.on_lanes(xs, cs, block_mod, lanes)
-                    mx.eval(cs, xs)  # within the lanes' BLAS threads
-                else:
-                    run = nn.utils.checkpoint(block) if self.gradient_checkpointing else block
-                    c, x = run(xs[0], cs[0], block_mod)
-                    cs, xs = [c], [x]
+                if i not in skip:
+                    cs, xs = self._run_block(block, xs, cs, block_mod, lanes)
                 if residuals and not block.last:
                     residual = residuals[int(i / (len(blocks) / len(residuals)))]
                     xs = lanes.map(lambda x, r: x + r, xs, residual)
