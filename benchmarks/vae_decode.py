@@ -12,7 +12,8 @@ Each row runs in a fresh process. Memory columns:
   half precision this includes the unfolded inputs of MLX's convolutions, 9x the input of a 3x3 conv; float32
   ones are matmuls here); on a GPU, also PyTorch's torch.cuda.max_memory_allocated() (on the CPU PyTorch has no
   such counter).
-Times: the second of two decodes (the first compiles GPU kernels); peaks: over both.
+Times and peaks: one decode, after a warm-up decode of one tile's size, untiled (it compiles MLX's CPU functions
+and GPU kernels, 2-3 s on the CPU at 256x256, and runs PyTorch's first-call set-up).
 Diffusers' tiling uses our tile size and overlap (SD3's config would tile only above 1024x1024). Rows run
 MLX and diffusers alternately, each with the machine's load average (1, 5, 15 min) after it; diffusers keeps
 PyTorch's own BLAS (benchmarks.common.run_part). The last line is the ratio of MLX's time in the mode mlx-flash
@@ -76,13 +77,13 @@ def run_mlx(size: int, tiled: bool, tile_size: int, tile_overlap: int, device: s
     vae.set_dtype(getattr(mx, dtype))
     z = mx.random.normal((1, size // 8, size // 8, 16)).astype(getattr(mx, dtype))
     mx.eval(vae.parameters(), z)
+    mx.eval(vae.decode(z[:, :tile_size, :tile_size], tiled=False))
     mx.clear_cache()
     mx.reset_peak_memory()
     rss, base = start_rss(), mx.get_active_memory()
-    for _ in range(2 if device == "gpu" else 1):
-        start = time.perf_counter()
-        mx.eval(vae.decode(z, tiled=tiled))
-        seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    mx.eval(vae.decode(z, tiled=tiled))
+    seconds = time.perf_counter() - start
     return {"seconds": seconds, "rss": peak_rss() - rss, "peak": mx.get_peak_memory() - base}
 
 
@@ -102,18 +103,19 @@ def run_diffusers(size: int, tiled: bool, tile_size: int, tile_overlap: int, dev
         vae.tile_latent_min_size, vae.tile_sample_min_size = tile_size, tile_size * 8
         vae.tile_overlap_factor = tile_overlap / tile_size
     z = torch.randn(1, 16, size // 8, size // 8).to(device, getattr(torch, dtype))
+    with torch.no_grad():
+        vae.decode(z[:, :, :tile_size, :tile_size])  # smaller than a tile: untiled
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() if device == "cuda" else 0
     rss = start_rss()
-    for _ in range(2 if device == "cuda" else 1):
-        start = time.perf_counter()
-        with torch.no_grad():
-            vae.decode(z)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    with torch.no_grad():
+        vae.decode(z)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() - base if device == "cuda" else None
     return {"seconds": seconds, "rss": peak_rss() - rss, "peak": peak}
 

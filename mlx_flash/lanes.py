@@ -1,8 +1,9 @@
-"""Token lanes for MLX's CPU backend: a transformer's tokens cut into slices computed side by side, each on its own
-CPU stream. MLX runs each stream on its own thread but each element-wise operation on one core, so one stream
-leaves the other cores idle outside the matmuls; with one lane per core, the norms, activations and softmax run
-in parallel, and each lane's matmuls take its share of OpenBLAS's threads. Only attention mixes tokens: it takes
-every lane's keys and values (benchmarks/mmdit_step.py)."""
+"""Lanes for MLX's CPU backend: a transformer's tokens, or an image's rows, cut into slices computed side by side,
+each on its own CPU stream. MLX runs each stream on its own thread but each element-wise operation on one core, so
+one stream leaves the other cores idle outside the matmuls; with one lane per core, the norms, activations and
+softmax run in parallel, and each lane's matmuls take its share of OpenBLAS's threads. In the transformer only
+attention mixes tokens: it takes every lane's keys and values (benchmarks/mmdit_step.py). In the VAE (`Bands`)
+convolutions read their neighbours' edge rows and GroupNorm adds up every band's sums (benchmarks/vae_decode.py)."""
 
 from __future__ import annotations
 
@@ -76,3 +77,49 @@ class Lanes:
         """Within the block, each lane's matmuls use its share of OpenBLAS's threads (evaluate inside it)."""
         with blas_threads(max(1, cpu_cores() // self.count)) if self.count > 1 else nullcontext():
             yield
+
+
+class Bands:
+    """An NHWC image cut into horizontal bands, band i on lane i: row-by-row work runs on the bands side by side."""
+
+    def __init__(self, parts: Sequence[mx.array], lanes: Lanes):
+        self.parts, self.lanes = list(parts), lanes
+
+    @classmethod
+    def cut(cls, x: mx.array, lanes: Lanes) -> "Bands":
+        """`x` (B, H, W, C) cut into one band of rows per lane."""
+        return cls(lanes.split(x, axis=1), lanes)
+
+    def join(self) -> mx.array:
+        """The whole image."""
+        return self.lanes.join(self.parts, axis=1)
+
+    def recut(self, x: mx.array) -> "Bands":
+        """Another image (any height) cut into bands on the same lanes."""
+        return Bands.cut(x, self.lanes)
+
+    def map(self, fn: Callable, *per_band: Sequence) -> "Bands":
+        """The bands [fn(band i, *(s[i] for s in per_band))], each computed on its lane."""
+        return Bands(self.lanes.map(fn, self.parts, *per_band), self.lanes)
+
+    @property
+    def height(self) -> int:
+        return sum(part.shape[1] for part in self.parts)
+
+    def edges(self, rows: int) -> tuple[list[mx.array | None], list[mx.array | None]]:
+        """The `rows` image rows just above each band and just below it (None at the image's top and bottom, and
+        for rows=0); each band must have at least `rows` rows."""
+        if rows == 0:
+            return [None] * len(self.parts), [None] * len(self.parts)
+        above = [None] + [part[:, -rows:] for part in self.parts[:-1]]
+        below = [part[:, :rows] for part in self.parts[1:]] + [None]
+        return above, below
+
+    def rows(self, start: int, stop: int) -> "Bands":
+        """The image's rows [start, stop), each band keeping those it holds (possibly none)."""
+        parts, top = [], 0
+        for part in self.parts:
+            height = part.shape[1]
+            parts.append(part[:, min(max(start - top, 0), height) : min(max(stop - top, 0), height)])
+            top += height
+        return Bands(parts, self.lanes)

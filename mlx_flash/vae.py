@@ -5,6 +5,9 @@ blended with linear ramps, so that memory stays bounded for large images. Tiling
 part of the network; its latent-resolution part (with the mid-block's attention) always sees the whole latent,
 and the tiles' GroupNorms use the whole image's statistics, gathered over the tiles beforehand, so a tiled
 result matches the untiled one.
+
+Inside, the layers take and return `Bands` (`mlx_flash.lanes`): on MLX's Linux CPU backend the image is cut into
+one band of rows per core, computed side by side; elsewhere it is one band.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import mlx.nn as nn
 
 from . import cpu_ops
 from .cpu_ops import fast_path, on_cpu
+from .lanes import Bands, Lanes
 from .weights import (
     Rule,
     conv_to_nhwc,
@@ -126,32 +130,46 @@ def sd3_latents(config: VAEConfig) -> bool:
 ATTENTION_SCORES = 2**26  # attention scores computed at once in the mid-blocks (256 MB in float32)
 
 
-def group_moments(g: mx.array) -> tuple[mx.array, mx.array]:
-    """Mean and variance per group of g (B, H, W, groups, channels per group), each (B, 1, 1, groups, 1).
-    On the CPU the sums run along each row of pixels, then over the rows and the group's channels (MLX's fast
-    reductions, 4-8x faster than one over axes (1, 2, 4), and the float32 sums in two short stages, 10x more
-    accurate); the variance is that of the deviations from the mean (two passes). On a GPU each group's values are
-    made contiguous first: GPU reductions over strided axes are slow."""
+def lanes_for(x: mx.array) -> Lanes:
+    """The bands an image x (B, H, W, C) is computed in: one per core on the CPU backend's float32 path
+    (`Lanes.for_inference`), else one."""
+    return Lanes.for_inference(x.shape[1]) if fast_path(x) else Lanes()
+
+
+def group_moments(g: Bands) -> tuple[mx.array, mx.array]:
+    """Mean and variance per group of g's bands (B, h, W, groups, channels per group), each (B, 1, 1, groups, 1).
+    On the CPU the sums run along each row of pixels, in each band, then over all rows and the group's channels
+    (MLX's fast reductions, 4-8x faster than one over axes (1, 2, 4), and the float32 sums in two short stages,
+    10x more accurate); the variance is that of the deviations from the mean (two passes). On a GPU each group's
+    values are made contiguous first: GPU reductions over strided axes are slow."""
     if on_cpu():
-        n = g.shape[1] * g.shape[2] * g.shape[4]
-        mean = g.sum(axis=2, keepdims=True).sum(axis=(1, 4), keepdims=True) / n
-        squares = cpu_ops.squared_deviation(g, mean)
-        return mean, squares.sum(axis=2, keepdims=True).sum(axis=(1, 4), keepdims=True) / n
+        row_sums = g.map(lambda part: part.sum(axis=2, keepdims=True)).join()
+        n = row_sums.shape[1] * g.parts[0].shape[2] * g.parts[0].shape[4]
+        mean = row_sums.sum(axis=(1, 4), keepdims=True) / n
+        squares = g.map(lambda part: cpu_ops.squared_deviation(part, mean).sum(axis=2, keepdims=True)).join()
+        return mean, squares.sum(axis=(1, 4), keepdims=True) / n
+    g = g.join()
     B, H, W, G, C = g.shape
     flat = g.transpose(0, 3, 1, 2, 4).reshape(B, G, H * W * C)
     return flat.mean(axis=-1).reshape(B, 1, 1, G, 1), flat.var(axis=-1).reshape(B, 1, 1, G, 1)
 
 
-def shifted_matmul_conv(x: mx.array, weight: mx.array) -> mx.array:
+def shifted_matmul_conv(x: mx.array, weight: mx.array, above: mx.array | None = None,
+                        below: mx.array | None = None) -> mx.array:
     """Stride-1 convolution of x (B, H, W, C) with an odd k x k kernel (O, k, k, C), zero padding (k - 1) / 2,
-    as k * k accumulated matmuls. The padded input is flattened to rows; the tap (i, j) of every output pixel is
-    then the same contiguous run of rows shifted by i * padded width + j, so nothing is unfolded. Each output row
-    also gets (k - 1) wrapped-around pixels, cropped at the end (the result is a strided view)."""
+    as k * k accumulated matmuls; `above` / `below`: the (k - 1) / 2 rows next to x's top and bottom edges when x
+    is a band of a larger image (zeros if None). The padded input is flattened to rows; the tap (i, j) of every
+    output pixel is then the same contiguous run of rows shifted by i * padded width + j, so nothing is unfolded.
+    Each output row also gets (k - 1) wrapped-around pixels, cropped at the end (the result is a strided view)."""
     B, H, W, C = x.shape
     k = weight.shape[1]
     pad = (k - 1) // 2
     if pad:
         x = mx.pad(x, [(0, 0), (pad, pad + 1), (pad, pad), (0, 0)])  # one more row: the last taps' overrun
+        if above is not None:
+            x[:, :pad, pad : pad + W] = above
+        if below is not None:
+            x[:, pad + H : 2 * pad + H, pad : pad + W] = below
     width = W + 2 * pad
     rows = x.reshape(B, -1, C)
     out = None
@@ -164,17 +182,21 @@ def shifted_matmul_conv(x: mx.array, weight: mx.array) -> mx.array:
 
 
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d with an optional residual added to its output. On the CPU backend, whose convolutions unfold
-    their input, the float32 stride-1 'same' ones run as BLAS matmuls (`shifted_matmul_conv`), their bias and
-    residual added in the pass that crops the result."""
+    """nn.Conv2d on bands, with an optional residual added to its output. On the CPU backend, whose convolutions
+    unfold their input, the float32 stride-1 'same' ones run band by band as BLAS matmuls (`shifted_matmul_conv`),
+    their bias and residual added in the pass that crops the result; other ones on the whole image."""
 
-    def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
+    def __call__(self, x: Bands, residual: Bands | None = None) -> Bands:
         k = self.weight.shape[1]
         same = self.stride == (1, 1) and k % 2 and self.padding == ((k - 1) // 2,) * 2
-        if not (same and fast_path(x)):
-            y = super().__call__(x)
-            return y if residual is None else residual + y
-        y = shifted_matmul_conv(x, self.weight)
+        if not (same and fast_path(x.parts[0])):
+            y = x.recut(super().__call__(x.join()))
+            return y if residual is None else y.map(mx.add, residual.parts)
+        return x.map(self._band, *x.edges((k - 1) // 2), *([] if residual is None else [residual.parts]))
+
+    def _band(self, x: mx.array, above: mx.array | None, below: mx.array | None,
+              residual: mx.array | None = None) -> mx.array:
+        y = shifted_matmul_conv(x, self.weight, above, below)
         if "bias" in self and residual is not None:
             return cpu_ops.add3(y, self.bias, residual)
         if "bias" in self:
@@ -196,20 +218,24 @@ class GroupNorm(nn.Module):
         self.eps = eps
         self.shared: TileStatistics | None = None
 
-    def __call__(self, x: mx.array, silu: bool = False) -> mx.array:
+    def __call__(self, x: Bands, silu: bool = False) -> Bands:
         """GroupNorm(x), followed by SiLU if `silu`."""
-        B, H, W, C = x.shape
-        g = x.astype(mx.float32).reshape(B, H, W, self.groups, C // self.groups)
+        B, _, _, C = x.parts[0].shape
+        g = x.map(lambda part: part.astype(mx.float32).reshape(*part.shape[:3], self.groups, C // self.groups))
         mean, var = group_moments(g) if self.shared is None else self.shared(g)
-        if fast_path(x):  # one pass: per-channel statistics and affine parameters broadcast over the pixels
+        if fast_path(x.parts[0]):  # one pass: per-channel statistics and affine parameters broadcast over pixels
             grouped = (B, 1, 1, self.groups, C // self.groups)
             scale = mx.rsqrt(var + self.eps) * self.weight.reshape(grouped[3:])
             mean, scale = (mx.broadcast_to(a, grouped).reshape(B, 1, 1, C) for a in (mean, scale))
-            y = (cpu_ops.normalize_silu if silu else cpu_ops.normalize)(x, mean, scale, self.bias)
-            return y.astype(x.dtype)
-        g = ((g - mean) * mx.rsqrt(var + self.eps)).reshape(B, H, W, C)
-        y = (g * self.weight + self.bias).astype(x.dtype)
-        return nn.silu(y) if silu else y
+            normalize = cpu_ops.normalize_silu if silu else cpu_ops.normalize
+            return x.map(lambda part: normalize(part, mean, scale, self.bias).astype(part.dtype))
+
+        def band(part: mx.array, grouped: mx.array) -> mx.array:
+            y = ((grouped - mean) * mx.rsqrt(var + self.eps)).reshape(part.shape)
+            y = (y * self.weight + self.bias).astype(part.dtype)
+            return nn.silu(y) if silu else y
+
+        return x.map(band, g.parts)
 
 
 class ResnetBlock(nn.Module):
@@ -222,7 +248,7 @@ class ResnetBlock(nn.Module):
         if in_dims != out_dims:
             self.conv_shortcut = Conv2d(in_dims, out_dims, 1)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: Bands) -> Bands:
         h = self.conv1(self.norm1(x, silu=True))
         if "conv_shortcut" in self:
             x = self.conv_shortcut(x)
@@ -240,9 +266,10 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(dims, dims)
         self.to_out = [nn.Linear(dims, dims)]
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, bands: Bands) -> Bands:
+        x = bands.join()
         B, H, W, C = x.shape
-        h = self.group_norm(x).reshape(B, 1, H * W, C)
+        h = self.group_norm(bands).join().reshape(B, 1, H * W, C)
         q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)
         attention = cpu_ops.softmax_attention if fast_path(q) else mx.fast.scaled_dot_product_attention
         if (H * W) ** 2 <= ATTENTION_SCORES:
@@ -253,7 +280,7 @@ class Attention(nn.Module):
             for part in h:
                 mx.eval(part)
             h = mx.concatenate(h, axis=2)
-        return x + self.to_out[0](h).reshape(B, H, W, C)
+        return bands.recut(x + self.to_out[0](h).reshape(B, H, W, C))
 
 
 class MidBlock(nn.Module):
@@ -262,7 +289,7 @@ class MidBlock(nn.Module):
         self.resnets = [ResnetBlock(dims, dims, groups), ResnetBlock(dims, dims, groups)]
         self.attentions = [Attention(dims, groups)]
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: Bands) -> Bands:
         return self.resnets[1](self.attentions[0](self.resnets[0](x)))
 
 
@@ -273,8 +300,8 @@ class Downsample(nn.Module):
         super().__init__()
         self.conv = Conv2d(dims, dims, 3, stride=2)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.conv(mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)]))
+    def __call__(self, x: Bands) -> Bands:
+        return self.conv(x.recut(mx.pad(x.join(), [(0, 0), (0, 1), (0, 1), (0, 0)])))
 
 
 class Upsample(nn.Module):
@@ -284,10 +311,12 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = Conv2d(dims, dims, 3, padding=1)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        B, H, W, C = x.shape
-        x = mx.broadcast_to(x[:, :, None, :, None, :], (B, H, 2, W, 2, C)).reshape(B, 2 * H, 2 * W, C)
-        return self.conv(x)
+    def __call__(self, x: Bands) -> Bands:
+        def nearest(part: mx.array) -> mx.array:
+            B, H, W, C = part.shape
+            return mx.broadcast_to(part[:, :, None, :, None, :], (B, H, 2, W, 2, C)).reshape(B, 2 * H, 2 * W, C)
+
+        return self.conv(x.map(nearest))
 
 
 class EncoderBlock(nn.Module):
@@ -297,7 +326,7 @@ class EncoderBlock(nn.Module):
         if downsample:
             self.downsamplers = [Downsample(out_dims)]
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: Bands) -> Bands:
         for resnet in self.resnets:
             x = resnet(x)
         return self.downsamplers[0](x) if "downsamplers" in self else x
@@ -310,7 +339,7 @@ class DecoderBlock(nn.Module):
         if upsample:
             self.upsamplers = [Upsample(out_dims)]
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: Bands) -> Bands:
         for resnet in self.resnets:
             x = resnet(x)
         return self.upsamplers[0](x) if "upsamplers" in self else x
@@ -333,15 +362,15 @@ class Encoder(nn.Module):
 
     def downsample(self, x: mx.array) -> mx.array:
         """The full-resolution part: image -> features at latent resolution."""
-        x = self.conv_in(x)
+        bands = self.conv_in(Bands.cut(x, lanes_for(x)))
         for block in self.down_blocks:
-            x = block(x)
-        return x
+            bands = block(bands)
+        return bands.join()
 
     def middle(self, x: mx.array) -> mx.array:
         """The latent-resolution part (global attention): features -> posterior moments."""
-        x = self.mid_block(x)
-        return self.conv_out(self.conv_norm_out(x, silu=True))
+        bands = self.mid_block(Bands.cut(x, lanes_for(x)))
+        return self.conv_out(self.conv_norm_out(bands, silu=True)).join()
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.middle(self.downsample(x))
@@ -364,13 +393,14 @@ class Decoder(nn.Module):
 
     def middle(self, z: mx.array) -> mx.array:
         """The latent-resolution part (global attention): latents -> features."""
-        return self.mid_block(self.conv_in(z))
+        return self.mid_block(self.conv_in(Bands.cut(z, lanes_for(z)))).join()
 
     def upsample(self, x: mx.array) -> mx.array:
         """The upsampling part: features -> image."""
+        bands = Bands.cut(x, lanes_for(x))
         for block in self.up_blocks:
-            x = block(x)
-        return self.conv_out(self.conv_norm_out(x, silu=True))
+            bands = block(bands)
+        return self.conv_out(self.conv_norm_out(bands, silu=True)).join()
 
     def __call__(self, z: mx.array) -> mx.array:
         return self.upsample(self.middle(z))
@@ -427,14 +457,14 @@ class TileStatistics:
         right) of it: region = (top, bottom, left, right, rows, cols)."""
         self.region, self.calls = region, 0
 
-    def __call__(self, g: mx.array) -> tuple[mx.array, mx.array]:
-        """(mean, variance) for grouped values g (B, H, W, groups, channels per group), float32."""
+    def __call__(self, g: Bands) -> tuple[mx.array, mx.array]:
+        """(mean, variance) for grouped values g, bands (B, h, W, groups, channels per group), float32."""
         k, self.calls = self.calls, self.calls + 1
         if self.collecting:
             top, bottom, left, right, rows, cols = self.region
-            sy, sx = g.shape[1] // rows, g.shape[2] // cols
-            own = g[:, top * sy : bottom * sy, left * sx : right * sx]
-            n = own.size // (own.shape[0] * own.shape[3])
+            sy, sx = g.height // rows, g.parts[0].shape[2] // cols
+            own = g.rows(top * sy, bottom * sy).map(lambda part: part[:, :, left * sx : right * sx])
+            n = own.height * (right - left) * sx * own.parts[0].shape[4]
             mean, var = group_moments(own)
             m2 = var * n
             if k == len(self.running):
@@ -539,14 +569,19 @@ class Autoencoder(nn.Module):
             )
         _, h, w, _ = latents.shape
         latents = latents.astype(self.dtype)
-        if "post_quant_conv" in self:
-            latents = self.post_quant_conv(latents)
-        features = self.decoder.middle(latents)
-        if self.config.tiles(h, w, tiled):
-            mx.eval(features)  # before the tiles: its peak and theirs do not add up
-            return _tiled(self.decoder.upsample, features, 1, c.factor, c.tile_size, c.tile_overlap,
-                          c.statistics_passes)
-        return self.decoder.upsample(features).astype(mx.float32)
+        lanes = lanes_for(latents)
+        with lanes.running():  # the bands' matmuls share the BLAS threads while the decode is evaluated
+            if "post_quant_conv" in self:
+                latents = self.post_quant_conv(Bands.cut(latents, lanes)).join()
+            features = self.decoder.middle(latents)
+            if self.config.tiles(h, w, tiled):
+                mx.eval(features)  # before the tiles: its peak and theirs do not add up
+                images = _tiled(self.decoder.upsample, features, 1, c.factor, c.tile_size, c.tile_overlap,
+                                c.statistics_passes)
+            else:
+                images = self.decoder.upsample(features).astype(mx.float32)
+            mx.eval(images)
+        return images
 
     def encode(self, images: mx.array, tiled: bool | None = None) -> tuple[mx.array, mx.array]:
         """Images (B, H, W, 3) in [-1, 1] -> float32 posterior (mean, logvar), each (B, H/f, W/f,
@@ -560,15 +595,18 @@ class Autoencoder(nn.Module):
             )
         h, w = images.shape[1] // f, images.shape[2] // f
         images = images.astype(self.dtype)
-        if self.config.tiles(h, w, tiled):
-            features = _tiled(self.encoder.downsample, images, f, 1, c.tile_size, c.tile_overlap,
-                              c.statistics_passes).astype(self.dtype)
-        else:
-            features = self.encoder.downsample(images)
-        moments = self.encoder.middle(features)
-        if "quant_conv" in self:
-            moments = self.quant_conv(moments)
-        moments = moments.astype(mx.float32)
+        lanes = lanes_for(images)
+        with lanes.running():  # as in `decode`
+            if self.config.tiles(h, w, tiled):
+                features = _tiled(self.encoder.downsample, images, f, 1, c.tile_size, c.tile_overlap,
+                                  c.statistics_passes).astype(self.dtype)
+            else:
+                features = self.encoder.downsample(images)
+            moments = self.encoder.middle(features)
+            if "quant_conv" in self:
+                moments = self.quant_conv(Bands.cut(moments, lanes)).join()
+            moments = moments.astype(mx.float32)
+            mx.eval(moments)
         mean, logvar = mx.split(moments, 2, axis=-1)
         return mean, mx.clip(logvar, -30.0, 20.0)
 

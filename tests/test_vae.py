@@ -14,9 +14,11 @@ from diffusers import AutoencoderKL
 from mlx.utils import tree_flatten
 from safetensors.torch import load_file, save_file
 
+from mlx_flash.lanes import Bands, Lanes
 from mlx_flash.vae import (
     WEIGHT_RULES,
     Autoencoder,
+    Conv2d,
     Downsample,
     GroupNorm,
     Upsample,
@@ -111,16 +113,27 @@ def smooth_noise(shape: tuple[int, ...], spacing: float, seed: int = 0) -> np.nd
 # ---- parity -------------------------------------------------------------------------------------
 
 
-def test_decode_parity(tiny):
+BANDS = pytest.mark.parametrize("bands", [1, 3])  # one: as on a GPU; three: uneven bands (mlx_flash.lanes.Bands)
+
+
+def use_bands(monkeypatch, bands: int) -> None:
+    monkeypatch.setattr(Lanes, "for_inference", classmethod(lambda cls, tokens: cls(bands)))
+
+
+@BANDS
+def test_decode_parity(tiny, bands, monkeypatch):
+    use_bands(monkeypatch, bands)
     model, folder, (h, w) = tiny
     vae = load_vae(folder)
     z = mx.random.normal((2, h, w, 16), key=mx.random.key(1))
     with torch.no_grad():
         ref = to_nhwc(model.decode(to_torch(z)).sample)
-    check_close(f"decode {h}x{w}", vae.decode(z, tiled=False), ref)
+    check_close(f"decode {h}x{w}, {bands} bands", vae.decode(z, tiled=False), ref)
 
 
-def test_encode_parity(tiny):
+@BANDS
+def test_encode_parity(tiny, bands, monkeypatch):
+    use_bands(monkeypatch, bands)
     model, folder, (h, w) = tiny
     vae = load_vae(folder)
     f = vae.config.factor
@@ -168,13 +181,38 @@ def test_half_precision(sd3_tiny, dtype, rtol):
 # ---- tiling -------------------------------------------------------------------------------------
 
 
+def on_bands(*layers: nn.Module, lanes: Lanes = Lanes(2)):
+    """The VAE layers applied in turn to an image cut into bands, joined back."""
+
+    def apply(x: mx.array) -> mx.array:
+        bands = Bands.cut(x, lanes)
+        for layer in layers:
+            bands = layer(bands)
+        return bands.join()
+
+    return apply
+
+
+def test_bands_hold_their_rows_and_their_neighbours_edges():
+    x = mx.arange(2 * 7 * 3 * 2).reshape(2, 7, 3, 2)
+    bands = Bands.cut(x, Lanes(3))
+    assert [p.shape[1] for p in bands.parts] == [2, 2, 3] and bands.height == 7
+    assert mx.array_equal(bands.join(), x)
+    above, below = bands.edges(1)
+    assert above[0] is None and below[-1] is None
+    assert mx.array_equal(above[2], x[:, 3:4]) and mx.array_equal(below[0], x[:, 2:3])
+    assert bands.edges(0) == ([None] * 3, [None] * 3)
+    assert [p.shape[1] for p in bands.rows(1, 3).parts] == [1, 1, 0]
+    assert mx.array_equal(bands.rows(1, 6).join(), x[:, 1:6])
+
+
 def test_tiling_is_exact_for_local_functions():
     """Tiles of a function whose output depends only on nearby input (and is distorted by the tile's
     zero padding within 2 units of its edge) blend to exactly the untiled result: placement and the
     weights' margins are right. Decoder-like (upsampling) and encoder-like (downsampling) directions."""
     mx.random.seed(0)
-    up = nn.Sequential(nn.Conv2d(16, 8, 3, padding=1), Upsample(8), nn.Conv2d(8, 3, 3, padding=1))
-    down = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Downsample(8), nn.Conv2d(8, 4, 3, padding=1))
+    up = on_bands(Conv2d(16, 8, 3, padding=1), Upsample(8), Conv2d(8, 3, 3, padding=1))
+    down = on_bands(Conv2d(3, 8, 3, padding=1), Downsample(8), Conv2d(8, 4, 3, padding=1))
     z = mx.random.normal((2, 21, 30, 16))
     x = mx.random.normal((2, 42, 60, 3))
     for name, fn, inputs, unit_in, unit_out in [("up", up, z, 1, 2), ("down", down, x, 2, 1)]:
@@ -227,7 +265,7 @@ class NormThenPointwise(nn.Module):
         self.outer = nn.Linear(16, 3)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.outer(nn.silu(self.norm(self.inner(x))))
+        return self.outer(nn.silu(self.norm(Bands.cut(self.inner(x), Lanes(3))).join()))
 
 
 def test_shared_statistics_are_the_whole_images():
