@@ -163,7 +163,8 @@ def main() -> None:
             print(f"| {framework} | {mode} | {r['seconds']:.2f} | {r['rss'] / GiB:.2f} | {peak} | {load_average()} |",
                   flush=True)
     latent = args.size // 8
-    tiles = VAEConfig(tile_size=args.tile_size, tile_overlap=args.tile_overlap).tiles(latent, latent)
+    tiles = VAEConfig(tile_size=args.tile_size, tile_overlap=args.tile_overlap).tiles(
+        latent, latent, dtype=getattr(mx, args.dtype))
     default = "tiled" if tiles else "untiled"
     print(f"\nMLX {default} (mlx-flash's default at this size) against diffusers untiled:")
     print(f"ratio: {seconds['mlx', default] / seconds['diffusers', 'untiled']:.2f}")

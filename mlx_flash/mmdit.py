@@ -15,6 +15,7 @@ import mlx.nn as nn
 from . import cpu_ops
 from .cpu_ops import fast_path, on_cpu
 from .lanes import Lanes
+from .quantization import shared_float_weights
 from .weights import (
     Fuse,
     Rule,
@@ -335,12 +336,15 @@ class JointBlock(nn.Module):
     def on_lanes(self, xs: Sequence[mx.array], cs: Sequence[mx.array], modulation: BlockModulation, lanes: Lanes
                  ) -> tuple[list[mx.array], list[mx.array]]:
         """The block on token lanes (`lanes.split` of the image and the context tokens): each lane's tokens
-        attend over every lane's. Returns the context lanes, then the image lanes."""
-        inputs = lanes.map(lambda x, c: self.attention_inputs(x, c, modulation), xs, cs)
+        attend over every lane's (attention evaluates head by head). Returns the context lanes, then the image lanes.
+        A quantized layer's weight is dequantized once for all lanes."""
+        with shared_float_weights():
+            inputs = lanes.map(lambda x, c: self.attention_inputs(x, c, modulation), xs, cs)
         outputs = [self._attend(lanes, self.attn, [joint for joint, _ in inputs])]
         if self.dual:
             outputs.append(self._attend(lanes, self.attn2, [second for _, second in inputs]))
-        results = lanes.map(lambda x, c, *out: self.attention_outputs(x, c, out, modulation), xs, cs, *outputs)
+        with shared_float_weights():
+            results = lanes.map(lambda x, c, *out: self.attention_outputs(x, c, out, modulation), xs, cs, *outputs)
         return [c for c, _ in results], [x for _, x in results]
 
     @staticmethod

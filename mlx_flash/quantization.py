@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -75,6 +77,20 @@ def _compiled_dequantize(group_size: int, bits: int) -> Callable[[mx.array, mx.a
     return mx.compile(functools.partial(dequantize_bytes, group_size=group_size, bits=bits))
 
 
+_SHARED = threading.local()  # the float weights of `shared_float_weights`, per thread
+
+
+@contextmanager
+def shared_float_weights() -> Iterator[None]:
+    """While the block builds its graph, each CPU `QuantizedLinear` dequantizes its weight once however often it is
+    called (token lanes call each layer once per lane). Evaluate after the block: it holds the weights until then."""
+    _SHARED.weights = {}
+    try:
+        yield
+    finally:
+        _SHARED.weights = None
+
+
 class QuantizedLinear(nn.QuantizedLinear):
     """MLX's quantized linear layer, except on the CPU backend, whose quantized matmul runs far below its float
     BLAS matmul: there the weight is dequantized just before the matmul (lazily, so a layer's full-precision weight
@@ -83,7 +99,11 @@ class QuantizedLinear(nn.QuantizedLinear):
     def __call__(self, x: mx.array) -> mx.array:
         if mx.default_device() != mx.cpu:
             return super().__call__(x)
-        w = self.float_weight()
+        shared = getattr(_SHARED, "weights", None)
+        if shared is None:
+            w = self.float_weight()
+        elif (w := shared.get(id(self))) is None:
+            w = shared[id(self)] = self.float_weight()
         return mx.addmm(self["bias"], x, w.T) if "bias" in self else x @ w.T
 
     def float_weight(self) -> mx.array:

@@ -52,8 +52,9 @@ class VAEConfig:
     tile_size: int = 64  # 512x512 image pixels
     tile_overlap: int = 16
     # Tile automatically when latent height * width exceeds this. None: 128 * 128 (1024x1024 images
-    # untiled) on a GPU, 64 * 64 on the CPU (its half-precision convolutions unfold their input, 9x its size;
-    # float32 ones are matmuls, untiled above this size not yet measured against tiled).
+    # untiled) on a GPU and in float32 on the CPU (its convolutions are matmuls there: a 1024x1024 decode takes
+    # 80 s and 9 GB untiled against 526 s tiled, benchmarks/results/cpu.md), 64 * 64 in half precision on the CPU
+    # (its convolutions unfold their input, 9x its size).
     tile_above: int | None = None
     # Passes over the tiles that gather the whole image's GroupNorm statistics before the one that decodes
     # (or encodes); each pass makes them more exact, at the cost of one more decode (encode) of the tiled part.
@@ -95,14 +96,16 @@ class VAEConfig:
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
                 for f in fields(self) if f.name not in tiling}
 
-    def tiles(self, h: int, w: int, tiled: bool | None = None, device: mx.Device | None = None) -> bool:
-        """Whether a latent of h x w pixels is processed in tiles on `device` (default: MLX's): `tiled` if
-        given, else above `tile_above`."""
+    def tiles(self, h: int, w: int, tiled: bool | None = None, device: mx.Device | None = None,
+              dtype: mx.Dtype = mx.float32) -> bool:
+        """Whether a latent of h x w pixels is processed in tiles on `device` (default: MLX's) by weights of
+        `dtype`: `tiled` if given, else above `tile_above`."""
         if tiled is not None:
             return tiled
         limit = self.tile_above
         if limit is None:
-            limit = 128 * 128 if (device or mx.default_device()) == mx.gpu else 64 * 64
+            half_on_cpu = (device or mx.default_device()) == mx.cpu and dtype != mx.float32
+            limit = 64 * 64 if half_on_cpu else 128 * 128
         return h * w > limit
 
     @property
@@ -574,7 +577,7 @@ class Autoencoder(nn.Module):
             if "post_quant_conv" in self:
                 latents = self.post_quant_conv(Bands.cut(latents, lanes)).join()
             features = self.decoder.middle(latents)
-            if self.config.tiles(h, w, tiled):
+            if self.config.tiles(h, w, tiled, dtype=self.dtype):
                 mx.eval(features)  # before the tiles: its peak and theirs do not add up
                 images = _tiled(self.decoder.upsample, features, 1, c.factor, c.tile_size, c.tile_overlap,
                                 c.statistics_passes)
@@ -597,7 +600,7 @@ class Autoencoder(nn.Module):
         images = images.astype(self.dtype)
         lanes = lanes_for(images)
         with lanes.running():  # as in `decode`
-            if self.config.tiles(h, w, tiled):
+            if self.config.tiles(h, w, tiled, dtype=self.dtype):
                 features = _tiled(self.encoder.downsample, images, f, 1, c.tile_size, c.tile_overlap,
                                   c.statistics_passes).astype(self.dtype)
             else:

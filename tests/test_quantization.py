@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_flash.quantization import Quantization, QuantizedLinear, quantize_model
+from mlx_flash.quantization import Quantization, QuantizedLinear, quantize_model, shared_float_weights
 from mlx_flash.weights import quantize_like
 
 
@@ -56,3 +56,20 @@ def test_loaded_quantized_layers_use_the_cpu_path():
     config = quantize_model(stored, Quantization(4, group_size=32, policy="plain"))
     loaded = quantize_like(model(), dict(tree_flatten(stored.parameters())), config)
     assert all(type(layer) is QuantizedLinear for layer in loaded.layers)
+
+
+def test_shared_float_weights_dequantize_each_layer_once(monkeypatch):
+    """Token lanes call each layer once per lane; within `shared_float_weights` its weight is dequantized once."""
+    m = model()
+    quantize_model(m, Quantization(4, group_size=32, policy="plain"))
+    dequantized = []
+    float_weight = QuantizedLinear.float_weight
+    monkeypatch.setattr(QuantizedLinear, "float_weight", lambda layer: dequantized.append(layer) or float_weight(layer))
+    x = mx.random.normal((2, 5, 128))
+    with mx.stream(mx.cpu):
+        alone = [m(x[:1]), m(x[1:])]
+        assert len(dequantized) == 4
+        with shared_float_weights():
+            shared = [m(x[:1]), m(x[1:])]
+        assert len(dequantized) == 6
+        assert all(mx.array_equal(a, b).item() for a, b in zip(alone, shared))

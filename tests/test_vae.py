@@ -324,6 +324,16 @@ def test_tiled_encode(local_tiny):
     assert ours <= 0.02
 
 
+def test_default_tiling_threshold():
+    """Untiled up to 1024x1024 images, except in half precision on the CPU (its convolutions unfold their input)."""
+    config = VAEConfig()
+    for device in (mx.cpu, mx.gpu):
+        assert not config.tiles(128, 128, device=device) and config.tiles(128, 129, device=device)
+    assert not config.tiles(128, 128, device=mx.gpu, dtype=mx.float16)
+    assert config.tiles(64, 65, device=mx.cpu, dtype=mx.float16) and not config.tiles(64, 64, device=mx.cpu,
+                                                                                          dtype=mx.bfloat16)
+
+
 def test_automatic_tiling(sd3_tiny):
     _, folder = sd3_tiny
     vae = load_vae(folder, tile_size=8, tile_overlap=4, tile_above=12 * 12)
