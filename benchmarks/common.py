@@ -12,6 +12,7 @@ from typing import Callable
 from mlx_flash.blas import OPENBLAS_PATHS
 from mlx_flash.blas import ensure_openblas as preload_openblas  # noqa: F401  (the benchmarks' name)
 
+CONTEXT_TOKENS = 77 + 256  # an SD3 prompt: CLIP tokens, then T5 tokens
 REFERENCES = ("diffusers", "transformers", "torch", "peft")  # parts whose names start with these run PyTorch
 
 

@@ -34,11 +34,11 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
-    PieceClock, best_of_pieces, load_average, preload_openblas, run_part, time_mlx_blocks, time_torch_blocks,
+    CONTEXT_TOKENS, PieceClock, best_of_pieces, load_average, preload_openblas, run_part, time_mlx_blocks,
+    time_torch_blocks,
 )
 from mlx_flash.presets import SD35_MEDIUM  # noqa: E402
 
-CONTEXT_TOKENS = 77 + 256
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
            "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "norm1.linear",
            "norm1_context.linear", "norm_out.linear", "proj_out")

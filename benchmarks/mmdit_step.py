@@ -27,11 +27,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
-    PieceClock, best_time, piece_time, preload_openblas, run_part, time_mlx_blocks, time_torch_blocks,
+    CONTEXT_TOKENS, PieceClock, best_time, piece_time, preload_openblas, run_part, time_mlx_blocks, time_torch_blocks,
 )
 from mlx_flash.presets import SD35_MEDIUM  # noqa: E402
-
-CONTEXT_TOKENS = 77 + 256
 
 
 def step_matmuls(size: int, batch: int, per_head: bool) -> Counter:

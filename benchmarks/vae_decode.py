@@ -17,7 +17,8 @@ and GPU kernels, 2-3 s on the CPU at 256x256, and runs PyTorch's first-call set-
 Diffusers' tiling uses our tile size and overlap (SD3's config would tile only above 1024x1024). Rows run
 MLX and diffusers alternately, each with the machine's load average (1, 5, 15 min) after it; diffusers keeps
 PyTorch's own BLAS (benchmarks.common.run_part). The last line is the ratio of MLX's time in the mode mlx-flash
-picks by default at this size (on the CPU: untiled up to 512x512, exact tiling above) to diffusers' untiled time.
+picks by default at this size (untiled up to 1024x1024, exact tiling above; on the CPU in half precision untiled up to
+512x512) to diffusers' untiled time.
 On Linux the script re-executes itself with OpenBLAS preloaded (MLX's bundled BLAS is ~30x slower).
 MLX untiled in half precision is skipped on the CPU when its measured memory scaling (7.5 GiB at 512x512, growing
 with the pixel count: MLX's CPU convolutions unfold their input; float32 ones are matmuls here) exceeds the memory
