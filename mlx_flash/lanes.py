@@ -87,7 +87,10 @@ class Bands:
 
     @classmethod
     def cut(cls, x: mx.array, lanes: Lanes) -> "Bands":
-        """`x` (B, H, W, C) cut into one band of rows per lane."""
+        """`x` (B, H, W, C) cut into one band of rows per lane, on fewer lanes if it has fewer rows (a stride-2
+        convolution's output)."""
+        if x.shape[1] < lanes.count:
+            lanes = Lanes(max(x.shape[1], 1))
         return cls(lanes.split(x, axis=1), lanes)
 
     def join(self) -> mx.array:
@@ -104,6 +107,7 @@ class Bands:
 
     @property
     def height(self) -> int:
+        """The image's rows."""
         return sum(part.shape[1] for part in self.parts)
 
     def edges(self, rows: int) -> tuple[list[mx.array | None], list[mx.array | None]]:

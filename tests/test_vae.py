@@ -204,6 +204,20 @@ def test_bands_hold_their_rows_and_their_neighbours_edges():
     assert bands.edges(0) == ([None] * 3, [None] * 3)
     assert [p.shape[1] for p in bands.rows(1, 3).parts] == [1, 1, 0]
     assert mx.array_equal(bands.rows(1, 6).join(), x[:, 1:6])
+    assert [p.shape[1] for p in Bands.cut(x[:, :2], Lanes(3)).parts] == [1, 1]  # never an empty band
+
+
+def test_images_with_fewer_rows_than_bands(sd3_tiny, monkeypatch):
+    """A 4x4 image: after the downsampling convolution it has 2 rows for 3 bands."""
+    _, folder = sd3_tiny
+    vae = load_vae(folder)
+    images = mx.random.uniform(-1, 1, (1, 4, 4, 3), key=mx.random.key(10))
+    results = []
+    for bands in (1, 3):
+        use_bands(monkeypatch, bands)
+        mean, _ = vae.encode(images, tiled=False)
+        results.append((mean, vae.decode(mean, tiled=False)))
+    assert all(mx.array_equal(a, b).item() for a, b in zip(*results))
 
 
 def test_tiling_is_exact_for_local_functions():
