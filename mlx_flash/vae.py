@@ -304,7 +304,8 @@ class Downsample(nn.Module):
         self.conv = Conv2d(dims, dims, 3, stride=2)
 
     def __call__(self, x: Bands) -> Bands:
-        return self.conv(x.recut(mx.pad(x.join(), [(0, 0), (0, 1), (0, 1), (0, 0)])))
+        padded = Bands.cut(mx.pad(x.join(), [(0, 0), (0, 1), (0, 1), (0, 0)]), Lanes())  # strided: whole image
+        return x.recut(self.conv(padded).join())
 
 
 class Upsample(nn.Module):
@@ -619,11 +620,7 @@ class Autoencoder(nn.Module):
         latents = self.config.from_diffusion(latents)
         if latents.shape[0] == 1:
             return self.decode(latents, tiled)
-        images = []
-        for i in range(latents.shape[0]):
-            images.append(self.decode(latents[i : i + 1], tiled))
-            mx.eval(images[-1])
-        return mx.concatenate(images)
+        return mx.concatenate([self.decode(latents[i : i + 1], tiled) for i in range(latents.shape[0])])
 
     def image_to_latents(
         self,

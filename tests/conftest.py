@@ -8,6 +8,7 @@ import torch
 from tiny import make_tiny_pipeline
 
 from mlx_flash.blas import CHECKED
+from mlx_flash.lanes import Lanes
 
 # The command lines the tests run keep the BLAS of this process (MLX's bundled one) instead of re-executing with
 # OpenBLAS preloaded: tests compare their images with this process's byte for byte, and another BLAS (OpenBLAS's
@@ -29,3 +30,13 @@ def torch_single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def set_lanes(monkeypatch):
+    """A function that sets how many lanes (`mlx_flash.lanes`) inference runs on, for this test."""
+
+    def set_count(count: int) -> None:
+        monkeypatch.setattr(Lanes, "for_inference", classmethod(lambda cls, tokens: cls(count)))
+
+    return set_count

@@ -59,9 +59,9 @@ def run_both(model, path, latents, t, ctx, pooled, skip_layers=None):
 @pytest.mark.parametrize("timesteps", [(1000.0, 500.0), (9.0, 9.0)])
 @pytest.mark.parametrize("skip_layers", [None, [1]])
 @pytest.mark.parametrize("lanes", [1, 3])  # one: as on a GPU; three: uneven token slices (mlx_flash.lanes)
-def test_parity_with_diffusers(tiny_transformer, timesteps, skip_layers, lanes, monkeypatch):
+def test_parity_with_diffusers(tiny_transformer, timesteps, skip_layers, lanes, set_lanes):
     name, model, path = tiny_transformer
-    monkeypatch.setattr(Lanes, "for_inference", classmethod(lambda cls, tokens: cls(lanes)))
+    set_lanes(lanes)
     rng = np.random.default_rng(0)
     latents = rng.standard_normal((2, 16, 12, 20)).astype(np.float32)  # non-square
     ctx = rng.standard_normal((2, 7, 40)).astype(np.float32)

@@ -116,13 +116,9 @@ def smooth_noise(shape: tuple[int, ...], spacing: float, seed: int = 0) -> np.nd
 BANDS = pytest.mark.parametrize("bands", [1, 3])  # one: as on a GPU; three: uneven bands (mlx_flash.lanes.Bands)
 
 
-def use_bands(monkeypatch, bands: int) -> None:
-    monkeypatch.setattr(Lanes, "for_inference", classmethod(lambda cls, tokens: cls(bands)))
-
-
 @BANDS
-def test_decode_parity(tiny, bands, monkeypatch):
-    use_bands(monkeypatch, bands)
+def test_decode_parity(tiny, bands, set_lanes):
+    set_lanes(bands)
     model, folder, (h, w) = tiny
     vae = load_vae(folder)
     z = mx.random.normal((2, h, w, 16), key=mx.random.key(1))
@@ -132,8 +128,8 @@ def test_decode_parity(tiny, bands, monkeypatch):
 
 
 @BANDS
-def test_encode_parity(tiny, bands, monkeypatch):
-    use_bands(monkeypatch, bands)
+def test_encode_parity(tiny, bands, set_lanes):
+    set_lanes(bands)
     model, folder, (h, w) = tiny
     vae = load_vae(folder)
     f = vae.config.factor
@@ -207,14 +203,14 @@ def test_bands_hold_their_rows_and_their_neighbours_edges():
     assert [p.shape[1] for p in Bands.cut(x[:, :2], Lanes(3)).parts] == [1, 1]  # never an empty band
 
 
-def test_images_with_fewer_rows_than_bands(sd3_tiny, monkeypatch):
+def test_images_with_fewer_rows_than_bands(sd3_tiny, set_lanes):
     """A 4x4 image: after the downsampling convolution it has 2 rows for 3 bands."""
     _, folder = sd3_tiny
     vae = load_vae(folder)
     images = mx.random.uniform(-1, 1, (1, 4, 4, 3), key=mx.random.key(10))
     results = []
     for bands in (1, 3):
-        use_bands(monkeypatch, bands)
+        set_lanes(bands)
         mean, _ = vae.encode(images, tiled=False)
         results.append((mean, vae.decode(mean, tiled=False)))
     assert all(mx.array_equal(a, b).item() for a, b in zip(*results))
