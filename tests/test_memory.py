@@ -9,7 +9,6 @@ import pytest
 import mlx_flash
 from mlx_flash import memory
 from mlx_flash.controlnet import ControlNet, ControlNetConfig
-from mlx_flash.lanes import Lanes
 from mlx_flash.mmdit import MMDiT, MMDiTConfig
 from mlx_flash.presets import PRESETS
 from mlx_flash.vae import Autoencoder, VAEConfig
@@ -25,9 +24,8 @@ def measured_activations(run, *inputs) -> int:
 
 
 @pytest.mark.parametrize("size", [256, 512])
-def test_transformer_activations(size, monkeypatch):
-    # the estimate models one lane; token lanes (mlx_flash.lanes) evaluate block by block and peak lower
-    monkeypatch.setattr(Lanes, "for_inference", classmethod(lambda cls, tokens: cls()))
+def test_transformer_activations(size, set_lanes):
+    set_lanes(1)  # the estimate models one lane; token lanes (mlx_flash.lanes) evaluate block by block, peak lower
     config = MMDiTConfig(num_layers=2, num_attention_heads=4, pos_embed_max_size=64, qk_norm=True,
                          dual_attention_layers=(0,))
     model = MMDiT(config)
@@ -41,8 +39,9 @@ def test_transformer_activations(size, monkeypatch):
     assert abs(predicted.activations - measured) <= 0.1 * measured
 
 
-def test_controlnet_weights_and_residuals():
+def test_controlnet_weights_and_residuals(set_lanes):
     """A ControlNet step (the ControlNet, then the transformer with its residuals) against the estimate."""
+    set_lanes(1)  # as in test_transformer_activations
     config = MMDiTConfig(num_layers=2, num_attention_heads=4, pos_embed_max_size=64, qk_norm=True)
     control = ControlNetConfig(num_layers=2, num_attention_heads=4, pos_embed_max_size=64, qk_norm=True)
     model, net = MMDiT(config), ControlNet(control)
