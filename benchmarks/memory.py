@@ -119,7 +119,7 @@ def predict(row: dict, size: int, device: str) -> dict:
     stages = memory.estimate(
         PRESETS[row["arch"]].transformer, VAEConfig(), dtype=dtype,
         height=size, width=size, t5=T5_XXL if row["t5"] else None, quantize=quantize, quantize_t5=quantize,
-        vae_tiled=VAEConfig().tiles(size // 8, size // 8, row["tiled"] or None, target, dtype), drop_modulation=True,
+        vae_tiled=VAEConfig().tiles(size // 8, size // 8, row["tiled"] or None, target), drop_modulation=True,
         device=target,
     )
     return {s.name: s.peak for s in stages}

@@ -38,10 +38,13 @@ def _cpu_streams(count: int) -> tuple[mx.Stream, ...]:
 
 
 class Lanes:
-    """`count` token lanes, lane i computed on stream i (one lane: the default stream)."""
+    """`count` lanes, lane i computed on stream i (one lane: the default stream). With `slices` > `count` the work
+    is cut into that many slices, slice i on lane i % count, and `map` evaluates them `count` at a time, each group
+    before the next: one group's temporaries are alive at once instead of every slice's."""
 
-    def __init__(self, count: int = 1):
+    def __init__(self, count: int = 1, slices: int | None = None):
         self.count = count
+        self.slices = max(slices or count, count)
         self.streams: Sequence[mx.Stream | None] = _cpu_streams(count) if count > 1 else (None,)
 
     @classmethod
@@ -52,22 +55,36 @@ class Lanes:
         count = min(MAX_LANES, cpu_cores(), tokens) if on_cpu() and sys.platform == "linux" else 1
         return cls(max(count, 1))
 
+    def sliced(self, slices: int | None) -> "Lanes":
+        """These lanes with the work cut into `slices` slices (None: one per lane)."""
+        return Lanes(self.count, slices)
+
     def split(self, x: mx.array, axis: int = 1) -> list[mx.array]:
-        """`x` cut along `axis` into one slice per lane, sizes as equal as they can be."""
-        if self.count == 1:
+        """`x` cut along `axis` into `slices` slices, sizes as equal as they can be."""
+        if self.slices == 1:
             return [x]
         n = x.shape[axis]
-        bounds = [n * i // self.count for i in range(self.count + 1)]
+        bounds = [n * i // self.slices for i in range(self.slices + 1)]
         return list(mx.split(x, bounds[1:-1], axis=axis))
 
     def join(self, parts: Sequence[mx.array], axis: int = 1) -> mx.array:
         """The lanes' slices put back together along `axis`."""
         return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=axis)
 
-    def map(self, fn: Callable, *per_lane: Sequence) -> list:
-        """[fn(*args of lane i) for each lane], lane i's work built on its stream."""
+    def map(self, fn: Callable, *per_slice: Sequence) -> list:
+        """[fn(*args of slice i) for each slice], slice i's work built on lane i % count's stream; with more slices
+        than lanes, evaluated a group of `count` slices at a time."""
+        results = self.build(fn, *per_slice)
+        if self.slices > self.count:
+            for start in range(0, self.slices, self.count):
+                mx.eval(results[start : start + self.count])
+        return results
+
+    def build(self, fn: Callable, *per_slice: Sequence) -> list:
+        """As `map`, left unevaluated."""
         results = []
-        for stream, args in zip(self.streams, zip(*per_lane), strict=True):
+        for i, args in zip(range(self.slices), zip(*per_slice), strict=True):
+            stream = self.streams[i % self.count]
             with mx.stream(stream) if stream is not None else nullcontext():
                 results.append(fn(*args))
         return results
@@ -80,17 +97,19 @@ class Lanes:
 
 
 class Bands:
-    """An NHWC image cut into horizontal bands, band i on lane i: row-by-row work runs on the bands side by side."""
+    """An NHWC image cut into horizontal bands, one per slice of its lanes: row-by-row work runs on the bands side
+    by side (and, with more slices than lanes, a group of bands at a time)."""
 
     def __init__(self, parts: Sequence[mx.array], lanes: Lanes):
         self.parts, self.lanes = list(parts), lanes
 
     @classmethod
     def cut(cls, x: mx.array, lanes: Lanes) -> "Bands":
-        """`x` (B, H, W, C) cut into one band of rows per lane, on fewer lanes if it has fewer rows (a stride-2
-        convolution's output)."""
-        if x.shape[1] < lanes.count:
-            lanes = Lanes(max(x.shape[1], 1))
+        """`x` (B, H, W, C) cut into one band of rows per slice of `lanes`, into fewer if it has fewer rows (a
+        stride-2 convolution's output)."""
+        if x.shape[1] < lanes.slices:
+            rows = max(x.shape[1], 1)
+            lanes = Lanes(min(lanes.count, rows), rows)
         return cls(lanes.split(x, axis=1), lanes)
 
     def join(self) -> mx.array:
@@ -119,6 +138,11 @@ class Bands:
         below = [part[:, :rows] for part in self.parts[1:]] + [None]
         return above, below
 
+    def pointwise(self, fn: Callable[[mx.array], mx.array]) -> "Bands":
+        """The bands fn(band), for an fn that maps each row on its own (a norm, an activation, repeating rows), left to
+        the next `map` to compute inside each band's work: with more slices than lanes, never the whole image's."""
+        return Pointwise(self, fn)
+
     def rows(self, start: int, stop: int) -> "Bands":
         """The image's rows [start, stop), each band keeping those it holds (possibly none)."""
         parts, top = [], 0
@@ -127,3 +151,23 @@ class Bands:
             parts.append(part[:, min(max(start - top, 0), height) : min(max(stop - top, 0), height)])
             top += height
         return Bands(parts, self.lanes)
+
+
+class Pointwise(Bands):
+    """The bands fn(band) of `source`'s, built where they are used (`Bands.pointwise`)."""
+
+    def __init__(self, source: Bands, fn: Callable[[mx.array], mx.array]):
+        self.source, self.fn, self.lanes = source, fn, source.lanes
+
+    @property
+    def parts(self) -> list[mx.array]:
+        return self.lanes.build(self.fn, self.source.parts)
+
+    def map(self, fn: Callable, *per_band: Sequence) -> Bands:
+        return self.source.map(lambda part, *args: fn(self.fn(part), *args), *per_band)
+
+    def edges(self, rows: int) -> tuple[list[mx.array | None], list[mx.array | None]]:
+        """fn of the source's edge rows, cut to `rows` rows (fn may repeat rows)."""
+        above, below = self.source.edges(rows)
+        return ([None if e is None else self.fn(e)[:, -rows:] for e in above],
+                [None if e is None else self.fn(e)[:, :rows] for e in below])

@@ -7,8 +7,9 @@ peak, with constants measured on MLX (benchmarks/memory.py checks the whole esti
 - transformer: the residual streams, qkv, the MLP hidden state (10-19 hidden-size vectors per token, float32),
   plus, where attention is not fused (MLX's CPU backend, one head at a time), one head's float32 scores; on a GPU,
   buffers that wait for their command batch to finish add about 0.75 GB;
-- VAE decoder: on the CPU, convolutions unfold their input (about 31 KB per output pixel in float32); on a GPU,
-  about 5.4 KB per pixel plus 0.55 GB; tiled decoding bounds this by the tile size;
+- VAE decoder: on the CPU in float32, about 10 KB per output pixel, or 2.9 KB decoded in bands (its memory-bounded
+  mode); on a GPU, about 5.4 KB per pixel plus 0.55 GB; tiled decoding (GPU, half precision on the CPU) bounds
+  this by the tile size;
 - text encoders: each in turn (low-memory mode), T5's float32 FFN and attention for its tokens.
 
 The CPU constants were measured on small models (tests/test_memory.py checks them); the GPU ones were fitted to
@@ -27,6 +28,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .clip import CLIP_G, CLIP_L, CLIPConfig, CLIPTextModel
 from .controlnet import ControlNet, ControlNetConfig
+from .lanes import MAX_LANES, cpu_cores
 from .mmdit import MMDiT, MMDiTConfig
 from .t5 import T5_XXL, T5Config, T5Encoder, keeps_float32
 from .vae import Autoencoder, VAEConfig
@@ -35,6 +37,9 @@ GB = 1e9
 # measured: float32 decode on MLX's CPU backend at 128 pixels square, its stride-1 convolutions as nine BLAS
 # matmuls (about 2.4 GB at 512 pixels square; MLX's own unfolding convolutions took 30.8 KB per pixel)
 CPU_VAE_BYTES_PER_PIXEL = 9_950
+# measured: the same decode in bands, one layer at a time (VAEConfig.band_bytes): 2.91 KB per pixel at 256 pixels
+# square in 32 bands, 2.94 KB at 1024 in 16 (full-size model; the layers' whole outputs, plus one group's bands)
+CPU_BANDED_VAE_BYTES_PER_PIXEL = 2_920
 # fitted: float16, 512 (tiles) and 1024 pixels square; the per-pixel cost then raised by the 1024x1024 decode's
 # growth (+1.0 GiB) when GroupNorm started to gather each group contiguously (a float32 copy per norm)
 GPU_VAE_BYTES_PER_PIXEL, GPU_VAE_FIXED = 5_360, 0.55e9
@@ -176,8 +181,11 @@ def estimate(
 
     vae_weights = _weights(lambda: Autoencoder(vae), dtype, None)
     side = vae.tile_size * vae.factor
-    pixels = min(height, side) * min(width, side) if vae_tiled else height * width
+    banded = vae_tiled and not gpu and dtype == mx.float32 and vae.band_bytes  # see Autoencoder.decode
+    pixels = min(height, side) * min(width, side) if vae_tiled and not banded else height * width
     per_pixel, fixed = (GPU_VAE_BYTES_PER_PIXEL, GPU_VAE_FIXED) if gpu else (CPU_VAE_BYTES_PER_PIXEL, 0)
+    if banded and vae.bands(height // vae.factor, width // vae.factor) > min(MAX_LANES, cpu_cores()):
+        per_pixel = CPU_BANDED_VAE_BYTES_PER_PIXEL  # else one band per lane: the untiled decode
     output = images * height * width * 3 * 4 * (2 if images == 1 else 3)  # images (joined) and a [0, 1] copy
     decode_act = per_pixel * pixels + int(fixed) + output  # one image at a time (Autoencoder.latents_to_image)
 

@@ -1,10 +1,12 @@
 """The SD3 / SD3.5 autoencoder (diffusers `AutoencoderKL`, 16 latent channels) in MLX, NHWC.
 
-`Autoencoder.decode` / `encode` work on whole images or, above a size threshold, on overlapping tiles
-blended with linear ramps, so that memory stays bounded for large images. Tiling covers the full-resolution
-part of the network; its latent-resolution part (with the mid-block's attention) always sees the whole latent,
-and the tiles' GroupNorms use the whole image's statistics, gathered over the tiles beforehand, so a tiled
-result matches the untiled one.
+`Autoencoder.decode` / `encode` work on whole images or, above a size threshold, in a mode that bounds memory for
+large images. It covers the full-resolution part of the network; its latent-resolution part (with the mid-block's
+attention) always sees the whole latent. On a GPU, and in half precision on the CPU, that part runs on overlapping
+tiles blended with linear ramps, whose GroupNorms use the whole image's statistics, gathered over the tiles
+beforehand (four passes), so a tiled result matches the untiled one. On the CPU in float32 it runs on the whole
+image in bands of rows, one layer at a time, each layer's bands evaluated a few at a time: one pass, the untiled
+result exactly, about 3 KB per image pixel (a third of the untiled decode's memory).
 
 Inside, the layers take and return `Bands` (`mlx_flash.lanes`): on MLX's Linux CPU backend the image is cut into
 one band of rows per core, computed side by side; elsewhere it is one band.
@@ -51,15 +53,18 @@ class VAEConfig:
     use_post_quant_conv: bool = False
     tile_size: int = 64  # 512x512 image pixels
     tile_overlap: int = 16
-    # Tile automatically when latent height * width exceeds this. None: 128 * 128 (1024x1024 images
-    # untiled) on a GPU and in float32 on the CPU (its convolutions are matmuls there: a 1024x1024 decode takes
-    # 80 s and 9 GB untiled against 526 s tiled, benchmarks/results/cpu.md), 64 * 64 in half precision on the CPU
-    # (its convolutions unfold their input, 9x its size).
+    # Bound memory automatically (tiles, or bands: see `band_bytes`) when latent height * width exceeds this.
+    # None: 128 * 128 (1024x1024 images whole) on a GPU, 64 * 64 on the CPU: in float32 its bands take a third of
+    # the untiled decode's memory in about its time (1024x1024: 82 s and 2.9 GiB against 80-103 s and 8.6-9.1 GiB,
+    # benchmarks/results/cpu.md); in half precision its convolutions unfold their input, 9x its size.
     tile_above: int | None = None
     # Passes over the tiles that gather the whole image's GroupNorm statistics before the one that decodes
     # (or encodes); each pass makes them more exact, at the cost of one more decode (encode) of the tiled part.
     # 0 normalises each tile with its own statistics, as diffusers' tiling does, which changes its tone.
     statistics_passes: int = 3
+    # The CPU's float32 path bounds memory differently: the whole image, evaluated layer by layer in bands of rows
+    # (exact, in one pass), each band's widest activation at most this many bytes (see `bands`). None: tiles there too.
+    band_bytes: int | None = 2**27
 
     def __post_init__(self):
         if not 0 <= self.tile_overlap < self.tile_size:
@@ -92,21 +97,25 @@ class VAEConfig:
 
     def to_dict(self) -> dict:
         """The diffusers config.json fields of the architecture (not the tiling settings)."""
-        tiling = {"tile_size", "tile_overlap", "tile_above", "statistics_passes"}
+        tiling = {"tile_size", "tile_overlap", "tile_above", "statistics_passes", "band_bytes"}
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
                 for f in fields(self) if f.name not in tiling}
 
-    def tiles(self, h: int, w: int, tiled: bool | None = None, device: mx.Device | None = None,
-              dtype: mx.Dtype = mx.float32) -> bool:
-        """Whether a latent of h x w pixels is processed in tiles on `device` (default: MLX's) by weights of
-        `dtype`: `tiled` if given, else above `tile_above`."""
+    def tiles(self, h: int, w: int, tiled: bool | None = None, device: mx.Device | None = None) -> bool:
+        """Whether a latent of h x w pixels is processed in the memory-bounded mode (tiles, or bands) on `device`
+        (default: MLX's): `tiled` if given, else above `tile_above`."""
         if tiled is not None:
             return tiled
         limit = self.tile_above
         if limit is None:
-            half_on_cpu = (device or mx.default_device()) == mx.cpu and dtype != mx.float32
-            limit = 64 * 64 if half_on_cpu else 128 * 128
+            limit = 64 * 64 if (device or mx.default_device()) == mx.cpu else 128 * 128
         return h * w > limit
+
+    def bands(self, h: int, w: int) -> int:
+        """The bands of rows a latent of h x w pixels is decoded (encoded) in, layer by layer, when it is tiled on
+        the CPU's float32 path: each band's widest activation at most `band_bytes`."""
+        widest = self.factor**2 * w * max(self.block_out_channels) * 4  # float32 bytes per latent row
+        return max(1, min(h, math.ceil(h * widest / self.band_bytes)))
 
     @property
     def factor(self) -> int:
@@ -133,10 +142,10 @@ def sd3_latents(config: VAEConfig) -> bool:
 ATTENTION_SCORES = 2**26  # attention scores computed at once in the mid-blocks (256 MB in float32)
 
 
-def lanes_for(x: mx.array) -> Lanes:
-    """The bands an image x (B, H, W, C) is computed in: one per core on the CPU backend's float32 path
-    (`Lanes.for_inference`), else one."""
-    return Lanes.for_inference(x.shape[1]) if fast_path(x) else Lanes()
+def lanes_for(x: mx.array, slices: int | None = None) -> Lanes:
+    """The lanes an image x (B, H, W, C) is computed on: one per core on the CPU backend's float32 path
+    (`Lanes.for_inference`), its rows cut into `slices` bands (default: one per lane); else one lane and band."""
+    return Lanes.for_inference(x.shape[1]).sliced(slices) if fast_path(x) else Lanes()
 
 
 def group_moments(g: Bands) -> tuple[mx.array, mx.array]:
@@ -231,7 +240,7 @@ class GroupNorm(nn.Module):
             scale = mx.rsqrt(var + self.eps) * self.weight.reshape(grouped[3:])
             mean, scale = (mx.broadcast_to(a, grouped).reshape(B, 1, 1, C) for a in (mean, scale))
             normalize = cpu_ops.normalize_silu if silu else cpu_ops.normalize
-            return x.map(lambda part: normalize(part, mean, scale, self.bias).astype(part.dtype))
+            return x.pointwise(lambda part: normalize(part, mean, scale, self.bias).astype(part.dtype))
 
         def band(part: mx.array, grouped: mx.array) -> mx.array:
             y = ((grouped - mean) * mx.rsqrt(var + self.eps)).reshape(part.shape)
@@ -320,7 +329,7 @@ class Upsample(nn.Module):
             B, H, W, C = part.shape
             return mx.broadcast_to(part[:, :, None, :, None, :], (B, H, 2, W, 2, C)).reshape(B, 2 * H, 2 * W, C)
 
-        return self.conv(x.map(nearest))
+        return self.conv(x.pointwise(nearest))
 
 
 class EncoderBlock(nn.Module):
@@ -364,9 +373,9 @@ class Encoder(nn.Module):
         self.conv_norm_out = GroupNorm(dims[-1], groups)
         self.conv_out = Conv2d(dims[-1], 2 * config.latent_channels, 3, padding=1)
 
-    def downsample(self, x: mx.array) -> mx.array:
-        """The full-resolution part: image -> features at latent resolution."""
-        bands = self.conv_in(Bands.cut(x, lanes_for(x)))
+    def downsample(self, x: mx.array, bands: int | None = None) -> mx.array:
+        """The full-resolution part: image -> features at latent resolution; `bands` as in `Decoder.upsample`."""
+        bands = self.conv_in(Bands.cut(x, lanes_for(x, bands)))
         for block in self.down_blocks:
             bands = block(bands)
         return bands.join()
@@ -399,9 +408,11 @@ class Decoder(nn.Module):
         """The latent-resolution part (global attention): latents -> features."""
         return self.mid_block(self.conv_in(Bands.cut(z, lanes_for(z)))).join()
 
-    def upsample(self, x: mx.array) -> mx.array:
-        """The upsampling part: features -> image."""
-        bands = Bands.cut(x, lanes_for(x))
+    def upsample(self, x: mx.array, bands: int | None = None) -> mx.array:
+        """The upsampling part: features -> image. `bands`: on the CPU's float32 path, the image is cut into that
+        many bands of rows and every layer is evaluated a group of bands at a time, so that only the layers' whole
+        outputs and one group's temporaries are alive (default: one band per lane, the graph evaluated at once)."""
+        bands = Bands.cut(x, lanes_for(x, bands))
         for block in self.up_blocks:
             bands = block(bands)
         return self.conv_out(self.conv_norm_out(bands, silu=True)).join()
@@ -564,7 +575,8 @@ class Autoencoder(nn.Module):
     def decode(self, latents: mx.array, tiled: bool | None = None) -> mx.array:
         """Unscaled latents (B, h, w, latent_channels) -> float32 images (B, h*f, w*f, 3), about [-1, 1].
 
-        `tiled`: None tiles when h * w exceeds config.tile_above (see VAEConfig); True / False force it."""
+        `tiled`: None bounds memory (tiles, or bands on the CPU in float32: see the module) when h * w exceeds
+        config.tile_above (see VAEConfig); True / False force it."""
         c = self.config
         if latents.ndim != 4 or latents.shape[-1] != c.latent_channels:
             raise ValueError(
@@ -578,10 +590,13 @@ class Autoencoder(nn.Module):
             if "post_quant_conv" in self:
                 latents = self.post_quant_conv(Bands.cut(latents, lanes)).join()
             features = self.decoder.middle(latents)
-            if self.config.tiles(h, w, tiled, dtype=self.dtype):
+            if self.config.tiles(h, w, tiled):
                 mx.eval(features)  # before the tiles: its peak and theirs do not add up
-                images = _tiled(self.decoder.upsample, features, 1, c.factor, c.tile_size, c.tile_overlap,
-                                c.statistics_passes)
+                if fast_path(features) and c.band_bytes:  # exact in one pass: the image layer by layer, in bands
+                    images = self.decoder.upsample(features, c.bands(h, w))
+                else:
+                    images = _tiled(self.decoder.upsample, features, 1, c.factor, c.tile_size, c.tile_overlap,
+                                    c.statistics_passes)
             else:
                 images = self.decoder.upsample(features).astype(mx.float32)
             mx.eval(images)
@@ -601,9 +616,12 @@ class Autoencoder(nn.Module):
         images = images.astype(self.dtype)
         lanes = lanes_for(images)
         with lanes.running():  # as in `decode`
-            if self.config.tiles(h, w, tiled, dtype=self.dtype):
-                features = _tiled(self.encoder.downsample, images, f, 1, c.tile_size, c.tile_overlap,
-                                  c.statistics_passes).astype(self.dtype)
+            if self.config.tiles(h, w, tiled):
+                if fast_path(images) and c.band_bytes:  # as in `decode`
+                    features = self.encoder.downsample(images, c.bands(h, w))
+                else:
+                    features = _tiled(self.encoder.downsample, images, f, 1, c.tile_size, c.tile_overlap,
+                                      c.statistics_passes).astype(self.dtype)
             else:
                 features = self.encoder.downsample(images)
             moments = self.encoder.middle(features)
