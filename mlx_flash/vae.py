@@ -667,7 +667,7 @@ def vae_from_weights(
 ) -> Autoencoder:
     """Build the VAE from a config.json dictionary and its tensors: diffusers names, or the mlx-flash layout
     when the config says so. `dtype` casts the weights (GroupNorm affine parameters stay float32); `tiling`
-    overrides `tile_size`, `tile_overlap`, `tile_above`."""
+    overrides `tile_size`, `tile_overlap`, `tile_above`, `statistics_passes`, `band_bytes`."""
     model = Autoencoder(replace(VAEConfig.from_dict(config), **tiling))
     if is_converted(config):
         quantize_like(model, weights, config.get("quantization"))
