@@ -52,8 +52,12 @@ class Lanes:
         """Lanes for `tokens` tokens: one per core up to MAX_LANES on MLX's Linux CPU backend (with OpenBLAS, whose
         threads `running` shares out, or with MLX's own single-threaded BLAS); one elsewhere (a GPU; macOS's
         Accelerate threads its matmuls by itself)."""
-        count = min(MAX_LANES, cpu_cores(), tokens) if on_cpu() and sys.platform == "linux" else 1
-        return cls(max(count, 1))
+        return cls(cls.inference_count(tokens))
+
+    @staticmethod
+    def inference_count(tokens: int) -> int:
+        """How many lanes `for_inference` makes for `tokens` tokens."""
+        return max(min(MAX_LANES, cpu_cores(), tokens) if on_cpu() and sys.platform == "linux" else 1, 1)
 
     def sliced(self, slices: int | None) -> "Lanes":
         """These lanes with the work cut into `slices` slices (None: one per lane)."""

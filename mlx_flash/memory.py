@@ -28,7 +28,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .clip import CLIP_G, CLIP_L, CLIPConfig, CLIPTextModel
 from .controlnet import ControlNet, ControlNetConfig
-from .lanes import MAX_LANES, cpu_cores
+from .lanes import Lanes
 from .mmdit import MMDiT, MMDiTConfig
 from .t5 import T5_XXL, T5Config, T5Encoder, keeps_float32
 from .vae import Autoencoder, VAEConfig
@@ -181,10 +181,11 @@ def estimate(
 
     vae_weights = _weights(lambda: Autoencoder(vae), dtype, None)
     side = vae.tile_size * vae.factor
-    banded = vae_tiled and not gpu and dtype == mx.float32 and vae.band_bytes  # see Autoencoder.decode
+    banded = vae_tiled and vae.banded(mx.gpu if gpu else mx.cpu, dtype)  # see Autoencoder.decode
     pixels = min(height, side) * min(width, side) if vae_tiled and not banded else height * width
     per_pixel, fixed = (GPU_VAE_BYTES_PER_PIXEL, GPU_VAE_FIXED) if gpu else (CPU_VAE_BYTES_PER_PIXEL, 0)
-    if banded and vae.bands(height // vae.factor, width // vae.factor) > min(MAX_LANES, cpu_cores()):
+    latent_rows = height // vae.factor
+    if banded and vae.bands(latent_rows, width // vae.factor) > Lanes.inference_count(latent_rows):
         per_pixel = CPU_BANDED_VAE_BYTES_PER_PIXEL  # else one band per lane: the untiled decode
     output = images * height * width * 3 * 4 * (2 if images == 1 else 3)  # images (joined) and a [0, 1] copy
     decode_act = per_pixel * pixels + int(fixed) + output  # one image at a time (Autoencoder.latents_to_image)

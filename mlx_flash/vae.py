@@ -111,6 +111,11 @@ class VAEConfig:
             limit = 64 * 64 if (device or mx.default_device()) == mx.cpu else 128 * 128
         return h * w > limit
 
+    def banded(self, device: mx.Device | None = None, dtype: mx.Dtype = mx.float32) -> bool:
+        """Whether the memory-bounded mode runs in bands (not tiles) on `device` (default: MLX's) in `dtype`: the
+        CPU's float32 path, unless `band_bytes` is None."""
+        return bool(self.band_bytes) and (device or mx.default_device()) == mx.cpu and dtype == mx.float32
+
     def bands(self, h: int, w: int) -> int:
         """The bands of rows a latent of h x w pixels is decoded (encoded) in, layer by layer, when it is tiled on
         the CPU's float32 path: each band's widest activation at most `band_bytes`."""
@@ -592,7 +597,7 @@ class Autoencoder(nn.Module):
             features = self.decoder.middle(latents)
             if self.config.tiles(h, w, tiled):
                 mx.eval(features)  # before the tiles: its peak and theirs do not add up
-                if fast_path(features) and c.band_bytes:  # exact in one pass: the image layer by layer, in bands
+                if c.banded(dtype=features.dtype):  # exact in one pass: the image layer by layer, in bands
                     images = self.decoder.upsample(features, c.bands(h, w))
                 else:
                     images = _tiled(self.decoder.upsample, features, 1, c.factor, c.tile_size, c.tile_overlap,
@@ -617,7 +622,7 @@ class Autoencoder(nn.Module):
         lanes = lanes_for(images)
         with lanes.running():  # as in `decode`
             if self.config.tiles(h, w, tiled):
-                if fast_path(images) and c.band_bytes:  # as in `decode`
+                if c.banded(dtype=images.dtype):  # as in `decode`
                     features = self.encoder.downsample(images, c.bands(h, w))
                 else:
                     features = _tiled(self.encoder.downsample, images, f, 1, c.tile_size, c.tile_overlap,
