@@ -1,13 +1,18 @@
 """Encode time of one prompt by the three SD3 text encoders (random weights, float32): MLX against transformers,
 each encoder and framework in its own process, as a markdown table.
 
-    python benchmarks/text_encoders.py [--device cpu|gpu] [--t5-layers N] [--repeats 3]
+    python benchmarks/text_encoders.py [--device cpu|gpu] [--t5-layers N] [--repeats 3] [--quantize 4]
 
 CLIP-L and CLIP-G encode 77 tokens, T5-XXL 256. T5-XXL has 24 layers (18.5 GB in float32); by default it runs
 with as many as fit in 60% of the available memory, said in its row. On Linux the script re-executes itself with
 OpenBLAS preloaded (mlx_flash.blas). The last line is the ratio of the summed MLX times to the summed
 transformers times. Each row ends with the machine's load average (1, 5, 15 min) after it; transformers keeps
 PyTorch's own BLAS (benchmarks.common.run_part).
+
+--quantize BITS compares MLX's T5-XXL with itself instead: quantized as `load_pipeline(..., quantize=BITS)` loads it
+(4-bit mixed by default) against float32, same depth, each in its own process, with MLX's peak memory during the
+encoding above the weights (on the CPU each quantized layer is dequantized just before its matmul, one at a time:
+mlx_flash.quantization.layer_by_layer); the last line is the ratio of the quantized time to the float one.
 """
 
 from __future__ import annotations
@@ -32,21 +37,30 @@ def config(name: str, t5_layers: int):
     return {"clip_l": CLIP_L, "clip_g": CLIP_G, "t5": replace(T5_XXL, num_layers=t5_layers)}[name]
 
 
-def mlx_part(name: str, t5_layers: int, device: str, repeats: int) -> float:
+def mlx_part(name: str, t5_layers: int, device: str, repeats: int, quantize: int | None = None) -> dict:
     import mlx.core as mx
 
     from mlx_flash.clip import CLIPTextModel
+    from mlx_flash.quantization import Quantization, quantize_model
     from mlx_flash.t5 import T5Encoder
 
     mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
     mx.random.seed(0)
     model = (T5Encoder if name == "t5" else CLIPTextModel)(config(name, t5_layers))
+    if quantize:
+        quantize_model(model, Quantization(quantize))
+        for block in model.blocks:  # one block's float weights at a time while quantizing
+            mx.eval(block.parameters())
     mx.eval(model.parameters())
     ids = mx.random.randint(0, 30000, (1, TOKENS[name]))
-    return best_time(lambda: mx.eval(model(ids)), repeats=repeats)
+    mx.eval(ids)
+    weights = mx.get_active_memory()
+    mx.reset_peak_memory()
+    seconds = best_time(lambda: mx.eval(model(ids)), repeats=repeats)
+    return {"seconds": seconds, "weights": weights, "peak": mx.get_peak_memory()}
 
 
-def transformers_part(name: str, t5_layers: int, device: str, repeats: int) -> float:
+def transformers_part(name: str, t5_layers: int, device: str, repeats: int) -> dict:
     import torch
     from transformers import (
         CLIPTextConfig,
@@ -67,7 +81,7 @@ def transformers_part(name: str, t5_layers: int, device: str, repeats: int) -> f
         model = cls(hf).eval()
     ids = torch.randint(0, 30000, (1, TOKENS[name]), device=device)
     with torch.inference_mode():
-        return best_time(lambda: (model(ids), sync()), repeats=repeats)
+        return {"seconds": best_time(lambda: (model(ids), sync()), repeats=repeats)}
 
 
 def available_memory() -> int:
@@ -77,21 +91,43 @@ def available_memory() -> int:
     return 2**62
 
 
+def quantized_t5(args, layers: int) -> None:
+    """The --quantize comparison: MLX's quantized T5-XXL against its float one."""
+    extra = ["--device", args.device, "--t5-layers", str(layers), "--repeats", str(args.repeats)]
+    results = {label: run_part(__file__, part, *extra)
+               for label, part in (("float32", "mlx:t5"), (f"{args.quantize}-bit", f"mlx:t5:{args.quantize}"))}
+    print(f"T5-XXL ({layers} of 24 layers), one prompt of 256 tokens, MLX, {args.device}: float32 against "
+          f"{args.quantize}-bit mixed weights\n")
+    print("| weights | encode (s) | weights (GB) | peak - weights (GB) |")
+    print("|---|---|---|---|")
+    for label, r in results.items():
+        print(f"| {label} | {r['seconds']:.3f} | {r['weights'] / 1e9:.2f} | {(r['peak'] - r['weights']) / 1e9:.3f} |")
+    print(f"largest layer's float32 weight: {T5_XXL.d_model * T5_XXL.d_ff * 4 / 1e9:.3f} GB")
+    print(f"ratio: {results[f'{args.quantize}-bit']['seconds'] / results['float32']['seconds']:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="gpu: Metal/CUDA MLX, CUDA torch")
     parser.add_argument("--t5-layers", type=int, default=None, help="T5-XXL depth (default: what fits, at most 24)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quantize", type=int, choices=[2, 3, 4, 5, 6, 8], default=None,
+                        help="compare T5-XXL quantized to this many bits with the float one (MLX)")
     parser.add_argument("--part", help=argparse.SUPPRESS)
     args = parser.parse_args()
     layers = args.t5_layers or max(1, min(T5_XXL.num_layers, int(0.6 * available_memory() / T5_LAYER_BYTES)))
     if args.part:
-        framework, name = args.part.split(":")
-        run = mlx_part if framework == "mlx" else transformers_part
-        print(json.dumps({"seconds": run(name, layers, args.device, args.repeats)}))
+        framework, name, *bits = args.part.split(":")
+        if framework == "mlx":
+            print(json.dumps(mlx_part(name, layers, args.device, args.repeats, int(bits[0]) if bits else None)))
+        else:
+            print(json.dumps(transformers_part(name, layers, args.device, args.repeats)))
         return
     if args.device == "cpu":
         preload_openblas()
+    if args.quantize:
+        quantized_t5(args, layers)
+        return
     print(f"SD3 text encoders, one prompt, float32, random weights, {args.device}\n")
     print("| encoder | tokens | MLX (s) | transformers (s) | ratio | load average |")
     print("|---|---|---|---|---|---|")

@@ -31,6 +31,7 @@ from .mmdit import (
     layer_norm,
     modulate,
 )
+from .quantization import layer_by_layer
 from .weights import (
     Rule,
     WeightsError,
@@ -226,6 +227,7 @@ class ControlNet(nn.Module):
         last = self.controlnet_blocks[-1]
         return last.get("scales", last.weight).dtype
 
+    @layer_by_layer()  # quantized weights on the CPU: one layer's dequantized at a time
     def __call__(
         self,
         latents: mx.array,

@@ -77,7 +77,7 @@ def _compiled_dequantize(group_size: int, bits: int) -> Callable[[mx.array, mx.a
     return mx.compile(functools.partial(dequantize_bytes, group_size=group_size, bits=bits))
 
 
-_SHARED = threading.local()  # the float weights of `shared_float_weights`, per thread
+_SHARED = threading.local()  # per thread: the float weights of `shared_float_weights`, the flag of `layer_by_layer`
 
 
 @contextmanager
@@ -91,6 +91,45 @@ def shared_float_weights() -> Iterator[None]:
         _SHARED.weights = None
 
 
+@contextmanager
+def layer_by_layer() -> Iterator[None]:
+    """Within, each CPU `QuantizedLinear` evaluates its output, so its dequantized weight is freed before the next
+    layer's is allocated: one layer's float32 weight at a time, for a model on one stream. Otherwise most of a
+    model's would be alive at once: MLX's evaluation allocates each operation's output when it schedules the
+    operation, about a hundred operations before it runs."""
+    previous = getattr(_SHARED, "evaluate", False)
+    _SHARED.evaluate = True
+    try:
+        yield
+    finally:
+        _SHARED.evaluate = previous
+
+
+_BOUNDS_LOCK = threading.Lock()
+_BOUNDS = {"open": 0, "limit": 0}  # `schedule_within` bounds open in this process, and the memory limit before them
+
+
+@contextmanager
+def schedule_within(headroom: int) -> Iterator[None]:
+    """For models on several streams (token lanes), where evaluating layer by layer would run the streams one after
+    the other: within, MLX's evaluation schedules operations ahead only while active memory is within `headroom`
+    bytes of its value on entry, past which it waits for scheduled work to finish. Through `mx.set_memory_limit`,
+    the guideline MLX's evaluation keeps to (lowered, never raised); the limit before the first open bound comes back
+    when the last one closes."""
+    with _BOUNDS_LOCK:
+        if not _BOUNDS["open"]:
+            _BOUNDS["limit"] = mx.get_memory_limit()
+        _BOUNDS["open"] += 1
+        mx.set_memory_limit(min(mx.get_memory_limit(), mx.get_active_memory() + headroom))
+    try:
+        yield
+    finally:
+        with _BOUNDS_LOCK:
+            _BOUNDS["open"] -= 1
+            if not _BOUNDS["open"]:
+                mx.set_memory_limit(_BOUNDS["limit"])
+
+
 class QuantizedLinear(nn.QuantizedLinear):
     """MLX's quantized linear layer, except on the CPU backend, whose quantized matmul runs far below its float
     BLAS matmul: there the weight is dequantized just before the matmul (lazily, so a layer's full-precision weight
@@ -99,12 +138,16 @@ class QuantizedLinear(nn.QuantizedLinear):
     def __call__(self, x: mx.array) -> mx.array:
         if mx.default_device() != mx.cpu:
             return super().__call__(x)
-        shared = getattr(_SHARED, "weights", None)
+        evaluate = getattr(_SHARED, "evaluate", False)  # `layer_by_layer`: the weight dies with this call
+        shared = None if evaluate else getattr(_SHARED, "weights", None)
         if shared is None:
             w = self.float_weight()
         elif (w := shared.get(id(self))) is None:
             w = shared[id(self)] = self.float_weight()
-        return mx.addmm(self["bias"], x, w.T) if "bias" in self else x @ w.T
+        y = mx.addmm(self["bias"], x, w.T) if "bias" in self else x @ w.T
+        if evaluate:
+            mx.eval(y)
+        return y
 
     def float_weight(self) -> mx.array:
         """The dequantized weight (`dequantize_bytes` where it applies)."""

@@ -3,13 +3,21 @@ matmul, on a model quantized as the converter does and on one loaded from a quan
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+from typing import Callable
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_flash.quantization import Quantization, QuantizedLinear, quantize_model, shared_float_weights
+from mlx_flash.controlnet import ControlNet, ControlNetConfig
+from mlx_flash.mmdit import MMDiT, MMDiTConfig
+from mlx_flash.quantization import (
+    Quantization, QuantizedLinear, layer_by_layer, quantize_model, schedule_within, shared_float_weights,
+)
+from mlx_flash.t5 import T5Config, T5Encoder
 from mlx_flash.weights import quantize_like
 
 
@@ -73,3 +81,99 @@ def test_shared_float_weights_dequantize_each_layer_once(monkeypatch):
             shared = [m(x[:1]), m(x[1:])]
         assert len(dequantized) == 6
         assert all(mx.array_equal(a, b).item() for a, b in zip(alone, shared))
+
+
+
+def cpu_peak(run: Callable[[], object], bound: Callable[[], AbstractContextManager] = nullcontext) -> int:
+    """MLX's peak memory above what is active while the CPU evaluates `run()` within `bound()` (after a warm-up)."""
+    with mx.stream(mx.cpu):
+        mx.eval(run())
+        mx.clear_cache()
+        base = mx.get_active_memory()
+        mx.reset_peak_memory()
+        with bound():
+            mx.eval(run())
+        return mx.get_peak_memory() - base
+
+
+def test_bounds_keep_dequantized_weights_from_piling_up():
+    """MLX allocates each output when it schedules the operation, far ahead of the computation: a chain of CPU
+    quantized layers on a few tokens holds most of its dequantized weights at once; evaluated layer by layer, or
+    scheduled within a bound, it holds a layer or two. The memory limit is restored afterwards."""
+    mx.random.seed(0)
+    layers = nn.Sequential(*(nn.Linear(1024, 1024) for _ in range(16)))
+    quantize_model(layers, Quantization(4, policy="plain"))
+    mx.eval(layers.parameters())
+    x = mx.random.normal((1, 4, 1024))
+    layer_bytes = 1024 * 1024 * 4
+    limit = mx.get_memory_limit()
+    free, by_layer, bounded = (cpu_peak(lambda: layers(x), bound) for bound in
+                               (nullcontext, layer_by_layer, lambda: schedule_within(0)))
+    print(f"\npeak above the weights in layers: {free / layer_bytes:.1f} free, {by_layer / layer_bytes:.1f} layer by "
+          f"layer, {bounded / layer_bytes:.1f} scheduled within 0 bytes")
+    assert mx.get_memory_limit() == limit
+    with schedule_within(1 << 40):
+        with schedule_within(0):
+            lowest = mx.get_memory_limit()
+        assert mx.get_memory_limit() == lowest < limit  # lowered until the last bound closes
+    assert mx.get_memory_limit() == limit
+    assert free >= 6 * layer_bytes
+    assert by_layer <= 2 * layer_bytes
+    assert bounded <= 3.5 * layer_bytes
+
+
+def quantized_excess(build: Callable[[], nn.Module], run: Callable[[nn.Module], object]) -> float:
+    """How far the quantized model's CPU peak lies above the float model's (each above its weights), in bytes."""
+    peaks = []
+    for quantization in (None, Quantization(4)):
+        mx.random.seed(0)
+        model = build()
+        if quantization:
+            quantize_model(model, quantization)
+        mx.eval(model.parameters())
+        peaks.append(cpu_peak(lambda: run(model)))
+    return peaks[1] - peaks[0]
+
+
+def test_quantized_transformer_step_holds_one_dequantized_layer(monkeypatch):
+    """A quantized MMDiT's CPU step peaks within its largest layer's float32 weight (a dual block's adaLN) of the
+    float model's step: its token lanes are scheduled within a block's activations, its modulation evaluated layer
+    by layer. With its blocks unscheduled (`MMDiT.scheduled` a no-op), twice that or more."""
+    config = MMDiTConfig(num_layers=3, num_attention_heads=8, pos_embed_max_size=64, dual_attention_layers=(0,))
+    x, t, context, pooled = (mx.random.normal((1, 32, 32, 16)), mx.array([500.0]), mx.random.normal((1, 20, 4096)),
+                             mx.random.normal((1, 2048)))
+    largest = 4 * max(m.weight.size for _, m in MMDiT(config).named_modules() if isinstance(m, nn.Linear))
+
+    def excess() -> float:
+        return quantized_excess(lambda: MMDiT(config), lambda model: model(x, t, context, pooled)) / largest
+
+    scheduled = excess()
+    monkeypatch.setattr(MMDiT, "scheduled", lambda model, tokens: nullcontext())
+    unscheduled = excess()
+    print(f"\nstep peak above the float step's, in largest layers: {scheduled:.2f} scheduled, {unscheduled:.2f} not")
+    assert scheduled <= 1
+    assert unscheduled >= 2
+
+
+def single_stream_model(name: str) -> tuple[Callable[[], nn.Module], tuple]:
+    """A tiny T5 or ControlNet and the inputs of a forward pass."""
+    if name == "t5":
+        config = T5Config(vocab_size=100, d_model=256, d_kv=32, num_heads=8, d_ff=2048, num_layers=4)
+        return lambda: T5Encoder(config), (mx.random.randint(0, 100, (1, 32)),)
+    config = ControlNetConfig(num_layers=4, num_attention_heads=8, pos_embed_max_size=64)
+    return lambda: ControlNet(config), (mx.random.normal((1, 16, 16, 16)), mx.random.normal((1, 16, 16, 16)),
+                                        mx.array([500.0]), mx.random.normal((1, 2048)), mx.random.normal((1, 20, 4096)))
+
+
+@pytest.mark.parametrize("name", ["t5", "controlnet"])
+def test_single_stream_models_hold_one_dequantized_layer(name):
+    """A quantized T5's or ControlNet's CPU forward pass, evaluated layer by layer, peaks within about its largest
+    layer's float32 weight (and its unpacking) of the float model's; without `layer_by_layer` (the forward pass
+    undecorated), several."""
+    build, inputs = single_stream_model(name)
+    largest = 4 * max(m.weight.size for _, m in build().named_modules() if isinstance(m, nn.Linear))
+    by_layer = quantized_excess(build, lambda model: model(*inputs)) / largest
+    free = quantized_excess(build, lambda model: type(model).__call__.__wrapped__(model, *inputs)) / largest
+    print(f"\n{name} peak above the float model's, in largest layers: {by_layer:.2f} layer by layer, {free:.2f} not")
+    assert by_layer <= 1.5
+    assert free >= 2.5
