@@ -117,10 +117,13 @@ def schedule_within(headroom: int) -> Iterator[None]:
     the guideline MLX's evaluation keeps to (lowered, never raised); the limit before the first open bound comes back
     when the last one closes."""
     with _BOUNDS_LOCK:
+        bound = mx.get_active_memory() + headroom
+        current = mx.set_memory_limit(bound)  # MLX before 0.32 has no get_memory_limit
+        if current < bound:
+            mx.set_memory_limit(current)
         if not _BOUNDS["open"]:
-            _BOUNDS["limit"] = mx.get_memory_limit()
+            _BOUNDS["limit"] = current
         _BOUNDS["open"] += 1
-        mx.set_memory_limit(min(mx.get_memory_limit(), mx.get_active_memory() + headroom))
     try:
         yield
     finally:
