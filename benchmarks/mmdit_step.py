@@ -92,8 +92,8 @@ def mlx_matmul_times(args, dtype) -> tuple[float, float]:
 
 def mlx_part(args) -> dict:
     import mlx.core as mx
-    import mlx.nn as nn
 
+    from mlx_flash.memory import largest_layer_bytes
     from mlx_flash.mmdit import MMDiT
     from mlx_flash.quantization import Quantization, quantize_model
 
@@ -119,9 +119,8 @@ def mlx_part(args) -> dict:
     clock = PieceClock()
     time_mlx_blocks(model.transformer_blocks, clock)
     step = piece_time(lambda: mx.eval(model(*inputs)), clock, repeats=args.repeats)
-    largest = max(m.weight.size for _, m in MMDiT(SD35_MEDIUM).named_modules() if isinstance(m, nn.Linear))
     return {"step_s": step, "matmul_s": matmul_time, "peak_flops": peak, "weights": base,
-            "peak": mx.get_peak_memory(), "largest_layer": largest * 4}
+            "peak": mx.get_peak_memory(), "largest_layer": largest_layer_bytes(MMDiT(SD35_MEDIUM))}
 
 
 def torch_part(args) -> dict:

@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import best_time, load_average, preload_openblas, run_part  # noqa: E402
 from mlx_flash.clip import CLIP_G, CLIP_L  # noqa: E402
-from mlx_flash.t5 import T5_XXL  # noqa: E402
+from mlx_flash.memory import largest_layer_bytes  # noqa: E402
+from mlx_flash.t5 import T5_XXL, T5Encoder  # noqa: E402
 
 TOKENS = {"clip_l": 77, "clip_g": 77, "t5": 256}
 T5_LAYER_BYTES = 4 * (4 * 4096 * 4096 + 3 * 4096 * 10240)
@@ -42,7 +43,6 @@ def mlx_part(name: str, t5_layers: int, device: str, repeats: int, quantize: int
 
     from mlx_flash.clip import CLIPTextModel
     from mlx_flash.quantization import Quantization, quantize_model
-    from mlx_flash.t5 import T5Encoder
 
     mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
     mx.random.seed(0)
@@ -102,7 +102,7 @@ def quantized_t5(args, layers: int) -> None:
     print("|---|---|---|---|")
     for label, r in results.items():
         print(f"| {label} | {r['seconds']:.3f} | {r['weights'] / 1e9:.2f} | {(r['peak'] - r['weights']) / 1e9:.3f} |")
-    print(f"largest layer's float32 weight: {T5_XXL.d_model * T5_XXL.d_ff * 4 / 1e9:.3f} GB")
+    print(f"largest layer's float32 weight: {largest_layer_bytes(T5Encoder(T5_XXL)) / 1e9:.3f} GB")
     print(f"ratio: {results[f'{args.quantize}-bit']['seconds'] / results['float32']['seconds']:.2f}")
 
 

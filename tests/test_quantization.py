@@ -13,6 +13,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_flash.controlnet import ControlNet, ControlNetConfig
+from mlx_flash.memory import largest_layer_bytes
 from mlx_flash.mmdit import MMDiT, MMDiTConfig
 from mlx_flash.quantization import (
     Quantization, QuantizedLinear, layer_by_layer, quantize_model, schedule_within, shared_float_weights,
@@ -149,7 +150,7 @@ def test_quantized_transformer_step_holds_one_dequantized_layer(monkeypatch):
     config = MMDiTConfig(num_layers=3, num_attention_heads=8, pos_embed_max_size=64, dual_attention_layers=(0,))
     x, t, context, pooled = (mx.random.normal((1, 32, 32, 16)), mx.array([500.0]), mx.random.normal((1, 20, 4096)),
                              mx.random.normal((1, 2048)))
-    largest = 4 * max(m.weight.size for _, m in MMDiT(config).named_modules() if isinstance(m, nn.Linear))
+    largest = largest_layer_bytes(MMDiT(config))
 
     def excess() -> float:
         return quantized_excess(lambda: MMDiT(config), lambda model: model(x, t, context, pooled)) / largest
@@ -178,7 +179,7 @@ def test_single_stream_models_hold_one_dequantized_layer(name):
     layer's float32 weight (and its unpacking) of the float model's; without `layer_by_layer` (the forward pass
     undecorated), several."""
     build, inputs = single_stream_model(name)
-    largest = 4 * max(m.weight.size for _, m in build().named_modules() if isinstance(m, nn.Linear))
+    largest = largest_layer_bytes(build())
     by_layer = quantized_excess(build, lambda model: model(*inputs)) / largest
     free = quantized_excess(build, lambda model: type(model).__call__.__wrapped__(model, *inputs)) / largest
     print(f"\n{name} peak above the float model's, in largest layers: {by_layer:.2f} layer by layer, {free:.2f} not")
