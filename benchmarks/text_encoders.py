@@ -9,8 +9,8 @@ OpenBLAS preloaded (mlx_flash.blas). The last line is the ratio of the summed ML
 transformers times. Each row ends with the machine's load average (1, 5, 15 min) after it; transformers keeps
 PyTorch's own BLAS (benchmarks.common.run_part).
 
---quantize BITS compares MLX's T5-XXL with itself instead: quantized as `load_pipeline(..., quantize=BITS)` loads it
-(4-bit mixed by default) against float32, same depth, each in its own process, with MLX's peak memory during the
+--quantize BITS compares MLX's T5-XXL with itself instead: quantized as `load_pipeline(..., quantize=BITS)` loads it,
+against float32 at the same depth, each in its own process, with MLX's peak memory during the
 encoding above the weights (on the CPU each quantized layer is dequantized just before its matmul, one at a time:
 mlx_flash.quantization.layer_by_layer); the last line is the ratio of the quantized time to the float one.
 """
@@ -42,13 +42,13 @@ def mlx_part(name: str, t5_layers: int, device: str, repeats: int, quantize: int
     import mlx.core as mx
 
     from mlx_flash.clip import CLIPTextModel
-    from mlx_flash.quantization import Quantization, quantize_model
+    from mlx_flash.quantization import quantized
 
     mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
     mx.random.seed(0)
     model = (T5Encoder if name == "t5" else CLIPTextModel)(config(name, t5_layers))
     if quantize:
-        quantize_model(model, Quantization(quantize))
+        quantized(model, quantize)
         for block in model.blocks:  # one block's float weights at a time while quantizing
             mx.eval(block.parameters())
     mx.eval(model.parameters())
@@ -97,7 +97,7 @@ def quantized_t5(args, layers: int) -> None:
     results = {label: run_part(__file__, part, *extra)
                for label, part in (("float32", "mlx:t5"), (f"{args.quantize}-bit", f"mlx:t5:{args.quantize}"))}
     print(f"T5-XXL ({layers} of 24 layers), one prompt of 256 tokens, MLX, {args.device}: float32 against "
-          f"{args.quantize}-bit mixed weights\n")
+          f"{args.quantize}-bit weights\n")
     print("| weights | encode (s) | weights (GB) | peak - weights (GB) |")
     print("|---|---|---|---|")
     for label, r in results.items():

@@ -227,7 +227,7 @@ class ControlNet(nn.Module):
         last = self.controlnet_blocks[-1]
         return last.get("scales", last.weight).dtype
 
-    @layer_by_layer()  # quantized weights on the CPU: one layer's dequantized at a time
+    @layer_by_layer()
     def __call__(
         self,
         latents: mx.array,

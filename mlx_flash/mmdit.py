@@ -32,7 +32,7 @@ from .weights import (
 
 NORM_EPS = 1e-6
 # float32 activations of a block on the CPU, in (batch x tokens x hidden size) vectors: 21.5 measured (SD3.5 Medium,
-# 256-768 px, 1-2 images, token lanes), with a margin; the room `MMDiT.scheduled` leaves a quantized model's blocks
+# 256-768 px, 1-2 images, token lanes), with a margin; the room `MMDiT.dequantization_bound` leaves a quantized model's blocks
 CPU_BLOCK_VECTORS = 24
 
 
@@ -426,7 +426,7 @@ class MMDiT(nn.Module):
             elif isinstance(module, FeedForward):
                 module.fast = not training
 
-    @layer_by_layer()  # quantized weights on the CPU: one layer's dequantized at a time
+    @layer_by_layer()
     def modulation(self, timesteps: mx.array, pooled: mx.array) -> list:
         """Every adaLN vector of a forward pass (per block, then the output norm's scale and shift). They depend
         only on the timesteps and the pooled prompt, so a few-step run can compute them all up front and then
@@ -459,13 +459,16 @@ class MMDiT(nn.Module):
         c, x = run(xs[0], cs[0], modulation)
         return [c], [x]
 
-    def scheduled(self, tokens: int) -> AbstractContextManager:
-        """Around the blocks for `tokens` tokens (all images'): on the CPU, a quantized model's evaluation allocates
-        at most a block's float32 activations (CPU_BLOCK_VECTORS) ahead, so its dequantized weights are not all
-        alive at once (`quantization.schedule_within`)."""
+    def dequantization_bound(self, lanes: Lanes, tokens: int) -> AbstractContextManager:
+        """Around the blocks on `lanes` for `tokens` tokens (all images'): on the CPU, a quantized model holds about
+        one layer's dequantized weight at a time. On one lane its layers evaluate one by one
+        (`quantization.layer_by_layer`); on several, whose lanes must run together, MLX allocates at most a block's
+        float32 activations (CPU_BLOCK_VECTORS) ahead of the computation (`quantization.schedule_within`)."""
         if not (self.inference and on_cpu() and is_quantized(self)):
             return nullcontext()
-        return schedule_within(CPU_BLOCK_VECTORS * tokens * self.config.hidden_size * 4)
+        if lanes.count == 1:
+            return layer_by_layer()
+        return schedule_within(CPU_BLOCK_VECTORS * tokens * self.config.hidden_size * mx.float32.size)
 
     def lanes(self, tokens: int) -> Lanes:
         """The token lanes of a forward pass (`mlx_flash.lanes`): several in inference on the CPU, else one."""
@@ -510,7 +513,7 @@ class MMDiT(nn.Module):
         residuals = [lanes.split(r.astype(x.dtype)) for r in controlnet_residuals or ()]
         skip = set(skip_layers)
         blocks = self.transformer_blocks
-        with lanes.running(), self.scheduled(x.shape[0] * (x.shape[1] + c.shape[1])):
+        with lanes.running(), self.dequantization_bound(lanes, x.shape[0] * (x.shape[1] + c.shape[1])):
             for i, (block, block_mod) in enumerate(zip(blocks, block_mods)):
                 if i not in skip:
                     cs, xs = self._run_block(block, xs, cs, block_mod, lanes)

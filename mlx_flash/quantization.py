@@ -93,10 +93,11 @@ def shared_float_weights() -> Iterator[None]:
 
 @contextmanager
 def layer_by_layer() -> Iterator[None]:
-    """Within, each CPU `QuantizedLinear` evaluates its output, so its dequantized weight is freed before the next
-    layer's is allocated: one layer's float32 weight at a time, for a model on one stream. Otherwise most of a
-    model's would be alive at once: MLX's evaluation allocates each operation's output when it schedules the
-    operation, about a hundred operations before it runs."""
+    """Within (or around a function it decorates), each CPU `QuantizedLinear` evaluates its output, so its
+    dequantized weight is freed before the next layer's is allocated: one layer's float32 weight at a time, for a
+    model on one stream. Otherwise most of a model's would be alive at once: MLX's evaluation allocates each
+    operation's output when it schedules the operation, about a hundred operations before it runs. Not under
+    `mx.compile` or `mx.vmap`, which cannot evaluate."""
     previous = getattr(_SHARED, "evaluate", False)
     _SHARED.evaluate = True
     try:
@@ -114,11 +115,12 @@ def schedule_within(headroom: int) -> Iterator[None]:
     """For models on several streams (token lanes), where evaluating layer by layer would run the streams one after
     the other: within, MLX's evaluation schedules operations ahead only while active memory is within `headroom`
     bytes of its value on entry, past which it waits for scheduled work to finish. Through `mx.set_memory_limit`,
-    the guideline MLX's evaluation keeps to (lowered, never raised); the limit before the first open bound comes back
-    when the last one closes."""
+    the guideline MLX's evaluation keeps to (lowered, never raised), so it holds for the whole process (other
+    threads' evaluations too); the limit before the first open bound comes back when the last one closes. (On MLX
+    builds with a GPU backend the limit also trims the allocator's buffer cache; measured on `mlx[cpu]` only.)"""
     with _BOUNDS_LOCK:
         bound = mx.get_active_memory() + headroom
-        current = mx.set_memory_limit(bound)  # MLX before 0.32 has no get_memory_limit
+        current = mx.set_memory_limit(bound)  # not every MLX this library supports has get_memory_limit
         if current < bound:
             mx.set_memory_limit(current)
         if not _BOUNDS["open"]:

@@ -165,7 +165,7 @@ class T5Encoder(nn.Module):
         self.blocks = [Block(config) for _ in range(config.num_layers)]
         self.final_layer_norm = nn.RMSNorm(config.d_model, eps=config.layer_norm_eps)
 
-    @layer_by_layer()  # quantized weights on the CPU: one layer's dequantized at a time
+    @layer_by_layer()
     def __call__(self, input_ids: mx.array) -> mx.array:
         """Token ids (B, L) -> last hidden state (B, L, d_model) in the weights' dtype."""
         dtype = self.embed_tokens.weight.dtype

@@ -84,7 +84,6 @@ def test_shared_float_weights_dequantize_each_layer_once(monkeypatch):
         assert all(mx.array_equal(a, b).item() for a, b in zip(alone, shared))
 
 
-
 def cpu_peak(run: Callable[[], object], bound: Callable[[], AbstractContextManager] = nullcontext) -> int:
     """MLX's peak memory above what is active while the CPU evaluates `run()` within `bound()` (after a warm-up)."""
     with mx.stream(mx.cpu):
@@ -98,7 +97,8 @@ def cpu_peak(run: Callable[[], object], bound: Callable[[], AbstractContextManag
 
 
 def memory_limit() -> int:
-    """MLX's memory limit (read by setting it: MLX before 0.32 has no `get_memory_limit`)."""
+    """MLX's memory limit, read by setting it (as `schedule_within` does: not every supported MLX has
+    `get_memory_limit`)."""
     limit = mx.set_memory_limit(0)
     mx.set_memory_limit(limit)
     return limit
@@ -143,10 +143,13 @@ def quantized_excess(build: Callable[[], nn.Module], run: Callable[[nn.Module], 
     return peaks[1] - peaks[0]
 
 
-def test_quantized_transformer_step_holds_one_dequantized_layer(monkeypatch):
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_quantized_transformer_step_holds_one_dequantized_layer(monkeypatch, set_lanes, lanes):
     """A quantized MMDiT's CPU step peaks within its largest layer's float32 weight (a dual block's adaLN) of the
-    float model's step: its token lanes are scheduled within a block's activations, its modulation evaluated layer
-    by layer. With its blocks unscheduled (`MMDiT.scheduled` a no-op), twice that or more."""
+    float model's step: its blocks evaluate layer by layer on one lane and are scheduled within a block's activations
+    on two, its modulation evaluates layer by layer. Unbounded (`MMDiT.dequantization_bound` a no-op), twice that or
+    more."""
+    set_lanes(lanes)
     config = MMDiTConfig(num_layers=3, num_attention_heads=8, pos_embed_max_size=64, dual_attention_layers=(0,))
     x, t, context, pooled = (mx.random.normal((1, 32, 32, 16)), mx.array([500.0]), mx.random.normal((1, 20, 4096)),
                              mx.random.normal((1, 2048)))
@@ -155,12 +158,13 @@ def test_quantized_transformer_step_holds_one_dequantized_layer(monkeypatch):
     def excess() -> float:
         return quantized_excess(lambda: MMDiT(config), lambda model: model(x, t, context, pooled)) / largest
 
-    scheduled = excess()
-    monkeypatch.setattr(MMDiT, "scheduled", lambda model, tokens: nullcontext())
-    unscheduled = excess()
-    print(f"\nstep peak above the float step's, in largest layers: {scheduled:.2f} scheduled, {unscheduled:.2f} not")
-    assert scheduled <= 1
-    assert unscheduled >= 2
+    bounded = excess()
+    monkeypatch.setattr(MMDiT, "dequantization_bound", lambda model, lanes, tokens: nullcontext())
+    unbounded = excess()
+    print(f"\n{lanes} lane(s): step peak above the float step's, in largest layers: {bounded:.2f} bounded, "
+          f"{unbounded:.2f} not")
+    assert bounded <= 1
+    assert unbounded >= 2
 
 
 def single_stream_model(name: str) -> tuple[Callable[[], nn.Module], tuple]:
