@@ -137,8 +137,8 @@ def schedule_within(headroom: int) -> Iterator[None]:
 
 class QuantizedLinear(nn.QuantizedLinear):
     """MLX's quantized linear layer, except on the CPU backend, whose quantized matmul runs far below its float
-    BLAS matmul: there the weight is dequantized just before the matmul (lazily, so a layer's full-precision weight
-    exists only around its own matmul) and multiplied by the BLAS path."""
+    BLAS matmul: there the weight is dequantized just before the matmul and multiplied by the BLAS path (about one
+    layer's float32 weight at a time within `layer_by_layer` or `schedule_within`)."""
 
     def __call__(self, x: mx.array) -> mx.array:
         if mx.default_device() != mx.cpu:
