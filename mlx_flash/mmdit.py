@@ -32,7 +32,8 @@ from .weights import (
 
 NORM_EPS = 1e-6
 # float32 activations of a block on the CPU, in (batch x tokens x hidden size) vectors: 21.5 measured (SD3.5 Medium,
-# 256-768 px, 1-2 images, token lanes), with a margin; the room `MMDiT.dequantization_bound` leaves a quantized model's blocks
+# 256-768 px, 1-2 images, token lanes), with a margin; the room `MMDiT.dequantization_bound` leaves a quantized
+# model's blocks on several lanes
 CPU_BLOCK_VECTORS = 24
 
 
