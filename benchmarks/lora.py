@@ -7,7 +7,8 @@ the issue's parity tests target), and the time to load one LoRA file onto the mo
 
 The LoRA files (diffusers naming, random adapters) are written to a temporary folder first. Each framework runs in
 its own process; on Linux the script re-executes itself with OpenBLAS preloaded (REFERENCE.md, Linux CPU note).
-Overhead = step time with the LoRAs / step time without - 1; the target is <= 5% per LoRA. Every LoRA is attached
+Overhead = step time with the LoRAs / step time without - 1; the target is <= 5% per LoRA. Below the table, each
+rank's floor: one LoRA's multiply-adds over the step's (`adapter_share`). Every LoRA is attached
 once; a case switches scales (MLX: the others at 0, which skips them; diffusers: `set_adapters`, or
 `disable_adapters` for none), and the cases are timed in turn `--repeats` times after a warm-up round, so that a
 change in the machine's load falls on all cases alike. A case's time is the sum of each block's best time over its
@@ -37,6 +38,7 @@ from benchmarks.common import (  # noqa: E402
     CONTEXT_TOKENS, PieceClock, best_of_pieces, load_average, preload_openblas, run_part, time_mlx_blocks,
     time_torch_blocks,
 )
+from benchmarks.mmdit_step import flops, step_matmuls  # noqa: E402
 from mlx_flash.presets import SD35_MEDIUM  # noqa: E402
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
@@ -51,23 +53,44 @@ def model_config(layers: int):
                    dual_attention_layers=tuple(i for i in SD35_MEDIUM.dual_attention_layers if i < layers))
 
 
-def write_lora(path: Path, rank: int, seed: int, layers: int) -> None:
-    """A diffusers-named LoRA of `rank` on every targeted linear layer of SD3.5 Medium, small random values."""
-    import numpy as np
+def targeted_layers(layers: int) -> list[tuple[str, int, int]]:
+    """(diffusers name, out, in) of every linear layer a LoRA of this benchmark adapts."""
     import torch
     from diffusers import SD3Transformer2DModel
-    from safetensors.numpy import save_file
 
     with torch.device("meta"):
         model = SD3Transformer2DModel(**model_config(layers).to_diffusers())
+    return [(name, *module.weight.shape) for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in TARGETS)]
+
+
+def write_lora(path: Path, rank: int, seed: int, layers: int) -> None:
+    """A diffusers-named LoRA of `rank` on every targeted linear layer of SD3.5 Medium, small random values."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
     rng = np.random.default_rng(seed)
     tensors = {}
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in TARGETS):
-            out, inputs = module.weight.shape
-            for matrix, shape in (("lora_A", (rank, inputs)), ("lora_B", (out, rank))):
-                tensors[f"transformer.{name}.{matrix}.weight"] = (0.01 * rng.standard_normal(shape)).astype(np.float32)
+    for name, out, inputs in targeted_layers(layers):
+        for matrix, shape in (("lora_A", (rank, inputs)), ("lora_B", (out, rank))):
+            tensors[f"transformer.{name}.{matrix}.weight"] = (0.01 * rng.standard_normal(shape)).astype(np.float32)
     save_file(tensors, str(path))
+
+
+def adapter_share(rank: int, size: int, layers: int) -> float:
+    """One LoRA's multiply-adds in a step (rank x (in + out) per token of each adapted layer) over the step's own
+    (`mmdit_step.step_matmuls`). Were the adapters' matmuls as fast as the step's, the LoRA would cost this times
+    the matmuls' share of the step's time."""
+
+    def tokens(name: str) -> int:
+        """The rows a layer multiplies: adaLN's (norm*.linear) one vector, add_* / *_context's the prompt's."""
+        if name.endswith(".linear"):
+            return 1
+        return CONTEXT_TOKENS if "add_" in name or "context" in name else (size // 16) ** 2
+
+    adapters = sum(tokens(name) * rank * (out + inputs) for name, out, inputs in targeted_layers(layers))
+    step = flops(step_matmuls(size, 1, per_head=True, layers=layers)) / 2
+    return adapters / step
 
 
 FILES = [(16, 0), (16, 1), (64, 0), (64, 1)]  # (rank, index) of the LoRA files written
@@ -222,6 +245,9 @@ def main() -> None:
             step, base = r["steps"][case], r["steps"]["none"]
             row += f"{step:12.3f}{100 * (step / base - 1):9.1f}%"
         print(row)
+    print("one LoRA's multiply-adds over the step's (x the matmuls' share of the step: its cost at their speed): "
+          + ", ".join(f"rank {rank} {100 * adapter_share(rank, args.size, args.layers):.1f}%"
+                      for rank in sorted({r for case in CASES for r in case})))
     print("load one rank-16 LoRA: " + ", ".join(f"{name} {r['load_s']:.2f} s" for name, r in results.items()))
     if "diffusers" in results:
         print(f"ratio: {results['mlx']['steps']['16'] / results['diffusers']['steps']['16']:.2f}")

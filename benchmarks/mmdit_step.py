@@ -32,9 +32,10 @@ from benchmarks.common import (  # noqa: E402
 from mlx_flash.presets import SD35_MEDIUM  # noqa: E402
 
 
-def step_matmuls(size: int, batch: int, per_head: bool) -> Counter:
-    """(batch, M, K, N) -> count for every matrix multiplication of one step (conv patchify as a matmul);
-    `per_head`: attention's products one head at a time, as mlx_flash.mmdit.attention computes them on the CPU."""
+def step_matmuls(size: int, batch: int, per_head: bool, layers: int = SD35_MEDIUM.num_layers) -> Counter:
+    """(batch, M, K, N) -> count for every matrix multiplication of one step (conv patchify as a matmul) of SD3.5
+    Medium with its first `layers` blocks; `per_head`: attention's products one head at a time, as
+    mlx_flash.mmdit.attention computes them on the CPU."""
     c = SD35_MEDIUM
     d, heads, hd = c.hidden_size, c.num_attention_heads, c.attention_head_dim
     n, l = (size // 16) ** 2, CONTEXT_TOKENS
@@ -45,8 +46,8 @@ def step_matmuls(size: int, batch: int, per_head: bool) -> Counter:
     mm[(1, batch, 256, d)] += 1
     mm[(1, batch, d, d)] += 2
     mm[(1, batch, c.pooled_projection_dim, d)] += 1
-    for i in range(c.num_layers):
-        last, dual = i == c.num_layers - 1, i in c.dual_attention_layers
+    for i in range(layers):
+        last, dual = i == layers - 1, i in c.dual_attention_layers
         mm[(1, batch, d, (9 if dual else 6) * d)] += 1
         mm[(1, batch, d, (2 if last else 6) * d)] += 1
         mm[(1, rows_x, d, 3 * d)] += 1 + dual
