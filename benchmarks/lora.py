@@ -38,7 +38,7 @@ from benchmarks.common import (  # noqa: E402
     CONTEXT_TOKENS, PieceClock, best_of_pieces, load_average, preload_openblas, run_part, time_mlx_blocks,
     time_torch_blocks,
 )
-from benchmarks.mmdit_step import flops, step_matmuls  # noqa: E402
+from benchmarks.mmdit_step import flops, image_tokens, step_matmuls  # noqa: E402
 from mlx_flash.presets import SD35_MEDIUM  # noqa: E402
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
@@ -64,31 +64,31 @@ def targeted_layers(layers: int) -> list[tuple[str, int, int]]:
             if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in TARGETS)]
 
 
-def write_lora(path: Path, rank: int, seed: int, layers: int) -> None:
-    """A diffusers-named LoRA of `rank` on every targeted linear layer of SD3.5 Medium, small random values."""
+def write_lora(path: Path, rank: int, seed: int, adapted: list[tuple[str, int, int]]) -> None:
+    """A diffusers-named LoRA of `rank` on the `adapted` layers (`targeted_layers`), small random values."""
     import numpy as np
     from safetensors.numpy import save_file
 
     rng = np.random.default_rng(seed)
     tensors = {}
-    for name, out, inputs in targeted_layers(layers):
+    for name, out, inputs in adapted:
         for matrix, shape in (("lora_A", (rank, inputs)), ("lora_B", (out, rank))):
             tensors[f"transformer.{name}.{matrix}.weight"] = (0.01 * rng.standard_normal(shape)).astype(np.float32)
     save_file(tensors, str(path))
 
 
-def adapter_share(rank: int, size: int, layers: int) -> float:
-    """One LoRA's multiply-adds in a step (rank x (in + out) per token of each adapted layer) over the step's own
-    (`mmdit_step.step_matmuls`). Were the adapters' matmuls as fast as the step's, the LoRA would cost this times
-    the matmuls' share of the step's time."""
+def adapter_share(rank: int, size: int, layers: int, adapted: list[tuple[str, int, int]]) -> float:
+    """One LoRA's multiply-adds in a step of the model's first `layers` blocks (rank x (in + out) per token of each
+    of the `adapted` layers) over the step's own (`mmdit_step.step_matmuls`). Were the adapters' matmuls as fast as
+    the step's, the LoRA would cost this times the matmuls' share of the step's time."""
 
     def tokens(name: str) -> int:
         """The rows a layer multiplies: adaLN's (norm*.linear) one vector, add_* / *_context's the prompt's."""
         if name.endswith(".linear"):
             return 1
-        return CONTEXT_TOKENS if "add_" in name or "context" in name else (size // 16) ** 2
+        return CONTEXT_TOKENS if "add_" in name or "context" in name else image_tokens(size)
 
-    adapters = sum(tokens(name) * rank * (out + inputs) for name, out, inputs in targeted_layers(layers))
+    adapters = sum(tokens(name) * rank * (out + inputs) for name, out, inputs in adapted)
     step = flops(step_matmuls(size, 1, per_head=True, layers=layers)) / 2
     return adapters / step
 
@@ -227,9 +227,10 @@ def main() -> None:
         os.environ["OPENBLAS_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = "1"
     if args.device == "cpu":
         preload_openblas()
+    adapted = targeted_layers(args.layers)
     with tempfile.TemporaryDirectory() as folder:
         for rank, index in FILES:
-            write_lora(_file(folder, rank, index), rank, seed=10 * index + rank, layers=args.layers)
+            write_lora(_file(folder, rank, index), rank, seed=10 * index + rank, adapted=adapted)
         extra = ["--size", str(args.size), "--layers", str(args.layers), "--repeats", str(args.repeats),
                  "--device", args.device, "--dtype", args.dtype, "--folder", folder] + ["--cpu-time"] * args.cpu_time
         names = ("mlx",) if args.no_reference else ("mlx", "diffusers")
@@ -246,7 +247,7 @@ def main() -> None:
             row += f"{step:12.3f}{100 * (step / base - 1):9.1f}%"
         print(row)
     print("one LoRA's multiply-adds over the step's (x the matmuls' share of the step: its cost at their speed): "
-          + ", ".join(f"rank {rank} {100 * adapter_share(rank, args.size, args.layers):.1f}%"
+          + ", ".join(f"rank {rank} {100 * adapter_share(rank, args.size, args.layers, adapted):.1f}%"
                       for rank in sorted({r for case in CASES for r in case})))
     print("load one rank-16 LoRA: " + ", ".join(f"{name} {r['load_s']:.2f} s" for name, r in results.items()))
     if "diffusers" in results:

@@ -32,13 +32,18 @@ from benchmarks.common import (  # noqa: E402
 from mlx_flash.presets import SD35_MEDIUM  # noqa: E402
 
 
+def image_tokens(size: int) -> int:
+    """The transformer's image tokens for a `size` x `size` image: 8x VAE downsampling, then 2x2 patches."""
+    return (size // 16) ** 2
+
+
 def step_matmuls(size: int, batch: int, per_head: bool, layers: int = SD35_MEDIUM.num_layers) -> Counter:
     """(batch, M, K, N) -> count for every matrix multiplication of one step (conv patchify as a matmul) of SD3.5
     Medium with its first `layers` blocks; `per_head`: attention's products one head at a time, as
     mlx_flash.mmdit.attention computes them on the CPU."""
     c = SD35_MEDIUM
     d, heads, hd = c.hidden_size, c.num_attention_heads, c.attention_head_dim
-    n, l = (size // 16) ** 2, CONTEXT_TOKENS
+    n, l = image_tokens(size), CONTEXT_TOKENS
     rows_x, rows_c = batch * n, batch * l
     mm: Counter = Counter()
     mm[(1, rows_x, c.in_channels * c.patch_size**2, d)] += 1
