@@ -28,7 +28,7 @@ from .mmdit import (
     MMDiTConfig,
     PatchEmbed,
     TimeTextEmbed,
-    layer_norm,
+    gated,
     modulate,
 )
 from .quantization import layer_by_layer
@@ -195,8 +195,8 @@ class SingleBlock(nn.Module):
 
     def __call__(self, x: mx.array, cond: mx.array) -> mx.array:
         shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = self.norm1(cond)
-        x = x + gate[:, None] * self.attn(modulate(x, shift, scale))[0]
-        return x + gate_mlp[:, None] * self.ff(layer_norm(x) * (1 + scale_mlp[:, None]) + shift_mlp[:, None])
+        x = gated(x, gate, self.attn(modulate(x, shift, scale))[0])
+        return gated(x, gate_mlp, self.ff(modulate(x, shift_mlp, scale_mlp)))
 
 
 class ControlNet(nn.Module):

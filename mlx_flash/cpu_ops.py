@@ -1,10 +1,18 @@
 """Elementwise functions for MLX's CPU backend, whose transcendental functions (exp, tanh) run element by element
-far below memory speed: here made of multiply-adds and one division, which `mx.compile` fuses into one loop.
+far below memory speed: here made of multiply-adds and one division, which `mx.compile` fuses into one or two loops.
 
 tanh is a clamped odd rational function of degree 13 / 6 (the classic float32 fit; max absolute error
 4e-7 over the reals); SiLU and the tanh-approximated GELU are built on it. The softmax's exp of non-positive
 numbers is a polynomial on [-1, 0] squared five times (relative error < 1e-5; exp(-32) = 1e-14 stands
-for anything smaller). Inputs are computed in float32."""
+for anything smaller). Inputs are computed in float32.
+
+MLX's compiler fuses a chain at most 11 operations deep (its max_compile_depth). A deeper chain is cut into
+kernels whose inputs include broadcast constants, and these run MLX's strided loop, element by element: the
+GELU built on a tanh by Horner's rule took 3.8x the time it takes now (benchmarks/results/cpu.md, session 16).
+So each compiled function here stays within that depth: polynomials by Estrin's scheme (depth 2 per doubling of
+the degree), and a function too deep for one kernel in two, the first writing the contiguous array the second
+reads. The exp's clamp is made of absolute values: MLX's maximum tests for NaN, which keeps the compiler from
+vectorizing a loop."""
 
 from __future__ import annotations
 
@@ -33,32 +41,48 @@ def fast_path(x: mx.array) -> bool:
     return on_cpu() and x.dtype == mx.float32
 
 
-def _horner(coefficients: tuple[float, ...], x: mx.array) -> mx.array:
-    result = coefficients[-1]
-    for c in coefficients[-2::-1]:
-        result = result * x + c
-    return result
+def _estrin(coefficients: tuple[float, ...], x: mx.array) -> mx.array:
+    """sum(c_i x^i) by Estrin's scheme: pairs c_2i + c_2i+1 x, then pairs of those in x^2, x^4, ...
+    (depth 2 log2(degree + 1), against Horner's 2 degree)."""
+    terms = [coefficients[i] + coefficients[i + 1] * x if i + 1 < len(coefficients) else coefficients[i]
+             for i in range(0, len(coefficients), 2)]
+    power = x * x
+    while len(terms) > 1:
+        terms = [terms[i] + terms[i + 1] * power if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
+        power = power * power
+    return terms[0]
 
 
-def tanh(x: mx.array) -> mx.array:
-    """tanh of a float32 array (not compiled by itself: call it inside a compiled function)."""
-    x = mx.clip(x, -TANH_CLAMP, TANH_CLAMP)
-    x2 = x * x
-    return x * _horner(TANH_P, x2) / _horner(TANH_Q, x2)
+def _clamp(x: mx.array, bound: float) -> mx.array:
+    """x clipped to [-bound, bound] (in a short kernel of its own, where the NaN tests cost little)."""
+    return mx.minimum(mx.maximum(x, -bound), bound)
 
 
 @mx.compile
-def exp_below(x: mx.array, top: mx.array) -> mx.array:
-    """exp(x - top) for finite x <= top (broadcast), float32: the numerators of a softmax."""
-    a = x.astype(mx.float32) - top
-    # max(a, -32) without a branch (MLX's maximum tests for NaN, which keeps the compiler from vectorizing the
-    # loop): m + |m| is exactly 0 for m = -32 - a <= 0
-    m = -(2.0**EXP_SQUARINGS) - a
-    y = (a + 0.5 * (m + mx.abs(m))) * 2.0**-EXP_SQUARINGS
-    y = _horner(EXP_POLY, y)
+def _half_one_plus_tanh(y: mx.array, u: mx.array) -> mx.array:
+    """y (1 + tanh(u)) / 2 for u within the tanh clamp: depth 11."""
+    z = u * u
+    return (0.5 * y) * (1 + u * _estrin(TANH_P, z) / _estrin(TANH_Q, z))
+
+
+@mx.compile
+def _exp_numerators(x: mx.array, top: mx.array) -> mx.array:
+    """exp(max((x - top) / 32, -1)) for finite x <= top: depth 10. With e = (x - top) / 64, |e + 1/2| + e - 1/2
+    is 2e down to -1/2 and -1 below."""
+    e = x * 2.0 ** -(EXP_SQUARINGS + 1) - top * 2.0 ** -(EXP_SQUARINGS + 1)
+    return _estrin(EXP_POLY, mx.abs(e + 0.5) + (e - 0.5))
+
+
+@mx.compile
+def _squarings(y: mx.array) -> mx.array:
     for _ in range(EXP_SQUARINGS):
         y = y * y
     return y
+
+
+def exp_below(x: mx.array, top: mx.array) -> mx.array:
+    """exp(x - top) for finite float32 x <= top (broadcast): the numerators of a softmax."""
+    return _squarings(_exp_numerators(x, top))
 
 
 def softmax_attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float) -> mx.array:
@@ -73,24 +97,35 @@ def softmax_attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float) ->
 
 
 @mx.compile
+def _silu_argument(x: mx.array) -> mx.array:
+    return _clamp(0.5 * x, TANH_CLAMP)
+
+
 def silu(x: mx.array) -> mx.array:
-    """x * sigmoid(x), sigmoid(x) = (1 + tanh(x / 2)) / 2."""
-    y = x.astype(mx.float32)
-    return (y * (0.5 + 0.5 * tanh(0.5 * y))).astype(x.dtype)
+    """x * sigmoid(x) for float32 x, sigmoid(x) = (1 + tanh(x / 2)) / 2."""
+    return _half_one_plus_tanh(x, _silu_argument(x))
 
 
 @mx.compile
+def _gelu_argument(x: mx.array) -> mx.array:
+    return _clamp(x * (GELU_C + GELU_C * 0.044715 * (x * x)), TANH_CLAMP)
+
+
 def gelu_approx(x: mx.array) -> mx.array:
-    """GELU with the tanh approximation, as `nn.gelu_approx`."""
-    y = x.astype(mx.float32)
-    return (0.5 * y * (1 + tanh(GELU_C * (y + 0.044715 * y * y * y)))).astype(x.dtype)
+    """GELU with the tanh approximation, as `nn.gelu_approx`, for float32 x."""
+    return _half_one_plus_tanh(x, _gelu_argument(x))
 
 
 @mx.compile
-def normalize_silu(x: mx.array, mean: mx.array, scale: mx.array, bias: mx.array) -> mx.array:
-    """silu((x - mean) * scale + bias) in float32 (broadcast statistics and affine parameters), one pass."""
+def _normalize_with_silu_argument(x: mx.array, mean: mx.array, scale: mx.array, bias: mx.array
+                                  ) -> tuple[mx.array, mx.array]:
     y = (x.astype(mx.float32) - mean) * scale + bias
-    return y * (0.5 + 0.5 * tanh(0.5 * y))
+    return y, _clamp(0.5 * y, TANH_CLAMP)
+
+
+def normalize_silu(x: mx.array, mean: mx.array, scale: mx.array, bias: mx.array) -> mx.array:
+    """silu((x - mean) * scale + bias) in float32 (broadcast statistics and affine parameters)."""
+    return _half_one_plus_tanh(*_normalize_with_silu_argument(x, mean, scale, bias))
 
 
 @mx.compile

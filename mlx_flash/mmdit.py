@@ -160,9 +160,16 @@ def layer_norm(x: mx.array) -> mx.array:
     return mx.fast.layer_norm(x, None, None, NORM_EPS)
 
 
+@mx.compile
 def scale_shift(x_norm: mx.array, shift: mx.array, scale: mx.array) -> mx.array:
-    """adaLN's modulation of normalized tokens (B, N, D) by per-sample vectors (B, D)."""
+    """adaLN's modulation of normalized tokens (B, N, D) by per-sample vectors (B, D), in one pass."""
     return x_norm * (1 + scale[:, None]) + shift[:, None]
+
+
+@mx.compile
+def gated(x: mx.array, gate: mx.array, y: mx.array) -> mx.array:
+    """adaLN-Zero's gated residual x + gate * y of tokens (B, N, D) with a per-sample gate (B, D), in one pass."""
+    return x + gate[:, None] * y
 
 
 def modulate(x: mx.array, shift: mx.array, scale: mx.array) -> mx.array:
@@ -378,17 +385,17 @@ class JointBlock(nn.Module):
         (_, _, gate, shift_mlp, scale_mlp, gate_mlp, *second), context_mod = modulation
         dtype = gate.dtype
         x_attn, c_attn = self.attn.output(attended[0], x.shape[1])
-        x = x + gate[:, None] * x_attn
+        x = gated(x, gate, x_attn)
         if self.dual:
             _, _, gate2 = second
-            x = x + gate2[:, None] * self.attn2.output(attended[1], x.shape[1])[0]
-        x = x + gate_mlp[:, None] * self.ff(modulate(x, shift_mlp, scale_mlp).astype(dtype))
+            x = gated(x, gate2, self.attn2.output(attended[1], x.shape[1])[0])
+        x = gated(x, gate_mlp, self.ff(modulate(x, shift_mlp, scale_mlp).astype(dtype)))
 
         if self.last:
             return c, x
         _, _, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = context_mod
-        c = c + c_gate[:, None] * c_attn
-        c = c + c_gate_mlp[:, None] * self.ff_context(modulate(c, c_shift_mlp, c_scale_mlp).astype(dtype))
+        c = gated(c, c_gate, c_attn)
+        c = gated(c, c_gate_mlp, self.ff_context(modulate(c, c_shift_mlp, c_scale_mlp).astype(dtype)))
         return c, x
 
 
