@@ -31,10 +31,10 @@ from .weights import (
 )
 
 NORM_EPS = 1e-6
-# float32 activations of a block on the CPU, in (batch x tokens x hidden size) vectors: 21.5 measured (SD3.5 Medium,
-# 256-768 px, 1-2 images, token lanes), with a margin; the room `MMDiT.dequantization_bound` leaves a quantized
-# model's blocks on several lanes
-CPU_BLOCK_VECTORS = 24
+# float32 activations of a block on the CPU, in (batch x tokens x hidden size) vectors: 13.3-17.4 measured (SD3.5
+# Medium, 256-768 px, 1-2 images, token lanes; 21.5 before the compiled modulation and residual chains), with a
+# margin; the room `MMDiT.dequantization_bound` leaves a quantized model's blocks on several lanes
+CPU_BLOCK_VECTORS = 20
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, per_head: bool = True) -> mx.array:
