@@ -3,6 +3,10 @@ gives the same images, a resumed run gives the weights of an uninterrupted one, 
 the float base, bad data is refused with one line. A few steps each, on tiny models."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -438,20 +442,21 @@ def test_checkpointing_gives_the_same_gradients():
     assert max(float(mx.abs(plain[k] - checkpointed[k]).max()) for k in plain) < 1e-6
 
 
-def test_training_memory_estimate():
-    """One LoRA training step's activations (checkpointing, CPU float32) against the estimator's."""
-    from mlx_flash import memory
+MEMORY_CONFIG = MMDiTConfig(num_layers=2, num_attention_heads=24, pos_embed_max_size=64, qk_norm=True,
+                            dual_attention_layers=(0,))
 
-    config = MMDiTConfig(num_layers=2, num_attention_heads=24, pos_embed_max_size=64, qk_norm=True,
-                         dual_attention_layers=(0,))
-    model = MMDiT(config)
+
+def _memory_adapters(m: MMDiT) -> None:
+    lora.add_adapters(m, "transformer", lora.target_modules(m, "transformer", lora.DREAMBOOTH_TARGETS), 16, 16,
+                      mx.random.key(0))
+
+
+def measured_training_activations() -> int:
+    """MLX's peak bytes above the model and batch during one LoRA training step of MEMORY_CONFIG at 256 px
+    (checkpointing, float32)."""
+    model = MMDiT(MEMORY_CONFIG)
     mx.eval(model.parameters())
-
-    def adapters(m: MMDiT) -> None:
-        lora.add_adapters(m, "transformer", lora.target_modules(m, "transformer", lora.DREAMBOOTH_TARGETS), 16, 16,
-                          mx.random.key(0))
-
-    adapters(model)
+    _memory_adapters(model)
     model.set_training(True)
     rng = np.random.default_rng(0)
     batch = [mx.array(rng.standard_normal(shape, dtype=np.float32))
@@ -463,8 +468,26 @@ def test_training_memory_estimate():
     base = mx.get_active_memory()
     mx.reset_peak_memory()
     mx.eval(grad(*batch))
-    measured = mx.get_peak_memory() - base
-    predicted = memory.estimate_training(config, height=256, width=256, lora=adapters).activations
+    return mx.get_peak_memory() - base
+
+
+def test_training_memory_estimate():
+    """One LoRA training step's activations (checkpointing, CPU float32) against the estimator's. The step runs in
+    a child process with OpenBLAS preloaded where it is installed: MLX's peak memory counts its own buffers
+    whatever the BLAS, and with the reference BLAS this process keeps (conftest.py) the step takes a minute."""
+    from mlx_flash import memory
+    from mlx_flash.blas import find_openblas
+
+    env = {**os.environ, "LD_PRELOAD": find_openblas() or ""}
+    child = subprocess.run([sys.executable, __file__, "measure"], capture_output=True, text=True, env=env,
+                           cwd=Path(__file__).parent, timeout=600)
+    assert child.returncode == 0, child.stderr[-2000:]
+    measured = int(child.stdout.split()[-1])
+    predicted = memory.estimate_training(MEMORY_CONFIG, height=256, width=256, lora=_memory_adapters).activations
     print(f"\ntraining step 256px, 2 blocks of width 1536: activations measured {measured / 1e6:.0f} MB, "
           f"predicted {predicted / 1e6:.0f} MB")
     assert abs(predicted - measured) <= 0.15 * measured
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["measure"]:
+    print(measured_training_activations())
