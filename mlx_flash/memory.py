@@ -35,8 +35,9 @@ from .vae import Autoencoder, VAEConfig
 
 GB = 1e9
 # measured: float32 decode on MLX's CPU backend at 128 pixels square, its stride-1 convolutions as nine BLAS
-# matmuls (about 2.4 GB at 512 pixels square; MLX's own unfolding convolutions took 30.8 KB per pixel)
-CPU_VAE_BYTES_PER_PIXEL = 9_950
+# matmuls, 7.5-8.0 KB per pixel over runs (about 2.0 GB at 512 pixels square; 9.95 KB before GroupNorm's SiLU came
+# in two kernels, session 16; MLX's own unfolding convolutions took 30.8 KB per pixel)
+CPU_VAE_BYTES_PER_PIXEL = 7_750
 # measured: the same decode in bands, one layer at a time (VAEConfig.band_bytes): 2.91 KB per pixel at 256 pixels
 # square in 32 bands, 2.94 KB at 1024 in 16 (full-size model; the layers' whole outputs, plus one group's bands)
 CPU_BANDED_VAE_BYTES_PER_PIXEL = 2_920
@@ -45,11 +46,11 @@ CPU_BANDED_VAE_BYTES_PER_PIXEL = 2_920
 GPU_VAE_BYTES_PER_PIXEL, GPU_VAE_FIXED = 5_360, 0.55e9
 # float32 activations per token and hidden unit at the block peak: measured on the CPU (attention one head at a
 # time), fitted on a GPU (fused attention) together with GPU_PENDING_BUFFERS
-CPU_TRANSFORMER_VECTORS, GPU_TRANSFORMER_VECTORS = 18.5, 10
+CPU_TRANSFORMER_VECTORS, GPU_TRANSFORMER_VECTORS = 13.1, 10  # CPU: 18.5 before session 16
 # CPU: float32 copies of one head's attention scores alive at once in the softmax (cpu_ops.softmax_attention),
 # fitted with CPU_TRANSFORMER_VECTORS to measured steps at 256 and 512 pixels square; at 256 repeated steps peak
 # 10% apart (13.3-14.8 MB, as the exponentials do or do not reuse the scores' buffer) and the fit lies between
-CPU_SCORE_COPIES = 2.1
+CPU_SCORE_COPIES = 2.0
 GPU_PENDING_BUFFERS = 0.75e9  # fitted: freed buffers whose command batch has not completed yet
 # Freed buffers MLX's CPU-only allocator keeps for reuse (`keep_freed_buffers`). Its own limit, 32 MB, is below one
 # activation of a 512 px step or one layer's dequantized weight: every larger buffer goes back to the system and the

@@ -32,9 +32,11 @@ from .weights import (
 
 NORM_EPS = 1e-6
 # float32 activations of a block on the CPU, in (batch x tokens x hidden size) vectors: 13.3-17.4 measured (SD3.5
-# Medium, 256-768 px, 1-2 images, token lanes; 21.5 before the compiled modulation and residual chains), with a
-# margin; the room `MMDiT.dequantization_bound` leaves a quantized model's blocks on several lanes
-CPU_BLOCK_VECTORS = 20
+# Medium, 256-768 px, 1-2 images, token lanes; 21.5 before session 16's compiled chains): the room
+# `MMDiT.dequantization_bound` leaves a quantized model's blocks on several lanes. Room above the float step's
+# activations lets dequantized layers run ahead of the matmuls (20 vectors: 1.65 layers above the float step in
+# tests/test_quantization.py; 16: 0.91).
+CPU_BLOCK_VECTORS = 16
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, per_head: bool = True) -> mx.array:
