@@ -48,8 +48,9 @@ GPU_VAE_BYTES_PER_PIXEL, GPU_VAE_FIXED = 5_360, 0.55e9
 # time), fitted on a GPU (fused attention) together with GPU_PENDING_BUFFERS
 CPU_TRANSFORMER_VECTORS, GPU_TRANSFORMER_VECTORS = 13.1, 10  # CPU: 18.5 before session 16
 # CPU: float32 copies of one head's attention scores alive at once in the softmax (cpu_ops.softmax_attention),
-# fitted with CPU_TRANSFORMER_VECTORS to measured steps at 256 and 512 pixels square; at 256 repeated steps peak
-# 10% apart (13.3-14.8 MB, as the exponentials do or do not reuse the scores' buffer) and the fit lies between
+# fitted with CPU_TRANSFORMER_VECTORS to measured steps at 256 and 512 pixels square (tests/test_memory.py's model:
+# 10.7 and 32.9 MB in session 16; 13.3-14.8 MB at 256 before, as the exponentials did or did not reuse the scores'
+# buffer)
 CPU_SCORE_COPIES = 2.0
 GPU_PENDING_BUFFERS = 0.75e9  # fitted: freed buffers whose command batch has not completed yet
 # Freed buffers MLX's CPU-only allocator keeps for reuse (`keep_freed_buffers`). Its own limit, 32 MB, is below one

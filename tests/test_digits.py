@@ -63,11 +63,17 @@ def test_readme_first_command(tmp_path, digit_classifier):
     assert digit_classifier.predict(to_digits(pixels).reshape(1, -1))[0] == 7
 
 
+def blas_unchecked_env() -> dict[str, str]:
+    """This process's environment without conftest's BLAS guard: a child that calls `ensure_openblas` (the training
+    scripts do) preloads OpenBLAS where it is installed. For children whose results nothing compares with this
+    process's byte for byte."""
+    return {k: v for k, v in os.environ.items() if k != CHECKED}
+
+
 def run_stages(stages: list[list], root: Path) -> None:
-    """Run each training script's command line from the repository root; each must succeed. Unlike the other
-    command lines the tests run, these preload OpenBLAS where it is installed (mlx_flash.blas): nothing compares
-    their results with this process's byte for byte."""
-    env = {k: v for k, v in os.environ.items() if k != CHECKED}
+    """Run each training script's command line from the repository root, with OpenBLAS (`blas_unchecked_env`); each
+    must succeed."""
+    env = blas_unchecked_env()
     for stage in stages:
         result = subprocess.run([sys.executable, *map(str, stage)], cwd=root, capture_output=True, text=True,
                                 timeout=600, env=env)

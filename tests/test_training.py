@@ -3,7 +3,6 @@ gives the same images, a resumed run gives the weights of an uninterrupted one, 
 the float base, bad data is refused with one line. A few steps each, on tiny models."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -475,12 +474,12 @@ def test_training_memory_estimate():
     """One LoRA training step's activations (checkpointing, CPU float32) against the estimator's. The step runs in
     a child process with OpenBLAS preloaded where it is installed: MLX's peak memory counts its own buffers
     whatever the BLAS, and with the reference BLAS this process keeps (conftest.py) the step takes a minute."""
-    from mlx_flash import memory
-    from mlx_flash.blas import find_openblas
+    from test_digits import blas_unchecked_env
 
-    env = {**os.environ, "LD_PRELOAD": find_openblas() or ""}
-    child = subprocess.run([sys.executable, __file__, "measure"], capture_output=True, text=True, env=env,
-                           cwd=Path(__file__).parent, timeout=600)
+    from mlx_flash import memory
+
+    child = subprocess.run([sys.executable, __file__, "measure"], capture_output=True, text=True,
+                           env=blas_unchecked_env(), cwd=Path(__file__).parent, timeout=600)
     assert child.returncode == 0, child.stderr[-2000:]
     measured = int(child.stdout.split()[-1])
     predicted = memory.estimate_training(MEMORY_CONFIG, height=256, width=256, lora=_memory_adapters).activations
@@ -490,4 +489,7 @@ def test_training_memory_estimate():
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["measure"]:
+    from mlx_flash.blas import ensure_openblas
+
+    ensure_openblas()
     print(measured_training_activations())
