@@ -16,7 +16,7 @@ import mlx.nn as nn
 from . import cpu_ops
 from .cpu_ops import fast_path, on_cpu
 from .lanes import Lanes
-from .quantization import is_quantized, layer_by_layer, schedule_within, shared_float_weights
+from .quantization import is_quantized, layer_by_layer, shared_float_weights
 from .weights import (
     Fuse,
     Rule,
@@ -31,12 +31,6 @@ from .weights import (
 )
 
 NORM_EPS = 1e-6
-# float32 activations of a block on the CPU, in (batch x tokens x hidden size) vectors: 13.3-17.4 measured (SD3.5
-# Medium, 256-768 px, 1-2 images, token lanes; 21.5 before session 16's compiled chains): the room
-# `MMDiT.dequantization_bound` leaves a quantized model's blocks on several lanes. Room above the float step's
-# activations lets dequantized layers run ahead of the matmuls (20 vectors: 1.65 layers above the float step in
-# tests/test_quantization.py; 16: 0.91).
-CPU_BLOCK_VECTORS = 16
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, per_head: bool = True) -> mx.array:
@@ -352,12 +346,12 @@ class JointBlock(nn.Module):
         """The block on token lanes (`lanes.split` of the image and the context tokens): each lane's tokens
         attend over every lane's (attention evaluates head by head). Returns the context lanes, then the image lanes.
         A quantized layer's weight is dequantized once for all lanes."""
-        with shared_float_weights():
+        with shared_float_weights(lanes.slices):
             inputs = lanes.map(lambda x, c: self.attention_inputs(x, c, modulation), xs, cs)
         outputs = [self._attend(lanes, self.attn, [joint for joint, _ in inputs])]
         if self.dual:
             outputs.append(self._attend(lanes, self.attn2, [second for _, second in inputs]))
-        with shared_float_weights():
+        with shared_float_weights(lanes.slices):
             results = lanes.map(lambda x, c, *out: self.attention_outputs(x, c, out, modulation), xs, cs, *outputs)
         return [c for c, _ in results], [x for _, x in results]
 
@@ -469,16 +463,12 @@ class MMDiT(nn.Module):
         c, x = run(xs[0], cs[0], modulation)
         return [c], [x]
 
-    def dequantization_bound(self, lanes: Lanes, tokens: int) -> AbstractContextManager:
-        """Around the blocks on `lanes` for `tokens` tokens (all images'): on the CPU, a quantized model holds about
-        one layer's dequantized weight at a time. On one lane its layers evaluate one by one
-        (`quantization.layer_by_layer`); on several, whose lanes must run together, MLX allocates at most a block's
-        float32 activations (CPU_BLOCK_VECTORS) ahead of the computation (`quantization.schedule_within`)."""
+    def dequantization_bound(self) -> AbstractContextManager:
+        """Around the blocks: on the CPU, a quantized model's layers evaluate one by one, on token lanes all lanes'
+        calls of a layer together (`quantization.layer_by_layer`): one layer's dequantized weight at a time."""
         if not (self.inference and on_cpu() and is_quantized(self)):
             return nullcontext()
-        if lanes.count == 1:
-            return layer_by_layer()
-        return schedule_within(CPU_BLOCK_VECTORS * tokens * self.config.hidden_size * mx.float32.size)
+        return layer_by_layer()
 
     def lanes(self, tokens: int) -> Lanes:
         """The token lanes of a forward pass (`mlx_flash.lanes`): several in inference on the CPU, else one."""
@@ -523,7 +513,7 @@ class MMDiT(nn.Module):
         residuals = [lanes.split(r.astype(x.dtype)) for r in controlnet_residuals or ()]
         skip = set(skip_layers)
         blocks = self.transformer_blocks
-        with lanes.running(), self.dequantization_bound(lanes, x.shape[0] * (x.shape[1] + c.shape[1])):
+        with lanes.running(), self.dequantization_bound():
             for i, (block, block_mod) in enumerate(zip(blocks, block_mods)):
                 if i not in skip:
                     cs, xs = self._run_block(block, xs, cs, block_mod, lanes)
