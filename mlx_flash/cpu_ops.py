@@ -97,16 +97,6 @@ def softmax_attention(q: mx.array, k: mx.array, v: mx.array, *, scale: float) ->
 
 
 @mx.compile
-def _silu_argument(x: mx.array) -> mx.array:
-    return _clamp(0.5 * x, TANH_CLAMP)
-
-
-def silu(x: mx.array) -> mx.array:
-    """x * sigmoid(x) for float32 x, sigmoid(x) = (1 + tanh(x / 2)) / 2."""
-    return _half_one_plus_tanh(x, _silu_argument(x))
-
-
-@mx.compile
 def _gelu_argument(x: mx.array) -> mx.array:
     return _clamp(x * (GELU_C + GELU_C * 0.044715 * (x * x)), TANH_CLAMP)
 

@@ -102,7 +102,7 @@ def model_bytes(model: nn.Module) -> int:
 
 def largest_layer_bytes(model: nn.Module) -> int:
     """float32 bytes of the largest linear layer of a float model (lazy modules cost nothing): about what a quantized
-    model holds dequantized at a time on the CPU (`quantization.layer_by_layer`, `quantization.schedule_within`).
+    model holds dequantized at a time on the CPU (`quantization.layer_by_layer`).
     `estimate` leaves it out: small quantized models' CPU steps measured within 10% of its figure without it."""
     return mx.float32.size * max(m.weight.size for _, m in model.named_modules() if isinstance(m, nn.Linear))
 
