@@ -29,7 +29,7 @@ def cpu_cores() -> int:
 _THREAD_STREAMS = threading.local()  # MLX's streams belong to the thread that made them
 
 
-def _cpu_streams(count: int) -> tuple[mx.Stream, ...]:
+def cpu_streams(count: int) -> tuple[mx.Stream, ...]:
     """`count` CPU streams of the calling thread, made once per thread."""
     made = _THREAD_STREAMS.__dict__.setdefault("by_count", {})
     if count not in made:
@@ -45,7 +45,7 @@ class Lanes:
     def __init__(self, count: int = 1, slices: int | None = None):
         self.count = count
         self.slices = max(slices or count, count)
-        self.streams: Sequence[mx.Stream | None] = _cpu_streams(count) if count > 1 else (None,)
+        self.streams: Sequence[mx.Stream | None] = cpu_streams(count) if count > 1 else (None,)
 
     @classmethod
     def for_inference(cls, tokens: int) -> "Lanes":

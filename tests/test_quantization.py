@@ -13,6 +13,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_flash.controlnet import ControlNet, ControlNetConfig
+from mlx_flash.lanes import cpu_cores
 from mlx_flash.memory import largest_layer_bytes
 from mlx_flash.mmdit import MMDiT, MMDiTConfig
 from mlx_flash.quantization import (
@@ -27,13 +28,17 @@ def model() -> nn.Module:
     return nn.Sequential(nn.Linear(128, 96), nn.Linear(96, 64, bias=False))
 
 
+@pytest.mark.parametrize("by_layer", [False, True])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_cpu_dequantized_matmul_matches_quantized_matmul(bits):
+def test_cpu_dequantized_matmul_matches_quantized_matmul(bits, by_layer):
+    """Also layer by layer, where the first layer's dequantization is split over two CPU streams (2 tokens, 128
+    features; the second layer's, 96 features, is not)."""
     m = model()
     quantize_model(m, Quantization(bits, group_size=32, policy="plain"))
     assert all(type(layer) is QuantizedLinear for layer in m.layers)
-    x = mx.random.normal((2, 5, 128))
-    with mx.stream(mx.cpu):
+    x = mx.random.normal((2, 1, 128))
+    assert (m.layers[0].splits(x) or cpu_cores() == 1) and not m.layers[1].splits(x[..., :96])
+    with mx.stream(mx.cpu), layer_by_layer() if by_layer else nullcontext():
         ours, ref = m(x), x
         for layer in m.layers:
             ref = nn.QuantizedLinear.__call__(layer, ref)
