@@ -163,7 +163,7 @@ def test_quantized_transformer_step_holds_one_dequantized_layer(monkeypatch, set
     print(f"\n{lanes} lane(s): step peak above the float step's, in largest layers: {bounded:.2f} bounded, "
           f"{unbounded:.2f} not")
     assert bounded <= 1
-    assert unbounded >= 1.4
+    assert unbounded >= 1.3
 
 
 def single_stream_model(name: str) -> tuple[Callable[[], nn.Module], tuple]:
