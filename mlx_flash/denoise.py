@@ -146,9 +146,7 @@ def denoise(
     timestep = sampler.timestep
     modulations: dict[float, list] = {}
     if precompute_modulation:
-        evaluated = sampler.evaluated_sigmas(sigmas, start)
-        modulations = {timestep(s): model.modulation(mx.full((x.shape[0],), timestep(s)), pooled)
-                       for s in evaluated}
+        modulations = model.modulations([timestep(s) for s in sampler.evaluated_sigmas(sigmas, start)], pooled)
         mx.eval(modulations)
         if drop_modulation_weights:
             model.drop_modulation_weights()

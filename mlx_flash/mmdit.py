@@ -12,6 +12,7 @@ from typing import Iterable, Mapping, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_map
 
 from . import cpu_ops
 from .cpu_ops import fast_path, on_cpu
@@ -439,6 +440,14 @@ class MMDiT(nn.Module):
             raise RuntimeError("the adaLN weights were dropped; pass the precomputed `modulation`.")
         cond = nn.silu(self.time_text_embed(timesteps, pooled.astype(self.compute_dtype)))
         return [block.modulation(cond) for block in self.transformer_blocks] + [self.norm_out(cond)]
+
+    def modulations(self, timesteps: Sequence[float], pooled: mx.array) -> dict[float, list]:
+        """`modulation()` at each of several timesteps, for the batch `pooled`, by timestep. They are computed as one
+        batch, so each adaLN weight is read once (on the CPU, a quantized one dequantized once), not once a step."""
+        unique = list(dict.fromkeys(timesteps))
+        b = pooled.shape[0]
+        batched = self.modulation(mx.repeat(mx.array(unique, dtype=mx.float32), b), mx.tile(pooled, (len(unique), 1)))
+        return {t: tree_map(lambda a, i=i: a[i * b : (i + 1) * b], batched) for i, t in enumerate(unique)}
 
     def drop_modulation_weights(self) -> None:
         """Free the weights only `modulation()` uses (over a third of SD3.5 Medium's and Large's parameters)."""

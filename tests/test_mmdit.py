@@ -1,6 +1,7 @@
 """Parity of the MLX transformer with diffusers' SD3Transformer2DModel, and full-size key coverage."""
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
@@ -10,6 +11,7 @@ from mlx.utils import tree_flatten
 from mlx_flash.lanes import Lanes
 from mlx_flash.mmdit import DIFFUSERS_RULES, MMDiT, MMDiTConfig, load_mmdit
 from mlx_flash.presets import PRESETS
+from mlx_flash.quantization import Quantization, quantize_model
 from mlx_flash.weights import WeightsError, check_weights, remap
 
 TINY = dict(
@@ -162,6 +164,28 @@ def test_precomputed_modulation_is_exact_and_frees_weights(tiny_transformer):
     assert np.array_equal(np.array(model(latents, None, ctx, modulation=modulation)), np.array(expected))
     with pytest.raises(RuntimeError, match="dropped"):
         model(latents, t, ctx, pooled)
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_modulations_of_several_timesteps_in_one_batch(bits):
+    """`modulations` (one batch over a run's timesteps, each weight read once) equals `modulation` per timestep,
+    float and quantized (on the CPU each quantized layer is dequantized once for all timesteps)."""
+    mx.random.seed(3)
+    model = MMDiT(MMDiTConfig(num_layers=2, num_attention_heads=2, attention_head_dim=32, joint_attention_dim=64,
+                              pooled_projection_dim=64, dual_attention_layers=(0,)))
+    if bits:
+        quantize_model(model, Quantization(bits, group_size=32))
+        assert isinstance(model.transformer_blocks[0].norm1.linear, nn.QuantizedLinear)
+    pooled = mx.random.normal((2, 64))
+    timesteps = [1000.0, 750.0, 1000.0, 250.0]
+    batched = model.modulations(timesteps, pooled)
+    assert list(batched) == [1000.0, 750.0, 250.0]
+    for t, modulation in batched.items():
+        alone = tree_flatten(model.modulation(mx.full((2,), t), pooled))
+        assert [k for k, _ in tree_flatten(modulation)] == [k for k, _ in alone]
+        for (_, got), (_, want) in zip(tree_flatten(modulation), alone):
+            assert got.shape == want.shape
+            np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("preset", ["sd3.5-medium", "sd3.5-large"])
