@@ -3,9 +3,8 @@ far below memory speed: here made of multiply-adds and one division, which `mx.c
 
 tanh is a clamped odd rational function of degree 13 / 6 (the classic float32 fit; max absolute error
 4e-7 over the reals); SiLU and the tanh-approximated GELU are built on it. The softmax's exp of non-positive
-numbers is a polynomial on [-1, 0] squared five times (relative error < 1e-5; 1.3e-5 on MLX up to 0.32.2,
-whose compiled kernels keep 7 significant digits of float constants; exp(-32) = 1e-14 stands for anything
-smaller). Inputs are computed in float32.
+numbers is a polynomial on [-1, 0] squared five times (relative error < 1e-5; exp(-32) = 1e-14 stands
+for anything smaller). Inputs are computed in float32.
 
 MLX's compiler fuses a chain at most 11 operations deep (its max_compile_depth). A deeper chain is cut into
 kernels whose inputs include broadcast constants, and these run MLX's strided loop, element by element: the
